@@ -1,0 +1,138 @@
+"""Typed API errors and the single place where every failure becomes an OpenAI error object.
+
+`{"error": {"message", "type", "param", "code"}}` — never a stack trace or a file path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("lanner.api")
+
+
+class APIError(Exception):
+    status_code = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers
+
+
+class InvalidRequestError(APIError):
+    pass
+
+
+class ContextLengthExceededError(APIError):
+    code = "context_length_exceeded"
+
+
+class ModelNotFoundError(APIError):
+    status_code = 404
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist.", param="model")
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    code = "invalid_api_key"
+
+    def __init__(self, message: str = "Incorrect or missing API key.") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class ServiceUnavailableError(APIError):
+    status_code = 503
+    type = "service_unavailable"
+
+
+class EngineFailureError(APIError):
+    status_code = 500
+    type = "server_error"
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(
+        error_body(exc.message, exc.type, exc.param, exc.code),
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content'.
+
+    Pydantic appends union-member tags (e.g. 'str', 'list[int]') to the location; stop at the first
+    element that isn't a field name or an index.
+    """
+    parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path") else loc)
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif isinstance(p, str) and p.isidentifier():
+            out += f".{p}" if out else p
+        else:
+            break
+    return out or None
+
+
+def _validation_message(err: dict[str, Any], param: str | None) -> tuple[str, str | None]:
+    msg = str(err.get("msg", "invalid value"))
+    if err.get("type") == "json_invalid":
+        return "The request body is not valid JSON.", None
+    if err.get("type") in ("model_type", "model_attributes_type", "dict_type") and not param:
+        return "The request body must be a JSON object.", None
+    if err.get("type") == "finite_number":
+        return f"{param}: NaN and Infinity are not allowed.", param
+    # Errors raised by our validators start with "Value error, <field>: ..." for unsupported fields.
+    msg = msg.removeprefix("Value error, ")
+    head, sep, rest = msg.partition(": ")
+    if sep and head.isidentifier():
+        return msg, head
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        err = errors[0] if errors else {}
+        param = _param_from_loc(tuple(err.get("loc", ())))
+        message, param = _validation_message(err, param)
+        return JSONResponse(error_body(message, "invalid_request_error", param, None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = "not_found" if exc.status_code == 404 else None
+        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return JSONResponse(error_body(detail, type_, None, code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body("Internal server error.", "server_error", None, None), status_code=500)

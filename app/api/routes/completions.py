@@ -1,0 +1,54 @@
+"""POST /v1/completions"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from app import __version__
+from app.api.deps import RegistryDep
+from app.api.errors import InvalidRequestError
+from app.api.serving import check_token_ids, collect_jobs, get_model, make_jobs, resolve_max_tokens, usage
+from app.api.streaming import sse_response, stream_choices
+from app.engine.registry import ModelHandle
+from app.protocol.openai import CompletionChoice, CompletionRequest, CompletionResponse, new_id, now
+
+router = APIRouter()
+
+
+def tokenize_prompt(handle: ModelHandle, prompt: str | list) -> list[list[int]]:
+    """Prompt as a string, list of strings, token ids, or list of token-id lists -> token-id lists."""
+    tok = handle.tokenizer
+    if isinstance(prompt, str):
+        return [tok.encode(prompt, add_special_tokens=True)]
+    if all(isinstance(p, str) for p in prompt):
+        return [tok.encode(p, add_special_tokens=True) for p in prompt]
+    lists = prompt if isinstance(prompt[0], list) else [prompt]
+    for ids in lists:
+        check_token_ids(handle, ids, "prompt")
+    return [list(ids) for ids in lists]
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=False)
+async def create_completion(body: CompletionRequest, registry: RegistryDep):
+    handle = get_model(registry, body.model)
+    if body.stop_token_ids:
+        check_token_ids(handle, body.stop_token_ids, "stop_token_ids")
+    prompts = await run_in_threadpool(tokenize_prompt, handle, body.prompt)
+    if len(prompts) * (body.n or 1) > 64:
+        raise InvalidRequestError("At most 64 choices (prompts x n) per request.", param="prompt")
+    params = [body.to_sampling_params(resolve_max_tokens(handle, len(p), body.max_tokens, "prompt"))
+              for p in prompts]
+    jobs = make_jobs(prompts, params, body.n or 1)
+    response_id, created = new_id("cmpl"), now()
+    fingerprint = f"lanner-{__version__}"
+    if body.stream:
+        return sse_response(stream_choices(
+            "completion", handle, jobs, prompts, response_id=response_id, created=created,
+            model=body.model, include_usage=body.include_usage, fingerprint=fingerprint))
+    results = await collect_jobs(handle, jobs)
+    return CompletionResponse(
+        id=response_id, created=created, model=body.model, system_fingerprint=fingerprint,
+        choices=[CompletionChoice(index=r.index, text=r.text, finish_reason=r.finish_reason) for r in results],
+        usage=usage(prompts, sum(r.num_output_tokens for r in results)),
+    )

@@ -1,0 +1,168 @@
+"""What completions and chat share: limits checks, fan-out of prompts x n to the engine, and merging
+the per-choice Delta streams into one ordered stream for SSE or into final choices.
+
+Everything that can reject a request runs before the first byte is sent, so a bad streaming request
+gets a 4xx, never a 200 followed by an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from app.api.errors import (
+    APIError,
+    ContextLengthExceededError,
+    EngineFailureError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+)
+from app.engine.client import EngineDeadError
+from app.engine.registry import ModelHandle, ModelRegistry
+from app.engine.types import Delta, FinishReason, SamplingParams
+
+
+def get_model(registry: ModelRegistry, model_id: str) -> ModelHandle:
+    handle = registry.get(model_id)
+    if handle is None:
+        raise ModelNotFoundError(model_id)
+    if not handle.is_ready:
+        detail = "failed to load" if handle.error else "is still loading"
+        raise ServiceUnavailableError(f"The model `{model_id}` {detail}; try again later.")
+    return handle
+
+
+def check_token_ids(handle: ModelHandle, ids: Sequence[int], param: str) -> None:
+    vocab = handle.vocab_size
+    for i in ids:
+        if not 0 <= i < vocab:
+            raise InvalidRequestError(f"Token id {i} is out of vocabulary (valid ids: 0..{vocab - 1}).",
+                                      param=param)
+
+
+def resolve_max_tokens(handle: ModelHandle, prompt_len: int, requested: int | None, prompt_param: str) -> int:
+    limit = handle.max_model_len
+    if prompt_len == 0:
+        raise InvalidRequestError("The prompt is empty after tokenization.", param=prompt_param)
+    if prompt_len >= limit:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {limit} tokens, but the prompt has "
+            f"{prompt_len} tokens.", param=prompt_param)
+    if requested is None:
+        return limit - prompt_len
+    if prompt_len + requested > limit:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion). "
+            "Please reduce the prompt or max_tokens.", param="max_tokens")
+    return requested
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    text: str
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class Job:
+    """One engine request: a choice of the response."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+def make_jobs(prompts: list[list[int]], params: list[SamplingParams], n: int) -> list[Job]:
+    """prompts x n choices, indexed as OpenAI does (prompt-major). Seeded requests get seed + j per choice
+    so the n choices differ but stay reproducible."""
+    jobs = []
+    for p, (ids, sp) in enumerate(zip(prompts, params)):
+        for j in range(n):
+            choice_params = sp if sp.seed is None or j == 0 else dataclasses.replace(sp, seed=sp.seed + j)
+            jobs.append(Job(p * n + j, ids, choice_params))
+    return jobs
+
+
+async def stream_jobs(handle: ModelHandle, jobs: list[Job]) -> AsyncIterator[tuple[int, Delta]]:
+    """Run every job on the engine and yield (choice index, delta) as they arrive."""
+    client = handle.client
+    if len(jobs) == 1:
+        job = jobs[0]
+        async for delta in _guard(client.add_request(_rid(), job.prompt_ids, job.params)):
+            yield job.index, delta
+        return
+    out: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
+
+    async def pump(job: Job) -> None:
+        try:
+            async for delta in _guard(client.add_request(_rid(), job.prompt_ids, job.params)):
+                await out.put((job.index, delta))
+        except Exception as exc:
+            await out.put(exc)
+        finally:
+            await out.put(None)
+
+    tasks = [asyncio.create_task(pump(job)) for job in jobs]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await out.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise _engine_error(item)
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _guard(it: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    try:
+        async for d in it:
+            if d.finish_reason is FinishReason.ABORT:  # only the engine shutting down delivers this
+                raise ServiceUnavailableError("The server is shutting down; the request was not completed.")
+            yield d
+    except EngineDeadError as exc:
+        raise _engine_error(exc) from exc
+
+
+def _engine_error(exc: BaseException) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    return EngineFailureError("The engine failed while generating this completion.")
+
+
+async def collect_jobs(handle: ModelHandle, jobs: list[Job]) -> list[ChoiceResult]:
+    results = {j.index: ChoiceResult(j.index, "", None, len(j.prompt_ids), 0) for j in jobs}
+    parts: dict[int, list[str]] = {j.index: [] for j in jobs}
+    async for index, delta in stream_jobs(handle, jobs):
+        parts[index].append(delta.text)
+        res = results[index]
+        res.num_output_tokens = delta.num_output_tokens
+        if delta.finish_reason is not None:
+            res.finish_reason = delta.finish_reason.value
+    for index, res in results.items():
+        res.text = "".join(parts[index])
+    return [results[i] for i in sorted(results)]
+
+
+def usage(prompts: list[list[int]], completion_tokens: int) -> dict[str, int]:
+    """OpenAI counts each distinct prompt once, however many choices (n) it has."""
+    prompt = sum(len(p) for p in prompts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens}
+
+
+def _rid() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,85 @@
+"""Engine deltas -> OpenAI SSE chunks, ending with `data: [DONE]`.
+
+Chunk shapes follow OpenAI exactly: chat streams open each choice with a delta carrying the role, content
+deltas follow, and a last delta `{}` carries finish_reason. With `stream_options.include_usage`, every chunk
+has `"usage": null` and one extra chunk with empty `choices` carries the totals. An error after the stream
+started is sent as an `{"error": ...}` event before `[DONE]`. A client disconnect cancels the generator,
+which closes the engine iterators and so aborts the requests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from sse_starlette import EventSourceResponse
+
+from app.api.errors import APIError, error_body
+from app.api.serving import Job, stream_jobs, usage
+from app.engine.registry import ModelHandle
+
+DONE = "[DONE]"
+
+
+def _dumps(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def sse_response(events: AsyncIterator[str]) -> EventSourceResponse:
+    # X-Accel-Buffering: no keeps nginx (and similar proxies) from buffering the stream.
+    return EventSourceResponse(
+        ({"data": e} async for e in events),
+        sep="\n",
+        ping=15,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def stream_choices(
+    kind: Literal["completion", "chat"],
+    handle: ModelHandle,
+    jobs: list[Job],
+    prompts: list[list[int]],
+    *,
+    response_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    fingerprint: str,
+) -> AsyncIterator[str]:
+    obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
+    base: dict[str, Any] = {"id": response_id, "object": obj, "created": created, "model": model,
+                            "system_fingerprint": fingerprint}
+
+    def chunk(choice: dict[str, Any]) -> str:
+        c = {**base, "choices": [choice]}
+        if include_usage:
+            c["usage"] = None
+        return _dumps(c)
+
+    if kind == "chat":
+        for job in jobs:
+            yield chunk({"index": job.index, "delta": {"role": "assistant", "content": ""},
+                         "logprobs": None, "finish_reason": None})
+    output_tokens: dict[int, int] = {}
+    try:
+        async for index, delta in stream_jobs(handle, jobs):
+            output_tokens[index] = delta.num_output_tokens
+            finish = delta.finish_reason.value if delta.finish_reason is not None else None
+            if kind == "completion":
+                if delta.text or finish:
+                    yield chunk({"index": index, "text": delta.text, "logprobs": None, "finish_reason": finish})
+                continue
+            if delta.text:
+                yield chunk({"index": index, "delta": {"content": delta.text}, "logprobs": None,
+                             "finish_reason": None})
+            if finish:
+                yield chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish})
+    except APIError as exc:
+        yield _dumps(error_body(exc.message, exc.type, exc.param, exc.code))
+        yield DONE
+        return
+    if include_usage:
+        yield _dumps({**base, "choices": [], "usage": usage(prompts, sum(output_tokens.values()))})
+    yield DONE

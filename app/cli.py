@@ -1,0 +1,110 @@
+"""`lanner serve | make-demo-models` (also `python -m app ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from app import __version__
+
+
+def _progress(msg: str) -> None:
+    print(f"lanner: {msg}", file=sys.stderr, flush=True)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    p.add_argument("--config", type=Path, help="YAML settings file with a `models:` registry")
+    p.add_argument("--model", help="serve one model: a hub id or a local directory")
+    p.add_argument("--model-id", help="the id clients use for --model (default: the source's last part)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default=None)
+    p.add_argument("--cpus", help='cores for --model, e.g. "0-1"')
+    p.add_argument("--max-num-seqs", type=int, default=None, help="max concurrent sequences for --model")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require this API key (repeatable; also LANNER_API_KEY, comma-separated)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where demo models and downloads are cached")
+    p.add_argument("--log-level", default=None)
+
+
+def _cli_models(args: argparse.Namespace) -> list | None:
+    from app.config import ModelSpec
+
+    if not args.model:
+        return None
+    model_id = args.model_id or Path(args.model.rstrip("/")).name
+    spec: dict = {"id": model_id, "source": args.model}
+    for key in ("quantize", "cpus", "max_num_seqs"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    return [ModelSpec(**spec)]
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from app.config import ModelSpec, load_settings
+    from app.engine.registry import ModelRegistry
+    from app.main import create_app
+    from app.models.loader import ModelLoadError
+
+    try:
+        settings = load_settings(
+            args.config, host=args.host, port=args.port, api_keys=args.api_key, models=_cli_models(args),
+            cache_dir=args.cache_dir, log_level=args.log_level,
+        )
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        _progress(f"error: invalid settings: {exc}")
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if not settings.models:
+        from app.models.demo import ensure_demo_models
+
+        paths = ensure_demo_models(settings.demo_dir, progress=_progress)
+        update: dict = {"models": [ModelSpec(id=mid, source=str(p)) for mid, p in paths.items()]}
+        if settings.model_roots:
+            update["model_roots"] = [*settings.model_roots, settings.demo_dir]
+        settings = settings.model_copy(update=update)
+
+    registry = ModelRegistry(settings)
+    try:
+        registry.prepare()
+    except ModelLoadError as exc:
+        _progress(f"error: {exc}")
+        return 2
+    _progress(f"serving {', '.join(registry.handles)} on http://{settings.host}:{settings.port}")
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the handler that was in
+    # place before it started. An ignoring handler here makes a completed graceful shutdown exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(create_app(settings, registry), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)
+    return 0
+
+
+def make_demo_models(args: argparse.Namespace) -> int:
+    from app.config import default_cache_dir
+    from app.models.demo import build_demo_models
+
+    out = args.out or default_cache_dir() / "demo-models"
+    paths = build_demo_models(out, progress=_progress)
+    for mid, path in paths.items():
+        print(f"{mid}\t{path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lanner", description="OpenAI-compatible LLM server for CPUs")
+    parser.add_argument("--version", action="version", version=f"lanner {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    p = sub.add_parser("make-demo-models", help="build the offline demo models")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: the cache)")
+    args = parser.parse_args(argv)
+    handler = {"serve": serve, "make-demo-models": make_demo_models}[args.command]
+    sys.exit(handler(args))

@@ -1,0 +1,145 @@
+"""Settings: defaults < YAML config file < environment (LANNER_*) < command-line flags.
+
+`load_settings()` is the only constructor used by the CLI and the tests; nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+QuantMode = Literal["none", "int8", "int4"]
+_MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-/]{0,127}$")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lanner"
+
+
+def parse_cpu_list(spec: str) -> list[int]:
+    """Parse a Linux cpu list such as "0-3,6" into sorted core ids."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = (int(x) for x in part.split("-", 1))
+            if lo > hi:
+                raise ValueError(f"bad cpu range {part!r}")
+            cpus.update(range(lo, hi + 1))
+        else:
+            cpus.add(int(part))
+    if not cpus:
+        raise ValueError(f"empty cpu list {spec!r}")
+    return sorted(cpus)
+
+
+class ModelSpec(BaseModel):
+    """One served model: where it comes from and how it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    source: str
+    quantize: QuantMode = "none"
+    cpus: str | None = None  # e.g. "0-1"; default: every core this process may use
+    num_threads: int | None = None  # default: one per pinned core
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = Field(default=8, ge=1, le=256)
+    revision: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, v: str) -> str:
+        if not _MODEL_ID_RE.match(v) or ".." in v:
+            raise ValueError(f"invalid model id {v!r}")
+        return v
+
+    @field_validator("cpus")
+    @classmethod
+    def _check_cpus(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_cpu_list(v)
+        return v
+
+    @property
+    def cpu_list(self) -> list[int] | None:
+        return parse_cpu_list(self.cpus) if self.cpus else None
+
+
+def _split_keys(v: Any) -> Any:
+    if isinstance(v, str):
+        return [k.strip() for k in v.split(",") if k.strip()]
+    return v
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LANNER_", extra="forbid", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    models: list[ModelSpec] = Field(default_factory=list)
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("api_keys", "LANNER_API_KEY", "LANNER_API_KEYS"),
+    )
+    model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    log_level: str = "info"
+
+    _split_api_keys = field_validator("api_keys", mode="before")(_split_keys)
+    _split_roots = field_validator("model_roots", mode="before")(_split_keys)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, v: list[ModelSpec]) -> list[ModelSpec]:
+        ids = [m.id for m in v]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"duplicate model ids: {sorted(dup)}")
+        return v
+
+    @property
+    def demo_dir(self) -> Path:
+        return self.cache_dir / "demo-models"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings with precedence: overrides (CLI) > env > YAML file > defaults.
+
+    Overrides whose value is None are ignored, so CLI flags that were not given don't mask env/YAML.
+    """
+    if config_file is not None and not Path(config_file).is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(**{**Settings.model_config, "yaml_file": config_file})
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if config_file is not None:
+                sources.append(YamlConfigSettingsSource(settings_cls))
+            return tuple(sources)
+
+    return _FileSettings(**{k: v for k, v in overrides.items() if v is not None})

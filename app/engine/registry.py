@@ -1,0 +1,114 @@
+"""Model id -> loaded model (tokenizer, limits, engine client).
+
+`prepare()` is quick and synchronous (resolve sources, read configs and tokenizers) so configuration
+errors surface before the server starts listening. `start()` then loads weights in the background: the
+server answers `/health` at once and `/ready` once every model is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.config import ModelSpec, Settings
+
+log = logging.getLogger("lanner.registry")
+
+
+@dataclass
+class ModelHandle:
+    spec: ModelSpec
+    info: Any  # app.models.loader.ModelInfo
+    tokenizer: Any
+    created: int = field(default_factory=lambda: int(time.time()))
+    client: Any = None  # app.engine.client.EngineClient once loaded
+    core: Any = None
+    error: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def max_model_len(self) -> int:
+        limit = int(self.info.max_model_len)
+        return min(limit, self.spec.max_model_len) if self.spec.max_model_len else limit
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.info.vocab_size)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.client is not None
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.handles: dict[str, ModelHandle] = {}
+        self._load_task: asyncio.Task[None] | None = None
+
+    def prepare(self) -> None:
+        from app.models.loader import inspect_model_dir, load_tokenizer, resolve_model_source
+
+        for spec in self.settings.models:
+            path = resolve_model_source(
+                spec.source,
+                allowed_roots=self.settings.model_roots or None,
+                cache_dir=self.settings.cache_dir / "hub",
+                revision=spec.revision,
+            )
+            info = inspect_model_dir(path)
+            self.handles[spec.id] = ModelHandle(spec=spec, info=info, tokenizer=load_tokenizer(path))
+
+    async def start(self) -> None:
+        if not self.handles:
+            await asyncio.to_thread(self.prepare)
+        self._load_task = asyncio.create_task(self._load_all(asyncio.get_running_loop()))
+
+    async def wait_ready(self) -> None:
+        if self._load_task is not None:
+            await asyncio.shield(self._load_task)
+
+    async def _load_all(self, loop: asyncio.AbstractEventLoop) -> None:
+        for handle in self.handles.values():
+            t0 = time.perf_counter()
+            try:
+                await asyncio.to_thread(self._load_engine, handle, loop)
+            except Exception as exc:  # keep serving the other models; /ready stays false
+                handle.error = str(exc)
+                log.exception("failed to load model %s", handle.id)
+                continue
+            log.info("model %s ready in %.1fs", handle.id, time.perf_counter() - t0)
+
+    def _load_engine(self, handle: ModelHandle, loop: asyncio.AbstractEventLoop) -> None:
+        from app.engine.client import EngineClient
+        from app.engine.worker import EngineCore
+        from app.models.loader import load_hf_model
+        from app.models.reference import ReferenceRunner
+
+        model = load_hf_model(handle.info)
+        runner = ReferenceRunner(model, handle.max_model_len, handle.spec.max_num_seqs)
+        core = EngineCore(runner, handle.tokenizer, handle.info.eos_token_ids, emit=lambda *_: None,
+                          name=handle.id)
+        client = EngineClient(core, loop)
+        core.start()
+        handle.core, handle.client = core, client
+
+    async def stop(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        for handle in self.handles.values():
+            if handle.core is not None:
+                await asyncio.to_thread(handle.core.shutdown, 30.0)
+
+    def get(self, model_id: str) -> ModelHandle | None:
+        return self.handles.get(model_id)
+
+    @property
+    def is_ready(self) -> bool:
+        return bool(self.handles) and all(h.is_ready for h in self.handles.values())

@@ -1,0 +1,34 @@
+"""The interface between the engine loop and a model: one forward step over a batch of sequences.
+
+A sequence is fed the tokens not yet in its KV cache (a prompt chunk, or the last sampled token) and the
+runner returns the logits of each sequence's last fed position. KV state is keyed by `seq_id` and lives
+inside the runner until `free(seq_id)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class StepInput:
+    seq_id: int
+    token_ids: list[int]  # tokens to feed now
+    start_pos: int  # tokens of this sequence already in the KV cache
+
+
+class ModelRunner(Protocol):
+    vocab_size: int
+    max_model_len: int
+    max_num_seqs: int
+
+    def step(self, inputs: list[StepInput]) -> torch.Tensor:
+        """Run one forward for the batch; returns fp32 logits [B, V] of each input's last token."""
+        ...
+
+    def free(self, seq_id: int) -> None:
+        """Release the KV state of a finished or aborted sequence."""
+        ...

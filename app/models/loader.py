@@ -1,0 +1,294 @@
+"""Find, check and load Hugging Face model directories for Lanner.
+
+Three steps, each turning every failure into a `ModelLoadError` with a message a user can act
+on (never a stack trace):
+
+1. `resolve_model_source` maps what the user typed to a local directory: an existing local path
+   (optionally confined to `allowed_roots`, symlinks resolved first), or a hub id fetched with
+   `huggingface_hub.snapshot_download` restricted to safetensors weights, configs and tokenizer
+   files.
+2. `inspect_model_dir` checks the directory (config, supported architecture, safetensors weights,
+   tokenizer) and returns a `ModelInfo` with what the engine needs to know up front, without
+   loading any weights.
+3. `load_tokenizer` / `load_hf_model` load the transformers objects. `trust_remote_code` is always
+   off: only the Llama and Falcon implementations shipped with transformers are ever run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    FalconConfig,
+    FalconForCausalLM,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+# config.json model_type -> Lanner architecture family.
+SUPPORTED_ARCHITECTURES: Mapping[str, str] = MappingProxyType({
+    "llama": "llama",
+    "falcon": "falcon",
+    "RefinedWeb": "falcon",  # old falcon-40b style configs
+    "RefinedWebModel": "falcon",  # old falcon-7b style configs
+})
+
+MODEL_CLASSES: Mapping[str, type[PreTrainedModel]] = MappingProxyType({
+    "llama": LlamaForCausalLM,
+    "falcon": FalconForCausalLM,
+})
+
+HUB_ALLOW_PATTERNS: tuple[str, ...] = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "chat_template*",
+)
+
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model")
+
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+HUB_ID_RE = re.compile(rf"^(?:{_HUB_PART}/)?{_HUB_PART}$")
+_LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
+class ModelLoadError(Exception):
+    """A model could not be found, checked or loaded. `str(err)` is a complete user-facing message."""
+
+
+@dataclass
+class ModelInfo:
+    """What the engine needs to know about a checked model directory before loading weights."""
+
+    path: Path
+    arch: str  # "llama" | "falcon"
+    config: PretrainedConfig
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None  # from the config; whether it is prepended is the tokenizer's job
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def looks_like_local_path(source: str) -> bool:
+    return source.startswith(_LOCAL_PREFIXES) or source in (".", "..")
+
+
+def is_valid_hub_id(source: str) -> bool:
+    """`name` or `org/name` made of letters, digits, `.`, `_`, `-`; no `..`, no `--` tricks."""
+    return bool(HUB_ID_RE.match(source)) and ".." not in source and "--" not in source
+
+
+def _check_local_dir(path: Path, source: str, allowed_roots: Sequence[Path] | None) -> Path:
+    if not path.exists():
+        raise ModelLoadError(f"Model path {source!r} does not exist.")
+    resolved = path.resolve()
+    if not resolved.is_dir():
+        raise ModelLoadError(f"Model path {source!r} is not a directory.")
+    if allowed_roots:
+        roots = [Path(r).expanduser().resolve() for r in allowed_roots]
+        if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+            shown = ", ".join(str(r) for r in roots)
+            raise ModelLoadError(
+                f"Model path {source!r} (resolved to {resolved}) is outside the allowed model roots: {shown}."
+            )
+    return resolved
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now (huggingface_hub reads them once at import)."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _download_from_hub(repo_id: str, revision: str | None, cache_dir: Path | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=list(HUB_ALLOW_PATTERNS),
+            cache_dir=str(cache_dir) if cache_dir is not None else None,
+            local_files_only=hub_offline(),
+        )
+    except Exception as exc:  # hub, network, auth and offline-mode errors all end here
+        raise ModelLoadError(
+            f"Model {repo_id!r} could not be downloaded from the Hugging Face Hub "
+            f"(offline, unknown repository or access denied: {type(exc).__name__}). "
+            "Pass a local model directory instead."
+        ) from exc
+    return Path(local)
+
+
+def resolve_model_source(
+    source: str,
+    *,
+    allowed_roots: Sequence[Path] | None = None,
+    cache_dir: Path | None = None,
+    revision: str | None = None,
+) -> Path:
+    """Turn a user-supplied model reference (local dir or hub id) into a local directory path."""
+    source = source.strip()
+    if not source:
+        raise ModelLoadError("Empty model name: give a local model directory or a hub id like org/name.")
+    local = Path(source).expanduser()
+    if looks_like_local_path(source) or local.exists():
+        return _check_local_dir(local, source, allowed_roots)
+    if is_valid_hub_id(source):
+        return _download_from_hub(source, revision, cache_dir)
+    raise ModelLoadError(
+        f"Model {source!r} is not a directory or a valid hub id (expected a path or 'org/name')."
+    )
+
+
+# --------------------------------------------------------------------------- inspecting
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object.")
+    return data
+
+
+def _arch_for(model_type: Any, path: Path) -> str:
+    arch = SUPPORTED_ARCHITECTURES.get(str(model_type)) if model_type else None
+    if arch is None:
+        supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+        raise ModelLoadError(
+            f"Model in {path} has unsupported model_type {model_type!r}; supported: {supported}."
+        )
+    return arch
+
+
+def _check_weights(path: Path) -> None:
+    if any(path.glob("*.safetensors")):
+        return
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        raise ModelLoadError(
+            f"Model in {path} has no safetensors weights: only .bin/.pt (pickle) weights were found, "
+            "which Lanner refuses to load because they can run arbitrary code. Convert them to safetensors."
+        )
+    raise ModelLoadError(f"Model in {path} has no safetensors weights (*.safetensors).")
+
+
+def _check_tokenizer(path: Path) -> None:
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"Model in {path} has no tokenizer files (expected one of: {', '.join(TOKENIZER_FILES)})."
+        )
+
+
+# Keys of pre-transformers Falcon configs, renamed in transformers' FalconConfig
+# (transformers 5 no longer maps the old names through FalconConfig.attribute_map).
+_LEGACY_FALCON_KEYS: Mapping[str, str] = MappingProxyType({
+    "n_head": "num_attention_heads",
+    "n_layer": "num_hidden_layers",
+    "n_head_kv": "num_kv_heads",
+})
+
+
+def _legacy_falcon_config(raw: dict[str, Any]) -> FalconConfig:
+    """A FalconConfig from an old `RefinedWeb` (falcon-40b) / `RefinedWebModel` (falcon-7b) config.json."""
+    values = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")}
+    for old, new in _LEGACY_FALCON_KEYS.items():
+        if old in values:
+            values.setdefault(new, values.pop(old))
+    values["new_decoder_architecture"] = raw.get("model_type") == "RefinedWeb"
+    if values.get("multi_query") and not values["new_decoder_architecture"]:
+        values.setdefault("num_kv_heads", 1)
+    values["architectures"] = ["FalconForCausalLM"]
+    return FalconConfig.from_dict(values)
+
+
+def _load_config(path: Path, raw: dict[str, Any]) -> PretrainedConfig:
+    try:
+        if raw.get("model_type") in ("RefinedWeb", "RefinedWebModel"):
+            return _legacy_falcon_config(raw)
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelLoadError(f"Cannot load config.json of {path}: {exc}") from exc
+
+
+def _as_id_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _eos_ids(path: Path, config: PretrainedConfig) -> tuple[int, ...]:
+    gen_path = path / "generation_config.json"
+    if gen_path.is_file():
+        ids = _as_id_tuple(_read_json(gen_path).get("eos_token_id"))
+        if ids:
+            return ids
+    return _as_id_tuple(getattr(config, "eos_token_id", None))
+
+
+def inspect_model_dir(path: Path) -> ModelInfo:
+    """Check a local model directory and describe it, without loading weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"Model directory {path} does not exist.")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"Model directory {path} is missing config.json.")
+    raw = _read_json(config_path)
+    arch = _arch_for(raw.get("model_type"), path)
+    _check_weights(path)
+    _check_tokenizer(path)
+    config = _load_config(path, raw)
+    return ModelInfo(
+        path=path,
+        arch=arch,
+        config=config,
+        max_model_len=int(config.max_position_embeddings),
+        vocab_size=int(config.vocab_size),
+        eos_token_ids=_eos_ids(path, config),
+        bos_token_id=getattr(config, "bos_token_id", None),
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The model's transformers tokenizer (fast, from tokenizer.json when present)."""
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelLoadError(f"Cannot load the tokenizer of {path}: {exc}") from exc
+
+
+def load_hf_model(info: ModelInfo, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The reference transformers model for `info`, in eval mode."""
+    model_cls = MODEL_CLASSES[info.arch]
+    try:
+        model = model_cls.from_pretrained(
+            info.path, config=info.config, dtype=dtype, trust_remote_code=False
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"Cannot load the weights of {info.path}: {exc}") from exc
+    return model.eval()

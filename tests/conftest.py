@@ -1,0 +1,17 @@
+"""Shared fixtures: the offline demo models, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding freshly built `demo-llama/` and `demo-falcon/` model dirs."""
+    from app.models.demo import build_demo_models
+
+    out = tmp_path_factory.mktemp("demo-models")
+    build_demo_models(out)
+    return out
