@@ -58,7 +58,10 @@ class ModelSpec(BaseModel):
     cpus: str | None = None  # e.g. "0-1"; default: every core this process may use
     num_threads: int | None = None  # default: one per pinned core
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-    max_num_seqs: int = Field(default=8, ge=1, le=256)
+    max_num_seqs: int = Field(default=16, ge=1, le=256)  # concurrent sequences (KV slots)
+    max_num_batched_tokens: int = Field(default=512, ge=1)  # per-step token budget (chunked prefill)
+    kv_cache_gb: float | None = Field(default=None, gt=0)  # KV memory budget; default: max_num_seqs full slots
+    runner: Literal["batched", "reference"] = "reference"  # reference = transformers modules, one seq at a time
     revision: str | None = None
 
     @field_validator("id")

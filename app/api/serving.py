@@ -31,7 +31,7 @@ def get_model(registry: ModelRegistry, model_id: str) -> ModelHandle:
     if handle is None:
         raise ModelNotFoundError(model_id)
     if not handle.is_ready:
-        detail = "failed to load" if handle.error else "is still loading"
+        detail = "is unavailable (its engine failed)" if handle.state == "failed" else "is still loading"
         raise ServiceUnavailableError(f"The model `{model_id}` {detail}; try again later.")
     return handle
 

@@ -1,50 +1,70 @@
 """API-side handle of an engine: `add_request()` yields Deltas as the engine produces them.
 
-The engine thread hands each Delta to the request's asyncio queue with `call_soon_threadsafe`; leaving the
-iterator early (client disconnect, cancelled task) aborts the request so its KV space is freed at the
-engine's next step.
+The engine (a worker process or a thread) delivers each step's outputs as one batch from its reader
+thread; one `call_soon_threadsafe` per step routes them to the requests' asyncio queues. Leaving the
+iterator early (client disconnect, cancelled task) aborts the request, which frees its KV slot at the
+engine's next step. If the engine dies, every open request fails at once instead of hanging.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from app.engine.types import Delta, SamplingParams
-from app.engine.worker import EngineCore
 
 
 class EngineDeadError(RuntimeError):
     pass
 
 
-class EngineClient:
-    def __init__(self, core: EngineCore, loop: asyncio.AbstractEventLoop) -> None:
-        self._core = core
-        self._loop = loop
-        self._queues: dict[str, asyncio.Queue[Delta | BaseException]] = {}
-        core.emit = self._emit_threadsafe
+class EngineBackend(Protocol):
+    on_outputs: object
+    on_dead: object
 
-    def _emit_threadsafe(self, request_id: str, item: Delta | BaseException) -> None:
-        q = self._queues.get(request_id)
-        if q is not None:
-            self._loop.call_soon_threadsafe(q.put_nowait, item)
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+
+class EngineClient:
+    def __init__(self, engine: EngineBackend, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self._loop = loop
+        self._queues: dict[str, asyncio.Queue[Delta | str]] = {}
+        self.dead_reason: str | None = None
+        engine.on_outputs = lambda batch: loop.call_soon_threadsafe(self._dispatch, batch)
+        engine.on_dead = lambda reason: loop.call_soon_threadsafe(self._fail_all, reason)
+
+    def _dispatch(self, batch: list[tuple[str, Delta | str]]) -> None:
+        for request_id, item in batch:
+            q = self._queues.get(request_id)
+            if q is not None:
+                q.put_nowait(item)
+
+    def _fail_all(self, reason: str) -> None:
+        self.dead_reason = reason
+        for q in self._queues.values():
+            q.put_nowait(reason)
 
     async def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[Delta]:
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
         if request_id in self._queues:
             raise ValueError(f"duplicate request id {request_id}")
-        q: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        q: asyncio.Queue[Delta | str] = asyncio.Queue()
         self._queues[request_id] = q
         finished = False
         try:
-            self._core.add_request(request_id, prompt_ids, params)
+            self.engine.add_request(request_id, prompt_ids, params)
             while True:
                 item = await q.get()
-                if isinstance(item, BaseException):
+                if isinstance(item, str):  # the engine failed this request (or died)
                     finished = True
-                    raise EngineDeadError(f"engine failed while serving the request: {item}") from item
+                    raise EngineDeadError(item)
                 finished = item.is_finished
                 yield item
                 if finished:
@@ -52,11 +72,11 @@ class EngineClient:
         finally:
             self._queues.pop(request_id, None)
             if not finished:
-                self._core.abort(request_id)
+                self.engine.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._core.abort(request_id)
+        self.engine.abort(request_id)
 
     @property
-    def num_unfinished(self) -> int:
-        return self._core.num_unfinished
+    def num_open_requests(self) -> int:
+        return len(self._queues)

@@ -25,7 +25,7 @@ class ModelHandle:
     tokenizer: Any
     created: int = field(default_factory=lambda: int(time.time()))
     client: Any = None  # app.engine.client.EngineClient once loaded
-    core: Any = None
+    engine: Any = None  # app.engine.process.ProcessEngine
     error: str | None = None
 
     @property
@@ -42,8 +42,14 @@ class ModelHandle:
         return int(self.info.vocab_size)
 
     @property
+    def state(self) -> str:
+        if self.error or (self.client is not None and self.client.dead_reason):
+            return "failed"
+        return "loading" if self.client is None else "ready"
+
+    @property
     def is_ready(self) -> bool:
-        return self.client is not None
+        return self.state == "ready"
 
 
 class ModelRegistry:
@@ -87,24 +93,29 @@ class ModelRegistry:
 
     def _load_engine(self, handle: ModelHandle, loop: asyncio.AbstractEventLoop) -> None:
         from app.engine.client import EngineClient
-        from app.engine.worker import EngineCore
-        from app.models.loader import load_hf_model
-        from app.models.reference import ReferenceRunner
+        from app.engine.process import ProcessEngine, WorkerConfig
 
-        model = load_hf_model(handle.info)
-        runner = ReferenceRunner(model, handle.max_model_len, handle.spec.max_num_seqs)
-        core = EngineCore(runner, handle.tokenizer, handle.info.eos_token_ids, emit=lambda *_: None,
-                          name=handle.id)
-        client = EngineClient(core, loop)
-        core.start()
-        handle.core, handle.client = core, client
+        spec = handle.spec
+        engine = ProcessEngine(WorkerConfig(
+            model_id=spec.id,
+            model_path=str(handle.info.path),
+            max_model_len=handle.max_model_len,
+            max_num_seqs=spec.max_num_seqs,
+            max_num_batched_tokens=spec.max_num_batched_tokens,
+            cpus=spec.cpu_list,
+            num_threads=spec.num_threads,
+            runner=spec.runner,
+            kv_cache_bytes=int(spec.kv_cache_gb * 2**30) if spec.kv_cache_gb else None,
+            log_level=self.settings.log_level.upper(),
+        ))
+        engine.start()
+        handle.engine, handle.client = engine, EngineClient(engine, loop)
 
     async def stop(self) -> None:
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
-        for handle in self.handles.values():
-            if handle.core is not None:
-                await asyncio.to_thread(handle.core.shutdown, 30.0)
+        await asyncio.gather(*[asyncio.to_thread(h.engine.shutdown, 30.0)
+                               for h in self.handles.values() if h.engine is not None])
 
     def get(self, model_id: str) -> ModelHandle | None:
         return self.handles.get(model_id)

@@ -1,15 +1,17 @@
-"""The engine loop of one model, on its own thread so the HTTP event loop never runs a forward pass.
+"""The engine loop of one model. It runs in a worker process pinned to the model's cores
+(`app.engine.process`), or on a thread for tests; the HTTP event loop never runs a forward pass.
 
 Each iteration reads like the algorithm:
 
-    1. take new requests and aborts from the inbox (block when there is nothing to do);
-    2. schedule: admit waiting sequences while fewer than `max_num_seqs` run;
-    3. run one model step for every running sequence (prefill for newcomers, one token for the others);
-    4. sample a token per sequence with its own parameters and generator;
-    5. postprocess: stop rules, incremental detokenization, emit a Delta per sequence, retire the finished.
+    1. apply new requests and aborts from the inbox (block when there is nothing to do);
+    2. schedule: spend the step's token budget on decodes, prompt chunks and newcomers;
+    3. run one model step for the whole batch;
+    4. sample a token for every sequence whose prompt is complete, each with its own parameters/generator;
+    5. postprocess: stop rules, incremental detokenization, one Delta per sequence; retire the finished;
+       hand all of the step's Deltas to `emit_batch` at once.
 
-A failure inside a step fails the sequences of that step (their clients get the error) and frees their
-KV state; the loop itself keeps running, so no request can kill the engine or leak its slot.
+A failure inside a step fails the sequences of that step (their clients get the error) and frees their KV
+slots; the loop keeps running, so no request can kill the engine or leak its slot.
 """
 
 from __future__ import annotations
@@ -18,20 +20,22 @@ import itertools
 import logging
 import queue
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.sampler import SamplingState, sample
-from app.engine.sequence import Sequence, SequenceStatus
+from app.engine.scheduler import Scheduler
+from app.engine.sequence import Sequence
 from app.engine.types import Delta, FinishReason, SamplingParams
 from app.models.base import ModelRunner, StepInput
 
 log = logging.getLogger("lanner.engine")
 
-Emit = Callable[[str, "Delta | BaseException"], None]
+# One step's outputs: (request_id, Delta) or (request_id, error message).
+Output = tuple[str, "Delta | str"]
+EmitBatch = Callable[[list[Output]], None]
 
 
 @dataclass
@@ -41,7 +45,13 @@ class NewRequest:
     params: SamplingParams
 
 
-_STOP = object()
+@dataclass
+class Abort:
+    request_id: str
+
+
+class Stop:
+    pass
 
 
 class EngineCore:
@@ -50,129 +60,106 @@ class EngineCore:
         runner: ModelRunner,
         tokenizer: Any,
         eos_token_ids: Seq[int],
-        emit: Emit,
-        name: str = "engine",
+        emit_batch: EmitBatch,
+        max_num_batched_tokens: int = 512,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.emit = emit
-        self.name = name
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.emit_batch = emit_batch
+        self.scheduler = Scheduler(runner.max_num_seqs, max(max_num_batched_tokens, runner.max_num_seqs))
+        self.inbox: queue.SimpleQueue[NewRequest | Abort | Stop] = queue.SimpleQueue()
         self._by_request: dict[str, Sequence] = {}
         self._seq_ids = itertools.count()
-        self._thread: threading.Thread | None = None
-
-    # ------------------------------------------------------------ API side (any thread)
-
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        self._inbox.put(NewRequest(request_id, list(prompt_ids), params))
-
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run_forever, name=f"lanner-{self.name}", daemon=True)
-        self._thread.start()
-
-    def shutdown(self, timeout: float | None = None) -> None:
-        self._inbox.put(_STOP)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._outputs: list[Output] = []
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
-
-    # ------------------------------------------------------------ engine thread
+        return len(self._by_request)
 
     def run_forever(self) -> None:
-        while True:
-            if not self._drain_inbox(block=not self.waiting and not self.running):
-                break
-            if self.waiting or self.running:
+        while self._drain_inbox(block=not self.scheduler.has_work):
+            if self.scheduler.has_work:
                 self.step()
-        for seq in [*self.running, *self.waiting]:
+        for seq in list(self._by_request.values()):
             self._finish(seq, FinishReason.ABORT)
-            self.emit(seq.request_id, Delta("", [], FinishReason.ABORT, seq.num_prompt_tokens,
-                                            seq.num_output_tokens))
+            self._outputs.append((seq.request_id, Delta("", [], FinishReason.ABORT, seq.num_prompt_tokens,
+                                                        seq.num_output_tokens)))
+        self._flush()
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued adds/aborts; returns False when asked to stop."""
         try:
-            item = self._inbox.get(block=block)
+            item = self.inbox.get(block=block)
         except queue.Empty:
             return True
         while True:
-            if item is _STOP:
+            if isinstance(item, Stop):
                 return False
             if isinstance(item, NewRequest):
-                self._admit_new(item)
+                self._add(item)
             else:
-                self._abort(item[1])
+                seq = self._by_request.get(item.request_id)
+                if seq is not None:
+                    self._finish(seq, FinishReason.ABORT)
             try:
-                item = self._inbox.get_nowait()
+                item = self.inbox.get_nowait()
             except queue.Empty:
+                self._flush()
                 return True
 
-    def _admit_new(self, req: NewRequest) -> None:
+    def _add(self, req: NewRequest) -> None:
         try:
             seq = Sequence(
                 seq_id=next(self._seq_ids),
                 request_id=req.request_id,
                 prompt_ids=req.prompt_ids,
                 params=req.params,
-                sampling=SamplingState(req.params, req.prompt_ids, self.runner.vocab_size, tuple(self.eos_token_ids)),
+                sampling=SamplingState(req.params, req.prompt_ids, self.runner.vocab_size,
+                                       tuple(self.eos_token_ids)),
                 detokenizer=IncrementalDetokenizer(self.tokenizer, req.prompt_ids, stop=req.params.stop),
             )
         except Exception as exc:  # a bad request must not kill the loop
             log.exception("could not create sequence for %s", req.request_id)
-            self.emit(req.request_id, exc)
+            self._outputs.append((req.request_id, f"{type(exc).__name__}: {exc}"))
             return
         self._by_request[req.request_id] = seq
-        self.waiting.append(seq)
-
-    def _abort(self, request_id: str) -> None:
-        seq = self._by_request.get(request_id)
-        if seq is None or seq.is_finished:
-            return
-        if seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
-        else:
-            self.running.remove(seq)
-        self._finish(seq, FinishReason.ABORT)
+        self.scheduler.add(seq)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        seq.status = SequenceStatus.FINISHED
+        self.scheduler.remove(seq)
         seq.finish_reason = reason
         self.runner.free(seq.seq_id)
         self._by_request.pop(seq.request_id, None)
 
-    def schedule(self) -> list[Sequence]:
-        while self.waiting and len(self.running) < self.runner.max_num_seqs:
-            seq = self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-        return list(self.running)
+    def _flush(self) -> None:
+        if self._outputs:
+            out, self._outputs = self._outputs, []
+            self.emit_batch(out)
 
     def step(self) -> None:
-        batch = self.schedule()
-        inputs = [StepInput(s.seq_id, s.uncomputed_token_ids(), s.num_computed_tokens) for s in batch]
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return
+        inputs = [StepInput(c.seq.seq_id, c.seq.uncomputed_token_ids()[: c.num_tokens], c.seq.num_computed_tokens)
+                  for c in chunks]
+        ready = [i for i, c in enumerate(chunks) if c.completes_prompt]
         try:
             logits = self.runner.step(inputs)  # [B, V]
-            tokens = sample(logits, [s.sampling for s in batch])
+            tokens = sample(logits[ready] if len(ready) < len(chunks) else logits,
+                            [chunks[i].seq.sampling for i in ready]) if ready else []
         except Exception as exc:
-            log.exception("engine step failed; failing %d sequence(s)", len(batch))
-            for seq in batch:
-                self.running.remove(seq)
-                self._finish(seq, FinishReason.ABORT)
-                self.emit(seq.request_id, exc)
+            log.exception("engine step failed; failing %d sequence(s)", len(chunks))
+            for c in chunks:
+                self._finish(c.seq, FinishReason.ABORT)
+                self._outputs.append((c.seq.request_id, f"{type(exc).__name__}: {exc}"))
+            self._flush()
             return
-        for seq, inp, token in zip(batch, inputs, tokens):
-            seq.num_computed_tokens += len(inp.token_ids)
-            self._postprocess(seq, token)
+        for c in chunks:
+            c.seq.num_computed_tokens += c.num_tokens
+        for i, token in zip(ready, tokens):
+            self._postprocess(chunks[i].seq, token)
+        self._flush()
 
     def _postprocess(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
@@ -192,8 +179,38 @@ class EngineCore:
             elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.runner.max_model_len:
                 reason = FinishReason.LENGTH
         if reason is not None:
-            if reason is not FinishReason.STOP or not seq.detokenizer.stopped:
-                text += seq.detokenizer.flush()
-            self.running.remove(seq)
+            text += seq.detokenizer.flush()  # held-back text at EOS/length; "" after a stop string
             self._finish(seq, reason)
-        self.emit(seq.request_id, Delta(text, [token], reason, seq.num_prompt_tokens, seq.num_output_tokens))
+        self._outputs.append((seq.request_id, Delta(text, [token], reason, seq.num_prompt_tokens,
+                                                    seq.num_output_tokens)))
+
+
+class ThreadEngine:
+    """An EngineCore on a thread of this process (tests, and models too small to need a process)."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.on_outputs: EmitBatch = lambda _: None
+        core.emit_batch = lambda batch: self.on_outputs(batch)
+        self.on_dead: Callable[[str], None] = lambda _: None
+        self._thread = threading.Thread(target=self._run, name="lanner-engine", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.core.run_forever()
+        except BaseException as exc:  # pragma: no cover - the loop catches step errors itself
+            self.on_dead(f"engine loop crashed: {exc}")
+            raise
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.core.inbox.put(NewRequest(request_id, list(prompt_ids), params))
+
+    def abort(self, request_id: str) -> None:
+        self.core.inbox.put(Abort(request_id))
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        self.core.inbox.put(Stop())
+        self._thread.join(timeout)

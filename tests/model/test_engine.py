@@ -10,7 +10,7 @@ import pytest
 
 from app.engine.client import EngineClient, EngineDeadError
 from app.engine.types import FinishReason, SamplingParams
-from app.engine.worker import EngineCore
+from app.engine.worker import EngineCore, ThreadEngine
 from app.models.loader import inspect_model_dir, load_hf_model, load_tokenizer
 from app.models.reference import ReferenceRunner
 from tests import reference as ref
@@ -24,13 +24,15 @@ def model_dir(request, demo_models_dir):
 
 
 class _Engine:
-    def __init__(self, model_dir, runner_cls=ReferenceRunner, max_num_seqs=8):
+    def __init__(self, model_dir, runner_cls=ReferenceRunner, max_num_seqs=8, max_batched=512):
         info = inspect_model_dir(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.runner = runner_cls(load_hf_model(info), info.max_model_len, max_num_seqs)
-        self.core = EngineCore(self.runner, self.tokenizer, info.eos_token_ids, emit=lambda *_: None)
-        self.client = EngineClient(self.core, asyncio.get_running_loop())
-        self.core.start()
+        self.core = EngineCore(self.runner, self.tokenizer, info.eos_token_ids, emit_batch=lambda _: None,
+                               max_num_batched_tokens=max_batched)
+        self.thread = ThreadEngine(self.core)
+        self.client = EngineClient(self.thread, asyncio.get_running_loop())
+        self.thread.start()
 
     async def run(self, rid: str, prompt: list[int], params: SamplingParams = GREEDY):
         text, ids, reason = "", [], None
@@ -41,7 +43,7 @@ class _Engine:
         return text, ids, reason
 
     def close(self):
-        self.core.shutdown(10)
+        self.thread.shutdown(10)
 
 
 @pytest.fixture

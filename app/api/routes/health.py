@@ -17,8 +17,7 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(registry: RegistryDep) -> JSONResponse:
-    models = {h.id: ("ready" if h.is_ready else "failed" if h.error else "loading")
-              for h in registry.handles.values()}
+    models = {h.id: h.state for h in registry.handles.values()}
     ok = registry.is_ready
     return JSONResponse({"status": "ready" if ok else "not_ready", "models": models},
                         status_code=200 if ok else 503)

@@ -1,0 +1,204 @@
+"""One worker process per model, pinned to the model's cores.
+
+Why a process: the forward pass, sampling and detokenization hold the GIL for part of every step; in a
+separate process they can't slow the HTTP event loop, and the model's OpenMP thread pool can be pinned to
+its own cores (affinity is set before torch is imported, so every compute thread inherits it).
+
+Wire protocol (two one-way pipes, so neither side ever reads and writes the same connection from two
+threads):
+    API -> worker:  NewRequest | Abort | Stop
+    worker -> API:  ("ready", info) once after loading, ("failed", message) if loading fails,
+                    then ("out", [(request_id, Delta | error message), ...]) once per engine step.
+The worker exits when its command pipe closes, so it never outlives the server (and PR_SET_PDEATHSIG
+covers a parent killed with SIGKILL).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Callable
+
+from app.engine.types import SamplingParams
+
+log = logging.getLogger("lanner.engine")
+
+
+@dataclass
+class WorkerConfig:
+    model_id: str
+    model_path: str
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    cpus: list[int] | None
+    num_threads: int | None
+    runner: str  # "batched" | "reference"
+    kv_cache_bytes: int | None
+    log_level: str = "INFO"
+
+
+def process_name(model_id: str) -> str:
+    """The worker's name in ps/top (Linux comm, at most 15 bytes)."""
+    return f"lw:{model_id}"[:15]
+
+
+def _prctl_setup(model_id: str) -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with the server even on SIGKILL
+        libc.prctl(15, ctypes.c_char_p(process_name(model_id).encode()))  # PR_SET_NAME
+    except OSError:  # not Linux/glibc: the closed command pipe still stops the worker
+        pass
+
+
+def worker_main(cfg: WorkerConfig, commands: Connection, outputs: Connection) -> None:
+    _prctl_setup(cfg.model_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop (Ctrl-C hits the group)
+    logging.basicConfig(level=cfg.log_level, format=f"%(asctime)s %(levelname)s {cfg.model_id}: %(message)s")
+    if cfg.cpus:
+        os.sched_setaffinity(0, cfg.cpus)
+    cpus = sorted(os.sched_getaffinity(0))
+    threads = cfg.num_threads or len(cpus)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        core = _build_core(cfg, emit=lambda batch: outputs.send(("out", batch)))
+    except Exception as exc:
+        log.exception("loading failed")
+        outputs.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    outputs.send(("ready", {"pid": os.getpid(), "cpus": cpus, "num_threads": threads,
+                            "max_num_seqs": core.runner.max_num_seqs, "runner": type(core.runner).__name__}))
+    threading.Thread(target=_pump_commands, args=(commands, core), daemon=True, name="lanner-commands").start()
+    core.run_forever()
+
+
+def _pump_commands(commands: Connection, core: Any) -> None:
+    from app.engine.worker import Stop
+
+    try:
+        while True:
+            core.inbox.put(commands.recv())
+    except (EOFError, OSError):
+        core.inbox.put(Stop())
+
+
+def _build_core(cfg: WorkerConfig, emit: Callable[[list], None]) -> Any:
+    from app.engine.worker import EngineCore
+    from app.models.loader import inspect_model_dir, load_tokenizer
+
+    info = inspect_model_dir(cfg.model_path)
+    tokenizer = load_tokenizer(info.path)
+    runner = build_runner(cfg.runner, info, cfg.max_model_len, cfg.max_num_seqs, cfg.kv_cache_bytes)
+    return EngineCore(runner, tokenizer, info.eos_token_ids, emit_batch=emit,
+                      max_num_batched_tokens=cfg.max_num_batched_tokens)
+
+
+def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv_cache_bytes: int | None) -> Any:
+    if kind == "reference":
+        from app.models.loader import load_hf_model
+        from app.models.reference import ReferenceRunner
+
+        return ReferenceRunner(load_hf_model(info), max_model_len, max_num_seqs)
+    from app.models.runner import load_runner
+
+    return load_runner(info, max_model_len, max_num_seqs, kv_cache_bytes)
+
+
+class ProcessEngine:
+    """API-side handle of a worker process; same surface as `ThreadEngine`."""
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.on_outputs: Callable[[list], None] = lambda _: None
+        self.on_dead: Callable[[str], None] = lambda _: None
+        self.info: dict[str, Any] = {}
+        self._send_lock = threading.Lock()
+        self._proc: mp.process.BaseProcess | None = None
+        self._commands: Connection | None = None
+        self._outputs: Connection | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        """Spawn the worker and block until its model is loaded (call from a thread)."""
+        ctx = mp.get_context("spawn")
+        cmd_r, cmd_w = ctx.Pipe(duplex=False)
+        out_r, out_w = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=worker_main, args=(self.cfg, cmd_r, out_w),
+                                 name=f"lanner-worker-{self.cfg.model_id}", daemon=True)
+        self._proc.start()
+        cmd_r.close()
+        out_w.close()
+        self._commands, self._outputs = cmd_w, out_r
+        try:
+            kind, payload = out_r.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise RuntimeError(f"worker for {self.cfg.model_id} exited with {self._proc.exitcode} while loading")
+        if kind != "ready":
+            self._proc.join(5)
+            raise RuntimeError(f"worker for {self.cfg.model_id} failed to load: {payload}")
+        self.info = payload
+        threading.Thread(target=self._read_outputs, daemon=True, name=f"lanner-out-{self.cfg.model_id}").start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _read_outputs(self) -> None:
+        assert self._outputs is not None
+        try:
+            while True:
+                kind, payload = self._outputs.recv()
+                if kind == "out":
+                    self.on_outputs(payload)
+        except (EOFError, OSError):
+            pass
+        if not self._stopping:
+            code = self._proc.exitcode if self._proc else None
+            log.error("worker for %s died (exit code %s)", self.cfg.model_id, code)
+            self.on_dead(f"the worker process for model {self.cfg.model_id} died")
+
+    def _send(self, msg: Any) -> None:
+        assert self._commands is not None
+        with self._send_lock:
+            self._commands.send(msg)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        from app.engine.worker import NewRequest
+
+        self._send(NewRequest(request_id, list(prompt_ids), params))
+
+    def abort(self, request_id: str) -> None:
+        from app.engine.worker import Abort
+
+        try:
+            self._send(Abort(request_id))
+        except (OSError, ValueError):  # worker already gone: nothing left to free
+            pass
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        from app.engine.worker import Stop
+
+        self._stopping = True
+        if self._proc is None:
+            return
+        try:
+            self._send(Stop())
+        except (OSError, ValueError):
+            pass
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5)
+        if self._commands is not None:
+            self._commands.close()

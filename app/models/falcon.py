@@ -1,0 +1,181 @@
+"""Falcon-family decoder over a flat varlen batch, with its KV in a slot cache.
+
+Same step algorithm as llama.py (flat [T, hidden] batch, one fused QKV Linear, rope at per-token
+positions, `KVCache.attend` for the per-sequence attention, head only on each input's last token); the
+differences are in the layer:
+
+    falcon-7b  (multi_query, parallel_attn):   h = ln(x);            x = x + attn(h) + mlp(h)
+    falcon-40b (new_decoder_architecture):     x = x + attn(ln_attn(x)) + mlp(ln_mlp(x))
+                                               (one shared norm when num_ln_in_parallel_attn == 1)
+    sequential (parallel_attn=False):          x = x + attn(ln(x));  x = x + mlp(ln2(x))
+
+with LayerNorm (weight and bias), an MLP `dense_4h_to_h(gelu(dense_h_to_4h(h)))` and an optional bias on
+every Linear (`config.bias`). Rotary only: ALiBi checkpoints are refused.
+
+KV heads: 1 for multi_query (7b), `num_kv_heads` for the new architecture (40b), all heads otherwise.
+The checkpoint's fused `query_key_value` rows are permuted at load into this module's [q | k | v] order:
+    7b  multi_query: [q_0 .. q_{H-1}, k, v]               already in order
+    40b grouped:     per KV group g: [q_g0 .. q_g(n-1), k_g, v_g]  (queries interleaved with their k, v)
+    old multi-head:  per head h: [q_h, k_h, v_h]
+Query head h uses KV head h // (H / n_kv) in every layout, as `KVCache.attend` assumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.models.kv_cache import BatchMeta, KVCache
+from app.models.llama import UnsupportedModelError, apply_rope, output_head
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+PARALLEL, PARALLEL_TWO_NORMS, SEQUENTIAL = "parallel", "parallel_two_norms", "sequential"
+
+
+def falcon_layout(config) -> str:
+    """Which residual layout the config describes (refusing the ones transformers cannot run either)."""
+    if getattr(config, "alibi", False):
+        raise UnsupportedModelError(
+            "Falcon checkpoints with ALiBi position biases (alibi=true) are not supported; "
+            "only rotary-embedding Falcon models (falcon-7b/40b/180b style) can be served."
+        )
+    if config.new_decoder_architecture:
+        if not config.parallel_attn:
+            raise UnsupportedModelError("Falcon new_decoder_architecture with parallel_attn=false is not supported")
+        num_ln = getattr(config, "num_ln_in_parallel_attn", None) or 2
+        return PARALLEL_TWO_NORMS if num_ln == 2 else PARALLEL
+    return PARALLEL if config.parallel_attn else SEQUENTIAL
+
+
+def falcon_num_kv_heads(config) -> int:
+    if config.new_decoder_architecture:
+        return int(config.num_kv_heads)
+    return 1 if config.multi_query else int(config.num_attention_heads)
+
+
+class FalconLayer(nn.Module):
+    def __init__(self, config, layout: str, num_kv_heads: int) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.layout = layout
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = hidden // self.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = num_kv_heads * self.head_dim
+        self.eps = config.layer_norm_epsilon
+        ffn = getattr(config, "ffn_hidden_size", None) or 4 * hidden
+        self.ln_attn = nn.LayerNorm(hidden, eps=self.eps)
+        self.ln_mlp = nn.LayerNorm(hidden, eps=self.eps) if layout != PARALLEL else None
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=config.bias)
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=config.bias)
+        self.up_proj = nn.Linear(hidden, ffn, bias=config.bias)
+        self.down_proj = nn.Linear(ffn, hidden, bias=config.bias)
+        self.act = ACTIVATIONS[config.activation]
+
+    def attention(self, h: torch.Tensor, layer: int, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
+        # h: [T, H] -> [T, H]
+        t = h.shape[0]
+        qkv = self.qkv_proj(h)
+        q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, meta.cos, meta.sin)
+        k = apply_rope(k, meta.cos, meta.sin)
+        return self.o_proj(kv.attend(layer, q, k, v, meta))
+
+    def forward(self, x: torch.Tensor, layer: int, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
+        # x: [T, H] -> [T, H]
+        h = self.ln_attn(x)
+        if self.layout == SEQUENTIAL:
+            x = x + self.attention(h, layer, meta, kv)
+            return x + self.down_proj(self.act(self.up_proj(self.ln_mlp(x))))
+        h_mlp = h if self.layout == PARALLEL else self.ln_mlp(x)
+        attn = self.attention(h, layer, meta, kv)
+        return x + (self.down_proj(self.act(self.up_proj(h_mlp))) + attn)
+
+
+class FalconDecoder(nn.Module):
+    arch = "falcon"
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        layout = falcon_layout(config)
+        if config.activation not in ACTIVATIONS:
+            raise UnsupportedModelError(f"Falcon activation {config.activation!r} is not supported")
+        if config.hidden_size % config.num_attention_heads:
+            raise UnsupportedModelError("Falcon hidden_size must be divisible by num_attention_heads")
+        self.config = config
+        self.layout = layout
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = falcon_num_kv_heads(config)
+        if config.num_attention_heads % self.num_kv_heads:
+            raise UnsupportedModelError("Falcon num_attention_heads must be a multiple of num_kv_heads")
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(FalconLayer(config, layout, self.num_kv_heads)
+                                    for _ in range(config.num_hidden_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
+        # input_ids: [T] -> logits [B, V] fp32 of the rows meta.logit_rows
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, i, meta, kv)
+        return self.lm_head(self.ln_f(x.index_select(0, meta.logit_rows))).float()
+
+
+def _qkv_rows_to_q_k_v(fused: torch.Tensor, config, num_kv_heads: int) -> torch.Tensor:
+    """Permute the fused query_key_value rows (weight [out, in] or bias [out]) into [q | k | v] order."""
+    heads, hd = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    tail = fused.shape[1:]
+    if config.new_decoder_architecture:
+        group = heads // num_kv_heads
+        rows = fused.reshape(num_kv_heads, group + 2, hd, *tail)
+        parts = (rows[:, :group], rows[:, group], rows[:, group + 1])
+    elif config.multi_query:
+        return fused  # [q_0..q_{H-1}, k, v] already
+    else:
+        rows = fused.reshape(heads, 3, hd, *tail)
+        parts = (rows[:, 0], rows[:, 1], rows[:, 2])
+    return torch.cat([p.reshape(-1, *tail) for p in parts])
+
+
+def falcon_state_dict(config, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map transformers' FalconForCausalLM weight names to FalconDecoder's, as fp32 (QKV rows permuted)."""
+    layout = falcon_layout(config)
+    num_kv = falcon_num_kv_heads(config)
+
+    def get(name: str) -> torch.Tensor:
+        return weights[name].to(torch.float32)
+
+    sd: dict[str, torch.Tensor] = {"embed_tokens.weight": get("transformer.word_embeddings.weight"),
+                                   "ln_f.weight": get("transformer.ln_f.weight"),
+                                   "ln_f.bias": get("transformer.ln_f.bias")}
+    norms = {PARALLEL: {"ln_attn": "input_layernorm"},
+             PARALLEL_TWO_NORMS: {"ln_attn": "ln_attn", "ln_mlp": "ln_mlp"},
+             SEQUENTIAL: {"ln_attn": "input_layernorm", "ln_mlp": "post_attention_layernorm"}}[layout]
+    linears = {"qkv_proj": "self_attention.query_key_value", "o_proj": "self_attention.dense",
+               "up_proj": "mlp.dense_h_to_4h", "down_proj": "mlp.dense_4h_to_h"}
+    for i in range(config.num_hidden_layers):
+        src, dst = f"transformer.h.{i}.", f"layers.{i}."
+        for ours, theirs in norms.items():
+            sd[f"{dst}{ours}.weight"] = get(f"{src}{theirs}.weight")
+            sd[f"{dst}{ours}.bias"] = get(f"{src}{theirs}.bias")
+        for ours, theirs in linears.items():
+            for kind in ("weight", "bias") if config.bias else ("weight",):
+                t = get(f"{src}{theirs}.{kind}")
+                sd[f"{dst}{ours}.{kind}"] = _qkv_rows_to_q_k_v(t, config, num_kv) if ours == "qkv_proj" else t
+    sd["lm_head.weight"] = output_head(config, weights, sd["embed_tokens.weight"], "lm_head.weight")
+    return sd

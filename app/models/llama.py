@@ -1,0 +1,207 @@
+"""Llama-family decoder over a flat varlen batch, with its KV in a slot cache.
+
+Algorithm (one step, see runner.py for how the batch is laid out)
+-----------------------------------------------------------------
+All tokens fed in this step, by every sequence, are concatenated into one [T, hidden] matrix, so each
+weight matrix is read once per layer for the whole batch (that is where batching pays on a CPU):
+
+    x = embed(ids)                                            # [T, H]
+    per layer:
+        h = rms_norm(x)
+        q, k, v = split(qkv_proj(h))                          # one fused Linear (q | k | v rows)
+        q, k = rope(q, k) at each token's own position        # cos/sin gathered once per step
+        x = x + o_proj(kv.attend(layer, q, k, v))             # writes K/V, attends per sequence
+        x = x + down(silu(gate) * up), gate|up = gate_up(rms_norm(x))   # one fused Linear
+    logits = lm_head(rms_norm(x[last token of each input]))  # only B rows reach the head
+
+Supported: grouped-query attention, explicit `head_dim`, attention/MLP bias flags, tied or untied head,
+RoPE of type default, `linear` and `llama3` (others are refused). Linear layers stay `torch.nn.Linear`
+modules so a weight-only-quantization pass can swap them in one place. The rope helpers here are shared
+with falcon.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.models.kv_cache import BatchMeta, KVCache
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint uses a feature this implementation does not support (message says which)."""
+
+
+# --------------------------------------------------------------------------- rope (shared with falcon)
+
+
+def rope_parameters(config) -> dict:
+    """The config's rope dict in transformers-5 form ({'rope_type', 'rope_theta', ...})."""
+    params = getattr(config, "rope_parameters", None)
+    if params is None:  # pre-v5 style config
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params = dict(params)
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] fp32, as transformers computes them for default/linear/llama3."""
+    params = rope_parameters(config)
+    kind = params["rope_type"]
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError("partial rotary embeddings (partial_rotary_factor != 1) are not supported")
+    base = float(params["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / params["factor"]
+    if kind == "llama3":
+        factor = params["factor"]
+        low, high = params["low_freq_factor"], params["high_freq_factor"]
+        old_len = params["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise UnsupportedModelError(
+        f"RoPE type {kind!r} is not supported (supported: default, linear, llama3)"
+    )
+
+
+def rope_tables(inv_freq: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, signed sin tables [max_len, head_dim] for `apply_rope`.
+
+    The sin table has its first half negated, so rotate_half(x) * sin == roll(x, d/2) * signed_sin.
+    """
+    freqs = torch.arange(max_len, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    half = inv_freq.numel()
+    sin = emb.sin()
+    sin[:, :half].neg_()
+    return emb.cos(), sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, head_dim], cos/sin: [T, 1, head_dim] -> [T, heads, head_dim]
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+
+
+# --------------------------------------------------------------------------- model
+
+
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu}
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, config, head_dim: int) -> None:
+        super().__init__()
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        self.eps = config.rms_norm_eps
+        attn_bias = bool(getattr(config, "attention_bias", False))
+        mlp_bias = bool(getattr(config, "mlp_bias", False))
+        self.input_norm = nn.Parameter(torch.ones(hidden))
+        self.post_attn_norm = nn.Parameter(torch.ones(hidden))
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=attn_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=attn_bias)
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=mlp_bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=mlp_bias)
+        self.inter = inter
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor, layer: int, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
+        # x: [T, H] -> [T, H]
+        t = x.shape[0]
+        h = F.rms_norm(x, self.input_norm.shape, self.input_norm, self.eps)
+        qkv = self.qkv_proj(h)
+        q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, meta.cos, meta.sin)
+        k = apply_rope(k, meta.cos, meta.sin)
+        x = x + self.o_proj(kv.attend(layer, q, k, v, meta))
+        h = F.rms_norm(x, self.post_attn_norm.shape, self.post_attn_norm, self.eps)
+        gate_up = self.gate_up_proj(h)
+        return x + self.down_proj(self.act(gate_up[:, :self.inter]) * gate_up[:, self.inter:])
+
+
+class LlamaDecoder(nn.Module):
+    arch = "llama"
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        if config.hidden_act not in ACTIVATIONS:
+            raise UnsupportedModelError(f"Llama activation {config.hidden_act!r} is not supported")
+        self.config = config
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = config.num_key_value_heads
+        self.vocab_size = config.vocab_size
+        self.eps = config.rms_norm_eps
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaLayer(config, self.head_dim) for _ in range(config.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+
+    def forward(self, input_ids: torch.Tensor, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
+        # input_ids: [T] -> logits [B, V] fp32 of the rows meta.logit_rows
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, i, meta, kv)
+        x = F.rms_norm(x.index_select(0, meta.logit_rows), self.norm.shape, self.norm, self.eps)
+        return self.lm_head(x).float()
+
+
+def llama_state_dict(config, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map (and fuse) transformers' LlamaForCausalLM weight names to LlamaDecoder's, as fp32.
+
+    `weights` may be lazy (one tensor read per lookup); each source tensor is read once and the fused
+    result is the only copy kept.
+    """
+    def get(name: str) -> torch.Tensor:
+        return weights[name].to(torch.float32)
+
+    sd: dict[str, torch.Tensor] = {"embed_tokens.weight": get("model.embed_tokens.weight"),
+                                   "norm": get("model.norm.weight")}
+    attn_bias = bool(getattr(config, "attention_bias", False))
+    mlp_bias = bool(getattr(config, "mlp_bias", False))
+    for i in range(config.num_hidden_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        sd[dst + "input_norm"] = get(src + "input_layernorm.weight")
+        sd[dst + "post_attn_norm"] = get(src + "post_attention_layernorm.weight")
+        sd[dst + "qkv_proj.weight"] = torch.cat([get(src + f"self_attn.{p}_proj.weight") for p in "qkv"])
+        sd[dst + "o_proj.weight"] = get(src + "self_attn.o_proj.weight")
+        if attn_bias:
+            sd[dst + "qkv_proj.bias"] = torch.cat([get(src + f"self_attn.{p}_proj.bias") for p in "qkv"])
+            sd[dst + "o_proj.bias"] = get(src + "self_attn.o_proj.bias")
+        sd[dst + "gate_up_proj.weight"] = torch.cat([get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight")])
+        sd[dst + "down_proj.weight"] = get(src + "mlp.down_proj.weight")
+        if mlp_bias:
+            sd[dst + "gate_up_proj.bias"] = torch.cat([get(src + "mlp.gate_proj.bias"), get(src + "mlp.up_proj.bias")])
+            sd[dst + "down_proj.bias"] = get(src + "mlp.down_proj.bias")
+    sd["lm_head.weight"] = output_head(config, weights, sd["embed_tokens.weight"], "lm_head.weight")
+    return sd
+
+
+def output_head(config, weights: Mapping[str, torch.Tensor], embedding: torch.Tensor, name: str) -> torch.Tensor:
+    """The output head weight: the embedding itself when tied (no second copy), else the checkpoint's."""
+    if getattr(config, "tie_word_embeddings", False):
+        return embedding
+    if name not in weights:
+        raise UnsupportedModelError(f"untied model without an output head weight {name!r}")
+    return weights[name].to(torch.float32)

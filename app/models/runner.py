@@ -1,0 +1,192 @@
+"""The batched runner: Lanner's own Llama/Falcon decoders over a slot KV cache, one forward per step.
+
+Algorithm of `BatchedRunner.step` (the ModelRunner protocol of base.py)
+----------------------------------------------------------------------
+1. Each input's seq_id gets a KV slot on its first step (start_pos must then be 0) and keeps it until
+   `free`. The runner tracks how many tokens each sequence has cached and refuses an input whose
+   start_pos disagrees (out of step) or that would pass max_model_len.
+2. Inputs are laid out as one flat batch: single-token inputs first, sorted by slot (so the decode
+   attention reads a packed slot range without copying), then multi-token prompt chunks in the given
+   order. Token ids, positions, slots, rope cos/sin and the row of each input's last token are built
+   once here; `KVCache.plan` adds the attention masks. Layers only read these.
+3. The decoder runs once over the flat batch and returns fp32 logits of each input's last token, in the
+   caller's input order (rows of mid-prompt chunks are computed too; the engine ignores them).
+
+`load_runner` builds the decoder for a checked model directory straight from its safetensors files
+(memory-mapped, read tensor by tensor; q/k/v and gate/up fused at load), on the meta device first so no
+throw-away random weights are ever allocated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from app.models.base import StepInput
+from app.models.falcon import FalconDecoder, falcon_state_dict
+from app.models.kv_cache import KVCache
+from app.models.llama import LlamaDecoder, UnsupportedModelError, llama_state_dict, rope_inv_freq, rope_tables
+from app.models.loader import ModelInfo, ModelLoadError
+
+DECODERS = {"llama": (LlamaDecoder, llama_state_dict), "falcon": (FalconDecoder, falcon_state_dict)}
+
+
+class SafetensorsWeights(Mapping[str, torch.Tensor]):
+    """Lazy name -> tensor view of a model directory's safetensors shards (memory-mapped)."""
+
+    def __init__(self, path: Path) -> None:
+        path = Path(path)
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"Model in {path} has no safetensors weights (*.safetensors).")
+        self._where = {}
+        for f in files:
+            handle = safe_open(str(f), framework="pt", device="cpu")
+            for name in handle.keys():
+                self._where[name] = handle
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def build_decoder(arch: str, config, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Our decoder for `arch` with the transformers-named `weights` (fp32, fused), in eval mode."""
+    cls, to_state_dict = DECODERS[arch]
+    with torch.device("meta"):
+        model = cls(config)
+    state = to_state_dict(config, weights)
+    model.load_state_dict(state, strict=True, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
+
+
+class BatchedRunner:
+    def __init__(self, model: nn.Module, max_model_len: int, max_num_seqs: int,
+                 kv_cache_bytes: int | None = None) -> None:
+        self.model = model.eval()
+        self.vocab_size = int(model.vocab_size)
+        self.max_model_len = int(max_model_len)
+        num_slots = KVCache.slots_for_budget(kv_cache_bytes, max_num_seqs, model.num_layers, model.num_kv_heads,
+                                             model.head_dim, self.max_model_len)
+        self.kv = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, self.max_model_len, num_slots)
+        self.max_num_seqs = num_slots
+        self._cos, self._sin = rope_tables(rope_inv_freq(model.config, model.head_dim), self.max_model_len)
+        self._slot_of: dict[int, int] = {}  # seq_id -> slot
+        self._num_cached: dict[int, int] = {}  # seq_id -> tokens in its slot
+
+    # ------------------------------------------------------------ status
+
+    @property
+    def num_free_slots(self) -> int:
+        return self.kv.num_free_slots
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV slots held by sequences (a slot reserves max_model_len tokens)."""
+        return self.kv.num_used_slots / self.kv.num_slots
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return sum(self._num_cached.values())
+
+    # ------------------------------------------------------------ protocol
+
+    def free(self, seq_id: int) -> None:
+        slot = self._slot_of.pop(seq_id, None)
+        self._num_cached.pop(seq_id, None)
+        if slot is not None:
+            self.kv.free(slot)
+
+    def _slots_for(self, inputs: list[StepInput]) -> list[int]:
+        """Check every input against the cache state; allocate slots of new sequences."""
+        seen: set[int] = set()
+        slots, new = [], []
+        try:
+            for inp in inputs:
+                n, start = len(inp.token_ids), inp.start_pos
+                if inp.seq_id in seen:
+                    raise ValueError(f"sequence {inp.seq_id} appears twice in one step")
+                seen.add(inp.seq_id)
+                if n == 0:
+                    raise ValueError(f"sequence {inp.seq_id} was fed no tokens")
+                if start + n > self.max_model_len:
+                    raise ValueError(f"sequence {inp.seq_id} would reach {start + n} tokens, "
+                                     f"more than max_model_len={self.max_model_len}")
+                slot = self._slot_of.get(inp.seq_id)
+                if slot is None:
+                    if start != 0:
+                        raise RuntimeError(f"KV cache of sequence {inp.seq_id} is out of step (new, start_pos={start})")
+                    slot = self.kv.allocate()
+                    self._slot_of[inp.seq_id] = slot
+                    self._num_cached[inp.seq_id] = 0
+                    new.append(inp.seq_id)
+                elif self._num_cached[inp.seq_id] != start:
+                    raise RuntimeError(f"KV cache of sequence {inp.seq_id} is out of step "
+                                       f"({self._num_cached[inp.seq_id]} cached, start_pos={start})")
+                slots.append(slot)
+        except BaseException:
+            for seq_id in new:
+                self.free(seq_id)
+            raise
+        return slots
+
+    @torch.inference_mode()
+    def step(self, inputs: list[StepInput]) -> torch.Tensor:
+        # returns logits: [B, V] fp32, row i = last fed token of inputs[i]
+        if not inputs:
+            raise ValueError("step() needs at least one input")
+        slots = self._slots_for(inputs)
+        decode = sorted((i for i, inp in enumerate(inputs) if len(inp.token_ids) == 1), key=slots.__getitem__)
+        prefill = [i for i, inp in enumerate(inputs) if len(inp.token_ids) > 1]
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_ids: list[int] = []
+        rows: list[tuple[int, int, int]] = []
+        last_row = [0] * len(inputs)
+        for i in decode + prefill:
+            inp, slot = inputs[i], slots[i]
+            n, start = len(inp.token_ids), inp.start_pos
+            ids.extend(inp.token_ids)
+            positions.extend(range(start, start + n))
+            slot_ids.extend([slot] * n)
+            rows.append((slot, start, n))
+            last_row[i] = len(ids) - 1
+        pos = torch.tensor(positions)
+        meta = self.kv.plan(rows, cos=self._cos[pos].unsqueeze(1), sin=self._sin[pos].unsqueeze(1),
+                            logit_rows=torch.tensor(last_row), positions=pos, slot_ids=torch.tensor(slot_ids))
+        logits = self.model(torch.tensor(ids), meta, self.kv)
+        for inp in inputs:
+            self._num_cached[inp.seq_id] = inp.start_pos + len(inp.token_ids)
+        return logits
+
+
+def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
+                kv_cache_bytes: int | None = None) -> BatchedRunner:
+    """A BatchedRunner for a checked model directory, weights read from its safetensors files."""
+    try:
+        model = build_decoder(info.arch, info.config, SafetensorsWeights(info.path))
+        return BatchedRunner(model, max_model_len, max_num_seqs, kv_cache_bytes)
+    except UnsupportedModelError as exc:
+        raise ModelLoadError(f"Model in {info.path} cannot be served: {exc}") from exc
+    except ValueError as exc:  # e.g. a KV budget too small for one sequence
+        raise ModelLoadError(str(exc)) from exc
+    except KeyError as exc:
+        raise ModelLoadError(f"Model in {info.path} is missing weight {exc.args[0]!r} in its safetensors files") from exc
+    except RuntimeError as exc:  # shape mismatches from load_state_dict
+        raise ModelLoadError(f"Weights of {info.path} do not match its config: {exc}") from exc

@@ -1,0 +1,170 @@
+"""Scheduler and engine loop with a fake model: budgets, chunked prefill, slots, aborts."""
+
+from __future__ import annotations
+
+import torch
+
+from app.engine.scheduler import Scheduler
+from app.engine.sequence import Sequence, SequenceStatus
+from app.engine.types import Delta, FinishReason, SamplingParams
+from app.engine.worker import Abort, EngineCore, NewRequest
+from app.models.base import StepInput
+
+V = 50
+
+
+class FakeRunner:
+    """Next token = (last fed token + 1) % V; records every step's inputs."""
+
+    def __init__(self, max_num_seqs: int = 4, max_model_len: int = 256) -> None:
+        self.vocab_size = V
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.steps: list[list[StepInput]] = []
+        self.cache: dict[int, int] = {}  # seq_id -> tokens held
+        self.freed: list[int] = []
+
+    def step(self, inputs: list[StepInput]) -> torch.Tensor:
+        self.steps.append(inputs)
+        logits = torch.full((len(inputs), V), -10.0)
+        for row, inp in enumerate(inputs):
+            assert self.cache.get(inp.seq_id, 0) == inp.start_pos, "fed out of order"
+            self.cache[inp.seq_id] = inp.start_pos + len(inp.token_ids)
+            logits[row, (inp.token_ids[-1] + 1) % V] = 10.0
+        return logits
+
+    def free(self, seq_id: int) -> None:
+        self.cache.pop(seq_id, None)
+        self.freed.append(seq_id)
+
+
+class FakeTokenizer:
+    """Detokenizer-compatible: token i decodes to chr(ord('a') + i % 26)."""
+
+    class _Backend:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(ord("a") + i % 26) for i in ids)
+
+    backend_tokenizer = _Backend()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self._Backend().decode(ids)
+
+
+def make_core(runner: FakeRunner, budget: int = 16) -> tuple[EngineCore, list[tuple[str, Delta | str]]]:
+    out: list[tuple[str, Delta | str]] = []
+    core = EngineCore(runner, FakeTokenizer(), eos_token_ids=[49], emit_batch=out.extend,
+                      max_num_batched_tokens=budget)
+    return core, out
+
+
+def run_until_idle(core: EngineCore, max_steps: int = 1000) -> None:
+    for _ in range(max_steps):
+        core._drain_inbox(block=False)
+        if not core.scheduler.has_work:
+            return
+        core.step()
+    raise AssertionError("engine did not go idle")
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, **kw)
+
+
+def texts(out) -> dict[str, str]:
+    res: dict[str, str] = {}
+    for rid, d in out:
+        res[rid] = res.get(rid, "") + d.text
+    return res
+
+
+def test_long_prompt_is_chunked_while_running_streams_keep_decoding():
+    runner = FakeRunner(max_num_seqs=4)
+    core, out = make_core(runner, budget=8)
+    core.inbox.put(NewRequest("short", [1, 2], greedy(30)))
+    core._drain_inbox(block=False)
+    core.step()  # prefill of "short" + first token
+    core.inbox.put(NewRequest("long", list(range(40)), greedy(2)))
+    core._drain_inbox(block=False)
+    per_step_tokens = []
+    while core.scheduler.has_work:
+        core.step()
+        per_step_tokens.append([len(i.token_ids) for i in runner.steps[-1]])
+        if len(per_step_tokens) > 100:
+            break
+    # every step while "long" prefills: "short" decodes one token and the chunk fills the rest of the budget
+    assert per_step_tokens[0] == [1, 7] and per_step_tokens[1] == [1, 7]
+    assert all(sum(s) <= 8 for s in per_step_tokens)
+    short_deltas = [d for rid, d in out if rid == "short"]
+    assert len(short_deltas) == 30 and short_deltas[-1].finish_reason is FinishReason.LENGTH
+    long_deltas = [d for rid, d in out if rid == "long"]
+    assert [d.token_ids for d in long_deltas] == [[40 % V], [41 % V]]  # sampled only after the full prompt
+
+
+def test_waits_for_a_free_slot_then_reuses_it():
+    runner = FakeRunner(max_num_seqs=2)
+    core, out = make_core(runner, budget=64)
+    for i in range(5):
+        core.inbox.put(NewRequest(f"r{i}", [i, i + 1], greedy(3)))
+    run_until_idle(core)
+    assert max(len(s) for s in runner.steps) <= 2
+    assert sorted(runner.freed) == list(range(5))
+    assert runner.cache == {}
+    assert all(out_d.finish_reason is FinishReason.LENGTH for _, out_d in out if out_d.is_finished)
+    assert texts(out) == {f"r{i}": "".join(chr(ord('a') + (i + 2 + k) % 26) for k in range(3)) for i in range(5)}
+
+
+def test_abort_waiting_and_running_frees_everything():
+    runner = FakeRunner(max_num_seqs=1)
+    core, out = make_core(runner)
+    core.inbox.put(NewRequest("a", [1], greedy(100)))
+    core.inbox.put(NewRequest("b", [2], greedy(100)))
+    core._drain_inbox(block=False)
+    core.step()
+    core.inbox.put(Abort("a"))
+    core.inbox.put(Abort("b"))
+    core.inbox.put(Abort("unknown"))
+    core._drain_inbox(block=False)
+    assert not core.scheduler.has_work and core.num_unfinished == 0
+    assert runner.cache == {}
+
+
+def test_stop_rules():
+    runner = FakeRunner()
+    core, out = make_core(runner)
+    core.inbox.put(NewRequest("eos", [46], greedy(10)))  # 47, 48, 49 = eos
+    core.inbox.put(NewRequest("ignore", [46], greedy(5, ignore_eos=True)))
+    core.inbox.put(NewRequest("stopid", [1], greedy(10, stop_token_ids=(4,))))
+    core.inbox.put(NewRequest("minimum", [46], greedy(10, min_tokens=5, stop_token_ids=(48,))))
+    core.inbox.put(NewRequest("stopstr", [0], greedy(10, stop=("de",))))  # b c d e ...
+    run_until_idle(core)
+    final = {rid: d for rid, d in out if d.is_finished}
+    assert final["eos"].num_output_tokens == 3 and final["eos"].finish_reason is FinishReason.STOP
+    assert final["ignore"].num_output_tokens == 5 and final["ignore"].finish_reason is FinishReason.LENGTH
+    assert final["stopid"].num_output_tokens == 3
+    assert final["minimum"].num_output_tokens >= 5
+    t = texts(out)
+    assert t["eos"] == "vw" and t["stopstr"] == "bc" and final["stopstr"].finish_reason is FinishReason.STOP
+
+
+def test_failing_sequence_creation_reports_error_not_crash():
+    runner = FakeRunner()
+    core, out = make_core(runner)
+    core.inbox.put(NewRequest("bad", [1], SamplingParams(max_tokens=2, temperature="hot")))  # type: ignore[arg-type]
+    core.inbox.put(NewRequest("good", [1], greedy(2)))
+    run_until_idle(core)
+    assert [type(d) for r, d in out if r == "bad"] == [str]  # an error message for that request only
+    assert texts([(r, d) for r, d in out if r == "good"]) == {"good": "cd"}
+    assert core.num_unfinished == 0 and runner.cache == {}
+
+
+def test_scheduler_budget_is_at_least_one_token_per_running_sequence():
+    s = Scheduler(max_num_seqs=4, max_num_batched_tokens=4)
+    seqs = []
+    for i in range(4):
+        seq = Sequence(i, f"r{i}", [1, 2, 3], greedy(5), sampling=None, detokenizer=None)  # type: ignore[arg-type]
+        s.add(seq)
+        seqs.append(seq)
+    first = s.schedule()
+    assert [c.num_tokens for c in first] == [3, 1]  # budget 4 splits across newcomers
+    assert all(seq.status is SequenceStatus.RUNNING for seq in seqs[:2])
