@@ -133,6 +133,7 @@ def plot_results(results: Sequence[Result], path: Path, title: str | None = None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for i, result in enumerate(results):
@@ -144,14 +145,18 @@ def plot_results(results: Sequence[Result], path: Path, title: str | None = None
             for q, style in (("p50", "o-"), ("p99", "s--")):
                 ys = [lv[key][q] * 1000 if lv[key][q] is not None else float("nan") for lv in levels]
                 ax.plot(xs, ys, style, color=color, label=f"{result['name']} {q}")
+    all_x = sorted({lv["concurrency"] for r in results for lv in r["levels"]})
     labels = (("output tokens/s", "throughput"), ("ms", "time to first token"), ("ms", "inter-token latency"))
     for ax, (ylabel, name) in zip(axes, labels):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(all_x, [str(x) for x in all_x])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("concurrent streams")
         ax.set_ylabel(ylabel)
         ax.set_title(name)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+    axes[0].set_ylim(bottom=0)
     axes[1].set_yscale("log")
     if title:
         fig.suptitle(title)
