@@ -61,7 +61,7 @@ class ModelSpec(BaseModel):
     max_num_seqs: int = Field(default=16, ge=1, le=256)  # concurrent sequences (KV slots)
     max_num_batched_tokens: int = Field(default=512, ge=1)  # per-step token budget (chunked prefill)
     kv_cache_gb: float | None = Field(default=None, gt=0)  # KV memory budget; default: max_num_seqs full slots
-    runner: Literal["batched", "reference"] = "reference"  # reference = transformers modules, one seq at a time
+    runner: Literal["batched", "reference"] = "batched"  # reference = transformers modules, one seq at a time
     revision: str | None = None
 
     @field_validator("id")

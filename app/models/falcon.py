@@ -23,6 +23,7 @@ Query head h uses KV head h // (H / n_kv) in every layout, as `KVCache.attend` a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +32,12 @@ from torch import nn
 from app.models.kv_cache import BatchMeta, KVCache
 from app.models.llama import UnsupportedModelError, apply_rope, output_head
 
-ACTIVATIONS = {
+ACTIVATIONS = MappingProxyType({
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
-}
+})
 
 PARALLEL, PARALLEL_TWO_NORMS, SEQUENTIAL = "parallel", "parallel_two_norms", "sequential"
 
@@ -50,7 +51,8 @@ def falcon_layout(config) -> str:
         )
     if config.new_decoder_architecture:
         if not config.parallel_attn:
-            raise UnsupportedModelError("Falcon new_decoder_architecture with parallel_attn=false is not supported")
+            raise UnsupportedModelError(
+                "Falcon new_decoder_architecture with parallel_attn=false is not supported")
         num_ln = getattr(config, "num_ln_in_parallel_attn", None) or 2
         return PARALLEL_TWO_NORMS if num_ln == 2 else PARALLEL
     return PARALLEL if config.parallel_attn else SEQUENTIAL

@@ -199,7 +199,8 @@ class KVCache:
         outs = []
         nd = meta.num_decode
         if nd:
-            qd = q[:nd].view(nd, self.num_kv_heads, group, hd)  # query heads of a KV head as its "query length"
+            # the query heads sharing a KV head become that head's "query length"
+            qd = q[:nd].view(nd, self.num_kv_heads, group, hd)
             L = meta.decode_kv_len
             if meta.decode_gather is not None:
                 kd = kc[:, :, :L].index_select(0, meta.decode_gather)
@@ -208,7 +209,8 @@ class KVCache:
                 lo, rng = meta.decode_lo, meta.decode_range
                 kd, vd = kc[lo:lo + rng, :, :L], vc[lo:lo + rng, :, :L]
                 if meta.decode_scatter is not None:
-                    qd = qd.new_zeros(rng, self.num_kv_heads, group, hd).index_copy_(0, meta.decode_scatter, qd)
+                    packed = qd.new_zeros(rng, self.num_kv_heads, group, hd)
+                    qd = packed.index_copy_(0, meta.decode_scatter, qd)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask)
             if meta.decode_scatter is not None:
                 od = od.index_select(0, meta.decode_scatter)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
     params = rope_parameters(config)
     kind = params["rope_type"]
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedModelError("partial rotary embeddings (partial_rotary_factor != 1) are not supported")
+        raise UnsupportedModelError("partial rotary embeddings (partial_rotary_factor != 1) are unsupported")
     base = float(params["rope_theta"])
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if kind == "default":
@@ -99,7 +100,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --------------------------------------------------------------------------- model
 
 
-ACTIVATIONS = {"silu": F.silu, "swish": F.silu}
+ACTIVATIONS = MappingProxyType({"silu": F.silu, "swish": F.silu})
 
 
 class LlamaLayer(nn.Module):
@@ -147,13 +148,15 @@ class LlamaDecoder(nn.Module):
         if config.hidden_act not in ACTIVATIONS:
             raise UnsupportedModelError(f"Llama activation {config.hidden_act!r} is not supported")
         self.config = config
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        default_head_dim = config.hidden_size // config.num_attention_heads
+        self.head_dim = int(getattr(config, "head_dim", None) or default_head_dim)
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = config.num_key_value_heads
         self.vocab_size = config.vocab_size
         self.eps = config.rms_norm_eps
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaLayer(config, self.head_dim) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaLayer(config, self.head_dim)
+                                    for _ in range(config.num_hidden_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
@@ -180,6 +183,7 @@ def llama_state_dict(config, weights: Mapping[str, torch.Tensor]) -> dict[str, t
                                    "norm": get("model.norm.weight")}
     attn_bias = bool(getattr(config, "attention_bias", False))
     mlp_bias = bool(getattr(config, "mlp_bias", False))
+    gate_up = ("gate", "up")
     for i in range(config.num_hidden_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         sd[dst + "input_norm"] = get(src + "input_layernorm.weight")
@@ -189,16 +193,17 @@ def llama_state_dict(config, weights: Mapping[str, torch.Tensor]) -> dict[str, t
         if attn_bias:
             sd[dst + "qkv_proj.bias"] = torch.cat([get(src + f"self_attn.{p}_proj.bias") for p in "qkv"])
             sd[dst + "o_proj.bias"] = get(src + "self_attn.o_proj.bias")
-        sd[dst + "gate_up_proj.weight"] = torch.cat([get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight")])
+        sd[dst + "gate_up_proj.weight"] = torch.cat([get(src + f"mlp.{p}_proj.weight") for p in gate_up])
         sd[dst + "down_proj.weight"] = get(src + "mlp.down_proj.weight")
         if mlp_bias:
-            sd[dst + "gate_up_proj.bias"] = torch.cat([get(src + "mlp.gate_proj.bias"), get(src + "mlp.up_proj.bias")])
+            sd[dst + "gate_up_proj.bias"] = torch.cat([get(src + f"mlp.{p}_proj.bias") for p in gate_up])
             sd[dst + "down_proj.bias"] = get(src + "mlp.down_proj.bias")
     sd["lm_head.weight"] = output_head(config, weights, sd["embed_tokens.weight"], "lm_head.weight")
     return sd
 
 
-def output_head(config, weights: Mapping[str, torch.Tensor], embedding: torch.Tensor, name: str) -> torch.Tensor:
+def output_head(config, weights: Mapping[str, torch.Tensor], embedding: torch.Tensor,
+                name: str) -> torch.Tensor:
     """The output head weight: the embedding itself when tied (no second copy), else the checkpoint's."""
     if getattr(config, "tie_word_embeddings", False):
         return embedding

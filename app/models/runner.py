@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from safetensors import safe_open
@@ -33,7 +34,10 @@ from app.models.kv_cache import KVCache
 from app.models.llama import LlamaDecoder, UnsupportedModelError, llama_state_dict, rope_inv_freq, rope_tables
 from app.models.loader import ModelInfo, ModelLoadError
 
-DECODERS = {"llama": (LlamaDecoder, llama_state_dict), "falcon": (FalconDecoder, falcon_state_dict)}
+DECODERS = MappingProxyType({
+    "llama": (LlamaDecoder, llama_state_dict),
+    "falcon": (FalconDecoder, falcon_state_dict),
+})
 
 
 class SafetensorsWeights(Mapping[str, torch.Tensor]):
@@ -82,8 +86,8 @@ class BatchedRunner:
         self.model = model.eval()
         self.vocab_size = int(model.vocab_size)
         self.max_model_len = int(max_model_len)
-        num_slots = KVCache.slots_for_budget(kv_cache_bytes, max_num_seqs, model.num_layers, model.num_kv_heads,
-                                             model.head_dim, self.max_model_len)
+        num_slots = KVCache.slots_for_budget(kv_cache_bytes, max_num_seqs, model.num_layers,
+                                             model.num_kv_heads, model.head_dim, self.max_model_len)
         self.kv = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, self.max_model_len, num_slots)
         self.max_num_seqs = num_slots
         self._cos, self._sin = rope_tables(rope_inv_freq(model.config, model.head_dim), self.max_model_len)
@@ -131,7 +135,8 @@ class BatchedRunner:
                 slot = self._slot_of.get(inp.seq_id)
                 if slot is None:
                     if start != 0:
-                        raise RuntimeError(f"KV cache of sequence {inp.seq_id} is out of step (new, start_pos={start})")
+                        raise RuntimeError(f"KV cache of sequence {inp.seq_id} is out of step "
+                                           f"(new, start_pos={start})")
                     slot = self.kv.allocate()
                     self._slot_of[inp.seq_id] = slot
                     self._num_cached[inp.seq_id] = 0
@@ -187,6 +192,7 @@ def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
     except ValueError as exc:  # e.g. a KV budget too small for one sequence
         raise ModelLoadError(str(exc)) from exc
     except KeyError as exc:
-        raise ModelLoadError(f"Model in {info.path} is missing weight {exc.args[0]!r} in its safetensors files") from exc
+        raise ModelLoadError(f"Model in {info.path} is missing weight {exc.args[0]!r} "
+                             "in its safetensors files") from exc
     except RuntimeError as exc:  # shape mismatches from load_state_dict
         raise ModelLoadError(f"Weights of {info.path} do not match its config: {exc}") from exc

@@ -79,7 +79,7 @@ async def test_health_answers_while_engines_are_saturated(pinned):
 
     async def stream(i: int) -> int:
         s = await client.completions.create(model=("demo-llama", "demo-falcon")[i % 2], prompt=f"load {i}",
-                                            max_tokens=200, stream=True, extra_body={"ignore_eos": True},
+                                            max_tokens=900, stream=True, extra_body={"ignore_eos": True},
                                             stream_options={"include_usage": True})
         return [c.usage.completion_tokens async for c in s if c.usage][0]
 
@@ -91,8 +91,8 @@ async def test_health_answers_while_engines_are_saturated(pinned):
             assert (await h.get("/health")).status_code == 200
             latencies.append(time.perf_counter() - t0)
             await asyncio.sleep(0.02)  # probe interval, not synchronisation
-    assert [t.result() for t in tasks] == [200] * 16
-    assert len(latencies) >= 10
+    assert [t.result() for t in tasks] == [900] * 16
+    assert len(latencies) >= 5
     # a loose bound here (shared 2-core CI box); the benchmark reports the real p99 against 50 ms
     assert max(latencies) < 1.0, sorted(latencies)[-5:]
 
