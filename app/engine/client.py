@@ -1,7 +1,9 @@
 """API-side handle of an engine: `add_request()` yields Deltas as the engine produces them.
 
 The engine (a worker process or a thread) delivers each step's outputs as one batch from its reader
-thread; one `call_soon_threadsafe` per step routes them to the requests' asyncio queues. Leaving the
+thread; one `call_soon_threadsafe` per step routes them to the requests' asyncio queues. A stream whose consumer falls behind gets its pending deltas
+merged into one, so a slow client or a busy event loop costs fewer, larger SSE chunks instead of a growing
+backlog. Leaving the
 iterator early (client disconnect, cancelled task) aborts the request, which frees its KV slot at the
 engine's next step. If the engine dies, every open request fails at once instead of hanging.
 """
@@ -17,6 +19,14 @@ from app.engine.types import Delta, SamplingParams
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+def _merge(a: Delta, b: Delta | str) -> Delta | str:
+    """Fold a later delta into an earlier one (an error wins)."""
+    if isinstance(b, str):
+        return b
+    return Delta(a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, b.num_prompt_tokens,
+                 b.num_output_tokens)
 
 
 class EngineBackend(Protocol):
@@ -62,6 +72,8 @@ class EngineClient:
             self.engine.add_request(request_id, prompt_ids, params)
             while True:
                 item = await q.get()
+                while not q.empty() and isinstance(item, Delta) and not item.is_finished:
+                    item = _merge(item, q.get_nowait())  # the consumer fell behind: one chunk, not many
                 if isinstance(item, str):  # the engine failed this request (or died)
                     finished = True
                     raise EngineDeadError(item)
