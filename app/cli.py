@@ -36,7 +36,11 @@ def _cli_models(args: argparse.Namespace) -> list | None:
 
     if not args.model:
         return None
-    model_id = args.model_id or Path(args.model.rstrip("/")).name
+    from app.models.loader import looks_like_local_path
+
+    # like vLLM: a hub model is served under its hub id, a local directory under its name
+    local = looks_like_local_path(args.model) or Path(args.model).expanduser().is_dir()
+    model_id = args.model_id or (Path(args.model.rstrip("/")).name if local else args.model)
     spec: dict = {"id": model_id, "source": args.model}
     for key in ("quantize", "cpus", "max_num_seqs"):
         if getattr(args, key) is not None:

@@ -90,20 +90,7 @@ class Recipe:
 
 def build_tokenizer(spec: demo.TokenizerSpec) -> PreTrainedTokenizerFast:
     """The demo tokenizer recipe with the largest vocab the corpus allows (deterministic)."""
-    tok = demo.train_bpe(spec, demo.corpus_text(), vocab_size=TOKENIZER_VOCAB)
-    extra = [t for t in spec.special_tokens if t not in (spec.bos_token, spec.eos_token, spec.pad_token)]
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=spec.bos_token,
-        eos_token=spec.eos_token,
-        pad_token=spec.pad_token,
-        additional_special_tokens=extra,
-        model_max_length=MAX_POSITIONS,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-    )
-    hf_tok.chat_template = spec.chat_template
-    return hf_tok
+    return demo.build_tokenizer(spec, demo.corpus_text(), vocab_size=TOKENIZER_VOCAB, max_positions=MAX_POSITIONS)
 
 
 def printable_token_ids(tok: PreTrainedTokenizerFast) -> list[int]:
@@ -122,48 +109,13 @@ def printable_token_ids(tok: PreTrainedTokenizerFast) -> list[int]:
 
 
 def tinyllama_config(tok: PreTrainedTokenizerFast) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        hidden_act="silu",
-        max_position_embeddings=MAX_POSITIONS,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        architectures=["LlamaForCausalLM"],
-    )
+    return demo.llama_config(tok, vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=MAX_POSITIONS)
 
 
 def falcon_config(tok: PreTrainedTokenizerFast, num_layers: int) -> FalconConfig:
-    return FalconConfig(
-        vocab_size=65024,
-        hidden_size=4544,
-        num_hidden_layers=num_layers,
-        num_attention_heads=71,
-        num_kv_heads=1,
-        multi_query=True,
-        parallel_attn=True,
-        new_decoder_architecture=False,
-        alibi=False,
-        bias=False,
-        layer_norm_epsilon=1e-5,
-        max_position_embeddings=MAX_POSITIONS,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        architectures=["FalconForCausalLM"],
-    )
+    return demo.falcon_config(tok, vocab_size=65024, hidden_size=4544, num_hidden_layers=num_layers,
+                              num_attention_heads=71, max_position_embeddings=MAX_POSITIONS)
 
 
 def parameter_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:

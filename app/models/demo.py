@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -154,9 +155,10 @@ def train_bpe(spec: TokenizerSpec, text: str, vocab_size: int = VOCAB_SIZE) -> T
     return tok
 
 
-def build_tokenizer(spec: TokenizerSpec, text: str) -> PreTrainedTokenizerFast:
+def build_tokenizer(spec: TokenizerSpec, text: str, vocab_size: int = VOCAB_SIZE,
+                    max_positions: int = MAX_POSITIONS) -> PreTrainedTokenizerFast:
     """Wrap a freshly trained BPE in a transformers tokenizer with special tokens and chat template."""
-    tok = train_bpe(spec, text)
+    tok = train_bpe(spec, text, vocab_size=vocab_size)
     extra = [t for t in spec.special_tokens if t not in (spec.bos_token, spec.eos_token, spec.pad_token)]
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -164,7 +166,7 @@ def build_tokenizer(spec: TokenizerSpec, text: str) -> PreTrainedTokenizerFast:
         eos_token=spec.eos_token,
         pad_token=spec.pad_token,
         additional_special_tokens=extra,
-        model_max_length=MAX_POSITIONS,
+        model_max_length=max_positions,
         padding_side="left",
         clean_up_tokenization_spaces=False,
     )
@@ -175,16 +177,13 @@ def build_tokenizer(spec: TokenizerSpec, text: str) -> PreTrainedTokenizerFast:
 # --------------------------------------------------------------------------- models
 
 
-def llama_config(tok: PreTrainedTokenizerFast) -> LlamaConfig:
+def llama_config(tok: PreTrainedTokenizerFast, **shape: Any) -> LlamaConfig:
+    """The demo Llama (GQA); `shape` overrides sizes (the bench builds real-size models with it)."""
+    sizes = dict(vocab_size=len(tok), hidden_size=HIDDEN_SIZE, intermediate_size=176, num_hidden_layers=NUM_LAYERS,
+                 num_attention_heads=NUM_HEADS, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS)
     return LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=176,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=NUM_HEADS,
-        num_key_value_heads=2,
+        **{**sizes, **shape},
         hidden_act="silu",
-        max_position_embeddings=MAX_POSITIONS,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         tie_word_embeddings=False,
@@ -197,14 +196,15 @@ def llama_config(tok: PreTrainedTokenizerFast) -> LlamaConfig:
     )
 
 
-def falcon_config(tok: PreTrainedTokenizerFast) -> FalconConfig:
-    # Falcon-7b layout. Like the real falcon-7b config, bos_token_id is the end-of-text id;
-    # the tokenizer itself never prepends it.
+def falcon_config(tok: PreTrainedTokenizerFast, **shape: Any) -> FalconConfig:
+    """The falcon-7b layout (multi-query, parallel attention); `shape` overrides sizes.
+
+    Like the real falcon-7b config, bos_token_id is the end-of-text id; the tokenizer never prepends it.
+    """
+    sizes = dict(vocab_size=len(tok), hidden_size=HIDDEN_SIZE, num_hidden_layers=NUM_LAYERS,
+                 num_attention_heads=NUM_HEADS, max_position_embeddings=MAX_POSITIONS)
     return FalconConfig(
-        vocab_size=len(tok),
-        hidden_size=HIDDEN_SIZE,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=NUM_HEADS,
+        **{**sizes, **shape},
         num_kv_heads=1,
         multi_query=True,
         parallel_attn=True,
@@ -212,7 +212,6 @@ def falcon_config(tok: PreTrainedTokenizerFast) -> FalconConfig:
         alibi=False,
         bias=False,
         layer_norm_epsilon=1e-5,
-        max_position_embeddings=MAX_POSITIONS,
         rope_theta=10000.0,
         tie_word_embeddings=False,
         bos_token_id=tok.eos_token_id,

@@ -4,8 +4,11 @@ worker fails its own requests fast while the other model keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -73,8 +76,27 @@ def test_each_worker_runs_only_on_its_cores(pinned):
         assert c.completions.create(model=m, prompt="hi", max_tokens=3).usage.completion_tokens == 3
 
 
+HEALTH_PROBER = """
+import json, sys, threading, time, httpx
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+lat = []
+with httpx.Client() as c:
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        assert c.get(sys.argv[1]).status_code == 200
+        lat.append(time.perf_counter() - t0)
+        time.sleep(0.02)
+print(json.dumps(lat))
+"""
+
+
 async def test_health_answers_while_engines_are_saturated(pinned):
+    # The prober is its own process: in this one, the event loop is busy parsing 16 streams and would
+    # measure its own delays rather than the server's.
     _, base = pinned
+    prober = subprocess.Popen([sys.executable, "-c", HEALTH_PROBER, f"{base}/health"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
 
     async def stream(i: int) -> int:
@@ -83,18 +105,13 @@ async def test_health_answers_while_engines_are_saturated(pinned):
                                             stream_options={"include_usage": True})
         return [c.usage.completion_tokens async for c in s if c.usage][0]
 
-    tasks = [asyncio.create_task(stream(i)) for i in range(16)]
-    latencies = []
-    async with httpx.AsyncClient(base_url=base) as h:
-        while not all(t.done() for t in tasks):
-            t0 = time.perf_counter()
-            assert (await h.get("/health")).status_code == 200
-            latencies.append(time.perf_counter() - t0)
-            await asyncio.sleep(0.02)  # probe interval, not synchronisation
-    assert [t.result() for t in tasks] == [900] * 16
+    results = await asyncio.gather(*[stream(i) for i in range(16)])
+    out, _ = prober.communicate("", timeout=30)
+    latencies = json.loads(out)
+    assert results == [900] * 16
     assert len(latencies) >= 5
     # a loose bound here (shared 2-core CI box); the benchmark reports the real p99 against 50 ms
-    assert max(latencies) < 1.0, sorted(latencies)[-5:]
+    assert max(latencies) < 0.5, [round(x, 3) for x in latencies]
 
 
 def test_dead_worker_fails_fast_and_the_other_model_serves(pinned):
