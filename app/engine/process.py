@@ -42,6 +42,7 @@ class WorkerConfig:
     runner: str  # "batched" | "reference"
     kv_cache_bytes: int | None
     log_level: str = "INFO"
+    quantize: str = "none"  # none | int8 | int4 (weight-only, app/quant/woq.py)
 
 
 def process_name(model_id: str) -> str:
@@ -98,20 +99,24 @@ def _build_core(cfg: WorkerConfig, emit: Callable[[list], None]) -> Any:
 
     info = inspect_model_dir(cfg.model_path)
     tokenizer = load_tokenizer(info.path)
-    runner = build_runner(cfg.runner, info, cfg.max_model_len, cfg.max_num_seqs, cfg.kv_cache_bytes)
+    runner = build_runner(cfg.runner, info, cfg.max_model_len, cfg.max_num_seqs, cfg.kv_cache_bytes,
+                          cfg.quantize)
     return EngineCore(runner, tokenizer, info.eos_token_ids, emit_batch=emit,
                       max_num_batched_tokens=cfg.max_num_batched_tokens)
 
 
-def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv_cache_bytes: int | None) -> Any:
+def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv_cache_bytes: int | None,
+                 quantize: str = "none") -> Any:
     if kind == "reference":
+        if quantize != "none":
+            raise ValueError(f"quantize={quantize!r} needs runner: batched (the reference runner is fp32)")
         from app.models.loader import load_hf_model
         from app.models.reference import ReferenceRunner
 
         return ReferenceRunner(load_hf_model(info), max_model_len, max_num_seqs)
     from app.models.runner import load_runner
 
-    return load_runner(info, max_model_len, max_num_seqs, kv_cache_bytes)
+    return load_runner(info, max_model_len, max_num_seqs, kv_cache_bytes, quantize=quantize)
 
 
 class ProcessEngine:

@@ -107,6 +107,7 @@ class ModelRegistry:
             runner=spec.runner,
             kv_cache_bytes=int(spec.kv_cache_gb * 2**30) if spec.kv_cache_gb else None,
             log_level=self.settings.log_level.upper(),
+            quantize=spec.quantize,
         ))
         engine.start()
         handle.engine, handle.client = engine, EngineClient(engine, loop)

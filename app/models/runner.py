@@ -33,6 +33,7 @@ from app.models.falcon import FalconDecoder, falcon_state_dict
 from app.models.kv_cache import KVCache
 from app.models.llama import LlamaDecoder, UnsupportedModelError, llama_state_dict, rope_inv_freq, rope_tables
 from app.models.loader import ModelInfo, ModelLoadError
+from app.quant.woq import QuantReport, quantize_model
 
 DECODERS = MappingProxyType({
     "llama": (LlamaDecoder, llama_state_dict),
@@ -93,6 +94,7 @@ class BatchedRunner:
         self._cos, self._sin = rope_tables(rope_inv_freq(model.config, model.head_dim), self.max_model_len)
         self._slot_of: dict[int, int] = {}  # seq_id -> slot
         self._num_cached: dict[int, int] = {}  # seq_id -> tokens in its slot
+        self.quant_report = QuantReport(mode="none")  # set by load_runner when weights are quantized
 
     # ------------------------------------------------------------ status
 
@@ -182,11 +184,18 @@ class BatchedRunner:
 
 
 def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
-                kv_cache_bytes: int | None = None) -> BatchedRunner:
-    """A BatchedRunner for a checked model directory, weights read from its safetensors files."""
+                kv_cache_bytes: int | None = None, quantize: str = "none") -> BatchedRunner:
+    """A BatchedRunner for a checked model directory, weights read from its safetensors files.
+
+    `quantize` (none|int8|int4, from the model's config) swaps every Linear for its weight-only-quantized
+    module right after loading (app/quant/woq.py); the report is kept on the runner as `quant_report`.
+    """
     try:
         model = build_decoder(info.arch, info.config, SafetensorsWeights(info.path))
-        return BatchedRunner(model, max_model_len, max_num_seqs, kv_cache_bytes)
+        report = quantize_model(model, quantize)  # type: ignore[arg-type]
+        runner = BatchedRunner(model, max_model_len, max_num_seqs, kv_cache_bytes)
+        runner.quant_report = report
+        return runner
     except UnsupportedModelError as exc:
         raise ModelLoadError(f"Model in {info.path} cannot be served: {exc}") from exc
     except ValueError as exc:  # e.g. a KV budget too small for one sequence

@@ -1,0 +1,531 @@
+"""Weight-only quantization (WOQ): int8 / int4 weights, fp32 activations, one module swap.
+
+Algorithm
+---------
+`quantize_model(model, mode)` replaces every `nn.Linear` (the output head too, unless
+`include_head=False`) by an `Int8Linear` or `Int4Linear`, one module at a time so each fp32 weight can be
+freed as soon as its quantized copy exists. The mode comes from configuration (`ModelSpec.quantize`),
+never from a file name; "none" is a no-op.
+
+* int8: symmetric, per output channel.  w[n, k] ~= q[n, k] * s[n],  q in [-128, 127],
+  s[n] = max_k |w[n, k]| / 127 rounded to bf16 (the packed kernel takes bf16 scales with bf16
+  activations; quantizing against the rounded scale keeps both kernel paths exact w.r.t. each other).
+* int4: asymmetric, per group of G consecutive input features (G = 128/64/32, the largest dividing K,
+  unless given): w[n, k] ~= (q[n, k] - 8) * s[n, g] + z[n, g],  q in [0, 15], g = k // G.  This is the
+  convention of ATen's `_weight_int4pack_mm_for_cpu` (it maps the nibble to q - 8, then `* scale + zero`;
+  torch 2.13 aten/src/ATen/native/cpu/int4mm_kernel.cpp), checked numerically in tests/unit/test_woq.py.
+  Per group, s = (max - min) r / 15 and z = (range start) + 8 s for the range [min, max] shrunk by r about
+  its middle, r in INT4_CLIP_RATIOS chosen for the least squared error (clipping a few outliers buys a
+  finer step for the rest), both rounded to bf16 before q is computed.  In int4 mode the output head is
+  int8 by default (llama.cpp likewise keeps a Q4_0 model's output matrix at 6 bits): on the tiny test
+  models that alone lifted logit cosine similarity by ~0.004.
+  Weights go through `_convert_weight_to_int4pack_for_cpu(q_int32 [N, K], 1)` -> uint8 [N, K/2];
+  scales/zeros are stored as one bf16 tensor [K/G, N, 2].  Kernel constraints found in torch 2.13: N a
+  multiple of 16, G in {32, 64, 128, 256}, K a multiple of G.  We pad N to a multiple of 64 with zero rows
+  (and slice the output) and fall back to int8 for a layer whose K has no valid group size.
+
+Kernel choice, per call, by the number of activation rows M (tokens in the step):
+* "packed": `_weight_int8pack_mm(x_bf16, q, s_bf16)` / `_weight_int4pack_mm_for_cpu(x_bf16, ...)`.
+  Reads the small weights once: the decode path (memory-bound, M small).  Activations are cast to bf16
+  only at the matmul input and the output back to fp32: with fp32 activations the int8 kernel takes a
+  slow path (5.6 ms vs 0.44 ms at M=1 on 2048->5632, Zen 3).
+* "dequant": dequantize a chunk of output rows to fp32 (<= DEQUANT_CHUNK_BYTES at a time) and run the
+  fp32 sgemm on it (int8: scales applied to the output columns instead of the weights; int4: unpacked
+  straight into W^T so the per-group scale broadcast runs along contiguous memory).  On AVX2 the packed
+  kernels are compute-bound (about 0.26 ms per row at 2048x5632, they emulate bf16 arithmetic) while
+  sgemm gains from large M, so prefill chunks of many rows are faster through dequant+sgemm.
+  Measured per call, 2048->5632 (bench/results/kernels.md):
+      M      fp32    int8 packed  int8 dequant  int4 packed  int4 dequant
+      1      1.73      0.47          3.9          0.84          8.7     ms
+      32     9.0       8.5           9.2          8.6          14.6
+      128   21.9      33.5          21.4         34.4          27.4
+      512   70.9     133.0          69.1        137.6          76.6
+* "auto": packed for M < crossover, dequant for M >= crossover, the crossover taken from CROSSOVER_M
+  (measured with bench/kernels.py on the 2-core Zen 3 dev box, see bench/results/kernels.md).  On CPUs
+  with native bf16 (AMX / AVX512-BF16) the packed bf16 kernels are used for every M.
+Whole decode step, TinyLlama-1.1B shape through load_runner (same box): batch 1 fp32 216 ms, int8 72 ms,
+int4 83 ms (the int4 kernel is compute-bound at M=1: 0.84 vs 0.47 ms); batch 8 612 / 243 / 220 ms;
+a 128-token prefill 1.96 / 1.95 / 2.32 s.  int4 buys memory (554 vs 989 MiB of Linear weights), not speed.
+The request comes from the `kernel` argument, else the LANNER_WOQ_KERNEL environment variable
+(auto|packed|dequant), else "auto".  The choice is logged once per model and carried in `QuantReport`.
+
+For the int4 dequant path we unpack ATen's packed nibbles ourselves; that layout depends on the ISA ATen
+dispatches (blocks of 64 rows on AVX512, 32 on AVX2, pairs of rows in the generic kernel), so it is
+identified at each `quantize_model` call by packing a probe matrix (`probe_int4_layout`); if no known layout
+matches, int4 uses the packed kernel for every M and the report says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.quant.isa import CpuIsa, detect_isa
+
+log = logging.getLogger("lanner.quant")
+
+QuantMode = Literal["none", "int8", "int4"]
+KernelChoice = Literal["auto", "packed", "dequant"]
+KERNEL_ENV = "LANNER_WOQ_KERNEL"
+
+# Rows M at or above which "auto" uses dequant+sgemm on CPUs without native bf16.  Measured with
+# bench/kernels.py (2-core Zen 3, torch 2.13, 2048->5632 and 5632->2048): the packed kernels cost
+# ~0.26 ms per row; dequant+sgemm ~4-5 ms (int8) / ~10 ms (int4) of dequantizing plus ~0.13 ms per row.
+# The lines cross at M ~ 32-38 (int8) and ~ 70-73 (int4); e.g. at M=512 packed int8 takes 133 ms,
+# dequant 69 ms (fp32: 71 ms); at M=1 packed int8 0.47 ms, dequant 3.9 ms.
+CROSSOVER_M = MappingProxyType({"int8": 40, "int4": 72})
+NEVER = sys.maxsize  # a crossover no batch reaches: packed kernel for every M
+
+AUTO_GROUP_SIZES = (128, 64, 32)  # auto int4 group size: the largest of these dividing K
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+INT4_ROW_ALIGN = 64  # N padded to this (>= the kernel's 16, = its largest row block)
+DEQUANT_CHUNK_BYTES = 4 << 20  # fp32 weight rows dequantized at once (4 MiB beat 1-16 MiB: fresh
+# 16 MiB buffers are page-faulted in on every call, 26.7 vs 7.4 ms for int4 2048->5632 at M=1)
+QUANTIZE_CHUNK_ROWS = 4096  # rows quantized at once (bounds temporaries for big output heads)
+INT4_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85)  # int4 group ranges tried (min-MSE one kept; < 0.85 never won)
+
+
+# --------------------------------------------------------------------------- kernel plan
+
+
+def resolve_kernel(kernel: str = "auto") -> KernelChoice:
+    """The kernel request: the argument unless "auto", else $LANNER_WOQ_KERNEL, else "auto"."""
+    choice = kernel if kernel != "auto" else (os.environ.get(KERNEL_ENV, "").strip().lower() or "auto")
+    if choice not in get_args(KernelChoice):
+        source = "kernel argument" if kernel != "auto" else KERNEL_ENV
+        raise ValueError(f"{source}={choice!r}: expected one of {', '.join(get_args(KernelChoice))}")
+    return choice  # type: ignore[return-value]
+
+
+def crossover_rows(mode: str, isa: CpuIsa, kernel: KernelChoice) -> int:
+    """Rows M from which a layer uses dequant+sgemm, not the packed kernel (0: always, NEVER: never)."""
+    if kernel == "packed":
+        return NEVER
+    if kernel == "dequant":
+        return 0
+    if isa.native_bf16:
+        return NEVER
+    return CROSSOVER_M[mode]
+
+
+def describe_path(mode: str, crossover: int) -> str:
+    packed = {"int8": "packed int8 (_weight_int8pack_mm, bf16 act)",
+              "int4": "packed int4 (_weight_int4pack_mm_for_cpu, bf16 act)"}[mode]
+    dequant = f"dequant {mode}->fp32 + sgemm"
+    if crossover == NEVER:
+        return f"{packed} for all M"
+    if crossover == 0:
+        return f"{dequant} for all M"
+    return f"{packed} for M<{crossover}, {dequant} for M>={crossover}"
+
+
+# --------------------------------------------------------------------------- int8
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # w: [N, K] float -> q: [N, K] int8, scales: [N] fp32 (exactly representable in bf16)
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).to(torch.bfloat16).float()
+    q = torch.round(w / scales[:, None]).clamp_(-128, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    # q: [N, K] int8, scales: [N] -> [N, K] fp32
+    return q.float() * scales[:, None]
+
+
+def _chunk_rows(n: int, k: int, align: int = 1) -> int:
+    """Rows per dequant chunk: at most DEQUANT_CHUNK_BYTES of fp32, a multiple of `align`."""
+    rows = max(align, (DEQUANT_CHUNK_BYTES // (4 * k)) // align * align)
+    return min(rows, n)
+
+
+class Int8Linear(nn.Module):
+    """Linear with int8 per-channel weights; fp32 in, fp32 out (see the module comment for the kernels)."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 crossover_m: int) -> None:
+        # q: [N, K] int8, scales: [N] fp32, bias: [N] | None
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.crossover_m = int(crossover_m)
+        self.register_buffer("weight", q.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+        self.register_buffer("scales_bf16", scales.to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, crossover_m: int) -> Int8Linear:
+        w = linear.weight.detach()
+        parts = [quantize_int8(w[i:i + QUANTIZE_CHUNK_ROWS])
+                 for i in range(0, w.shape[0], QUANTIZE_CHUNK_ROWS)]
+        q = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        s = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        return cls(q, s, linear.bias, crossover_m)
+
+    def dequantize(self) -> torch.Tensor:
+        # -> [N, K] fp32
+        return dequantize_int8(self.weight, self.scales)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N] fp32
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] >= self.crossover_m:
+            y = self._dequant_mm(x2.float())
+        else:
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales_bf16).float()
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.view(*lead, self.out_features)
+
+    def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [M, K] fp32 -> [M, N] fp32;  (x @ q^T) * s, one chunk of weight rows at a time
+        n = self.out_features
+        step = _chunk_rows(n, self.in_features)
+        outs = []
+        for i in range(0, n, step):
+            y = torch.mm(x, self.weight[i:i + step].float().t())
+            outs.append(y.mul_(self.scales[i:i + step]))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, crossover_m={self.crossover_m}")
+
+
+# --------------------------------------------------------------------------- int4
+
+
+def pick_group_size(k: int, requested: int | None = None) -> int | None:
+    """The int4 group size for input width k: `requested` if valid, else the largest of 128/64/32
+    dividing k; None when no group size the kernel accepts divides k (caller falls back to int8)."""
+    if requested is not None:
+        if requested not in KERNEL_GROUP_SIZES:
+            raise ValueError(f"int4 group size must be one of {KERNEL_GROUP_SIZES}, got {requested}")
+        return requested if k % requested == 0 else None
+    return next((g for g in AUTO_GROUP_SIZES if k % g == 0), None)
+
+
+def _int4_grid(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # lo/hi: [...] range per group -> bf16-exact scales, zeros [...] (w ~= (q - 8) * scale + zero)
+    scales = ((hi - lo) / 15.0).clamp_(min=1e-6).to(torch.bfloat16).float()
+    return scales, (lo + 8.0 * scales).to(torch.bfloat16).float()
+
+
+def _int4_positions(g: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    # g: [n, groups, G] -> unrounded grid positions (g - zero) / scale + 8, same shape
+    inv = scales.reciprocal()
+    return torch.addcmul((8.0 - zeros * inv)[..., None], g, inv[..., None])
+
+
+def int4_range_search(g: torch.Tensor, clip_ratios: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    # g: [n, groups, G] fp32 -> scales, zeros [n, groups] of the clip ratio with the least squared error
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    for ratio in clip_ratios:
+        scales, zeros = _int4_grid(mid - half * ratio, mid + half * ratio)
+        r = _int4_positions(g, scales, zeros)
+        err = r.round().clamp_(0, 15).sub_(r).square_().sum(dim=-1).mul_(scales.square())
+        if best is None:
+            best = (err, scales, zeros)
+            continue
+        better = err < best[0]
+        best = (torch.where(better, err, best[0]), torch.where(better, scales, best[1]),
+                torch.where(better, zeros, best[2]))
+    assert best is not None
+    return best[1], best[2]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, clip_ratios: tuple[float, ...] = INT4_CLIP_RATIOS
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # w: [N, K] float -> q: [N, K] int32 in [0, 15], scales/zeros: [N, K // G] fp32 (bf16-exact)
+    # so that w ~= (q - 8) * scales + zeros per group.  Each group's [min, max] range is shrunk about its
+    # middle by every ratio in clip_ratios and the ratio with the smallest squared error is kept (the
+    # search runs on blocks of rows to bound its temporaries).
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int32)
+    scales = torch.empty(n, k // group_size)
+    zeros = torch.empty(n, k // group_size)
+    rows = max(1, (1 << 22) // k)  # ~16 MiB of fp32 per block
+    for i in range(0, n, rows):
+        g = w[i:i + rows].float().reshape(-1, k // group_size, group_size)
+        s, z = int4_range_search(g, clip_ratios)
+        q[i:i + rows] = _int4_positions(g, s, z).round_().clamp_(0, 15).reshape(-1, k).to(torch.int32)
+        scales[i:i + rows], zeros[i:i + rows] = s, z
+    return q, scales, zeros
+
+
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group_size: int) -> torch.Tensor:
+    # q: [N, K] (values 0..15), scales/zeros: [N, K // G] -> [N, K] fp32
+    n, k = q.shape
+    g = q.float().reshape(n, k // group_size, group_size)
+    return ((g - 8.0) * scales[..., None] + zeros[..., None]).reshape(n, k)
+
+
+@dataclass(frozen=True)
+class Int4Layout:
+    """How ATen's CPU int4 packing places rows: blocks of `block_n` rows, each [K, block_n / 2] bytes;
+    "halves": byte j holds rows j (low nibble) and j + block_n/2 (high); "pairs": rows 2j and 2j+1."""
+
+    block_n: int
+    order: Literal["halves", "pairs"]
+
+
+INT4_LAYOUTS = (Int4Layout(64, "halves"), Int4Layout(32, "halves"), Int4Layout(32, "pairs"),
+                Int4Layout(64, "pairs"))
+
+
+def unpack_int4_t(packed: torch.Tensor, layout: Int4Layout) -> torch.Tensor:
+    # packed: [n, K/2] uint8 (n a multiple of layout.block_n) -> [K, n] uint8 values 0..15 (transposed)
+    n, half_k = packed.shape
+    bn = layout.block_n
+    blocks = packed.view(n // bn, 2 * half_k, bn // 2)
+    low, high = blocks & 0x0F, blocks >> 4
+    if layout.order == "halves":
+        rows = torch.cat((low, high), dim=-1)  # [nb, K, bn]
+    else:
+        rows = torch.stack((low, high), dim=-1).view(n // bn, 2 * half_k, bn)
+    return rows.transpose(0, 1).reshape(2 * half_k, n)
+
+
+def unpack_int4(packed: torch.Tensor, layout: Int4Layout) -> torch.Tensor:
+    # packed: [n, K/2] uint8 -> [n, K] uint8 values 0..15
+    return unpack_int4_t(packed, layout).t()
+
+
+def probe_int4_layout() -> Int4Layout | None:
+    """Which INT4_LAYOUTS entry this process's ATen packing uses (None if none matches)."""
+    q = torch.randint(0, 16, (2 * INT4_ROW_ALIGN, 64), generator=torch.Generator().manual_seed(0),
+                      dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    for layout in INT4_LAYOUTS:
+        if torch.equal(unpack_int4(packed, layout).to(torch.int32), q):
+            return layout
+    return None
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    # q: [N, K] int32 in 0..15, N a multiple of INT4_ROW_ALIGN -> [N, K/2] uint8 (ATen CPU layout)
+    parts = [torch._convert_weight_to_int4pack_for_cpu(q[i:i + QUANTIZE_CHUNK_ROWS].contiguous(), 1)
+             for i in range(0, q.shape[0], QUANTIZE_CHUNK_ROWS)]  # row blocks are packed independently
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class Int4Linear(nn.Module):
+    """Linear with group-wise asymmetric int4 weights; fp32 in, fp32 out."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
+                 out_features: int, in_features: int, group_size: int, crossover_m: int,
+                 layout: Int4Layout | None) -> None:
+        # packed: [N_pad, K/2] uint8, scales_and_zeros: [K/G, N_pad, 2] bf16, bias: [N] | None
+        super().__init__()
+        self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
+        self.layout = layout
+        self.crossover_m = int(crossover_m) if layout is not None else NEVER
+        self.register_buffer("weight", packed.contiguous())
+        self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, group_size: int, crossover_m: int,
+                    layout: Int4Layout | None) -> Int4Linear:
+        w = linear.weight.detach()
+        n, k = w.shape
+        n_pad = -(-n // INT4_ROW_ALIGN) * INT4_ROW_ALIGN
+        packed, sz = [], []
+        for i in range(0, n_pad, QUANTIZE_CHUNK_ROWS):  # QUANTIZE_CHUNK_ROWS is a multiple of the row align
+            rows = w[i:min(i + QUANTIZE_CHUNK_ROWS, n)].float()
+            want = min(QUANTIZE_CHUNK_ROWS, n_pad - i)
+            if rows.shape[0] < want:  # zero padding rows; their outputs are sliced off
+                rows = torch.cat([rows, rows.new_zeros(want - rows.shape[0], k)])
+            q, s, z = quantize_int4(rows, group_size)
+            packed.append(pack_int4(q))
+            sz.append(torch.stack((s, z), dim=-1).transpose(0, 1))  # [K/G, rows, 2]
+        scales_and_zeros = torch.cat(sz, dim=1).to(torch.bfloat16)
+        return cls(torch.cat(packed), scales_and_zeros, linear.bias, n, k, group_size, crossover_m, layout)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def _dequant_rows_t(self, start: int, stop: int) -> torch.Tensor:
+        # -> W[start:stop]^T as [K, stop - start] fp32 (start/stop multiples of the layout's block).
+        # Transposed so the per-group scale/zero broadcast runs along the contiguous n axis (vectorized),
+        # and the uint8 -> fp32 conversion happens inside addcmul.
+        assert self.layout is not None
+        n, k, g = stop - start, self.in_features, self.group_size
+        q = unpack_int4_t(self.weight[start:stop], self.layout).view(k // g, g, n)
+        sz = self.scales_and_zeros[:, start:stop].float()  # [K/G, n, 2]
+        scales = sz[..., 0].contiguous()
+        shift = sz[..., 1] - 8.0 * scales  # zero - 8 * scale
+        return torch.addcmul(shift[:, None, :], q, scales[:, None, :]).view(k, n)
+
+    def dequantize(self) -> torch.Tensor:
+        # -> [N, K] fp32 (needs a known layout)
+        return self._dequant_rows_t(0, self.weight.shape[0]).t()[:self.out_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N] fp32
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] >= self.crossover_m:
+            y = self._dequant_mm(x2.float())
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight, self.group_size,
+                                                  self.scales_and_zeros)
+            if y.shape[1] != self.out_features:
+                y = y[:, :self.out_features]
+            y = y.float()
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.view(*lead, self.out_features)
+
+    def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [M, K] fp32 -> [M, N] fp32, one chunk of weight rows at a time
+        n = self.out_features
+        step = _chunk_rows(self.weight.shape[0], self.in_features, INT4_ROW_ALIGN)
+        outs = []
+        for i in range(0, n, step):
+            w_t = self._dequant_rows_t(i, min(i + step, self.weight.shape[0]))[:, :min(step, n - i)]
+            outs.append(torch.mm(x, w_t))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, crossover_m={self.crossover_m}")
+
+
+# --------------------------------------------------------------------------- the swap
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    mode: str
+    num_swapped: int = 0
+    bytes_before: int = 0  # fp32 weights + biases of the swapped Linear modules
+    bytes_after: int = 0  # their quantized buffers (weights, scales, zeros, biases)
+    kernel: str = "fp32 F.linear"  # the per-M kernel path, for logs and metrics
+    isa: str = ""
+    group_sizes: tuple[int, ...] = ()  # int4 group sizes used
+    head: str = "fp32"  # what the output head became: fp32 | int8 | int4
+    fallbacks: tuple[str, ...] = field(default=())  # "module: reason" for layers not quantized as asked
+
+    def summary(self) -> str:
+        if self.mode == "none":
+            return "quantize=none: fp32 weights, F.linear"
+        mb = 1 / 2**20
+        text = (f"quantize={self.mode}: {self.num_swapped} Linear modules, "
+                f"{self.bytes_before * mb:.1f} MiB -> {self.bytes_after * mb:.1f} MiB; "
+                f"kernel: {self.kernel}; "
+                f"cpu: {self.isa}")
+        if self.group_sizes:
+            text += f"; group sizes {list(self.group_sizes)}"
+        text += f"; head {self.head}"
+        if self.fallbacks:
+            text += f"; fallbacks: {'; '.join(self.fallbacks)}"
+        return text
+
+
+def _is_head(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "lm_head"
+
+
+def _linear_names(model: nn.Module, include_head: bool) -> list[str]:
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and (include_head or not _is_head(name))]
+
+
+def _nbytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: QuantMode, *, group_size: int | None = None, kernel: str = "auto",
+                   include_head: bool = True, int4_head: Literal["int8", "int4"] = "int8",
+                   isa: CpuIsa | None = None) -> QuantReport:
+    """Swap every nn.Linear of `model` (in place) for its WOQ module; see the module comment.
+
+    The output head (`lm_head`) is quantized too unless include_head=False; in int4 mode it is int8 by
+    default (`int4_head`), as llama.cpp keeps Q4_0 models' output matrix at 6 bits: the head's error
+    lands on the logits directly, and it is a small share of the weights.
+    """
+    if mode not in get_args(QuantMode):
+        raise ValueError(f"quantize must be one of {', '.join(get_args(QuantMode))}, got {mode!r}")
+    if mode == "none":
+        return QuantReport(mode="none")
+    isa = isa or detect_isa()
+    choice = resolve_kernel(kernel)
+    crossover = {m: crossover_rows(m, isa, choice) for m in ("int8", "int4")}
+    layout, notes = None, []
+    if mode == "int4" and crossover["int4"] != NEVER:
+        layout = probe_int4_layout()
+        if layout is None:
+            notes.append("int4 dequant path off: ATen's int4 packing layout is unknown on this CPU")
+            crossover["int4"] = NEVER
+    swapped, before, after = 0, 0, 0
+    groups: set[int] = set()
+    fallbacks: list[str] = []
+    used: set[str] = set()
+    head = "fp32"
+    for name in _linear_names(model, include_head):
+        linear = model.get_submodule(name)
+        before += _nbytes((linear.weight, linear.bias))
+        new: nn.Module
+        as_int4 = mode == "int4" and not (_is_head(name) and int4_head == "int8")
+        g = pick_group_size(linear.in_features, group_size) if as_int4 else None
+        if as_int4 and g is not None:
+            new = Int4Linear.from_linear(linear, g, crossover["int4"], layout)
+            groups.add(g)
+            used.add("int4")
+        else:
+            if as_int4:
+                fallbacks.append(f"{name}: int8 (no int4 group size in {KERNEL_GROUP_SIZES} divides "
+                                 f"K={linear.in_features})")
+            new = Int8Linear.from_linear(linear, crossover["int8"])
+            used.add("int8")
+        after += new.nbytes
+        if _is_head(name):
+            head = "int4" if isinstance(new, Int4Linear) else "int8"
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        swapped += 1
+        del linear
+    path = "; ".join(f"{m}: {describe_path(m, crossover[m])}" for m in ("int4", "int8") if m in used)
+    if choice != "auto":
+        path += f" (forced kernel={choice})"
+    report = QuantReport(mode=mode, num_swapped=swapped, bytes_before=before, bytes_after=after,
+                         kernel=path + "".join(f"; {n}" for n in notes), isa=isa.describe(),
+                         group_sizes=tuple(sorted(groups)), head=head, fallbacks=tuple(fallbacks))
+    log.info("%s", report.summary())
+    return report
+
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 reference matmul used by tests and benchmarks: x [M, K] @ weight [N, K]^T + bias."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
+__all__ = [
+    "CROSSOVER_M", "KERNEL_ENV", "Int4Layout", "Int4Linear", "Int8Linear", "QuantReport", "crossover_rows",
+    "dequantize_int4", "dequantize_int8", "pick_group_size", "probe_int4_layout", "quantize_int4",
+    "quantize_int8", "quantize_model", "resolve_kernel", "unpack_int4",
+]
