@@ -72,7 +72,7 @@ def worker_main(cfg: WorkerConfig, commands: Connection, outputs: Connection) ->
         import torch
 
         torch.set_num_threads(threads)
-        core = _build_core(cfg, emit=lambda batch: outputs.send(("out", batch)))
+        core = _build_core(cfg, emit=lambda batch: _send_outputs(outputs, batch))
     except Exception as exc:
         log.exception("loading failed")
         outputs.send(("failed", f"{type(exc).__name__}: {exc}"))
@@ -81,6 +81,13 @@ def worker_main(cfg: WorkerConfig, commands: Connection, outputs: Connection) ->
                             "max_num_seqs": core.runner.max_num_seqs, "runner": type(core.runner).__name__}))
     threading.Thread(target=_pump_commands, args=(commands, core), daemon=True, name="lanner-commands").start()
     core.run_forever()
+
+
+def _send_outputs(outputs: Connection, batch: list) -> None:
+    try:
+        outputs.send(("out", batch))
+    except (BrokenPipeError, OSError):  # the server is gone; nobody is left to read these
+        pass
 
 
 def _pump_commands(commands: Connection, core: Any) -> None:
