@@ -84,7 +84,11 @@ def random_init(model, seed: int) -> None:
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, demo_models_dir) -> dict[str, Path]:
     """name -> saved model directory (safetensors + config + the demo tokenizer files)."""
-    root = tmp_path_factory.mktemp("parity-models")
+    return save_parity_models(tmp_path_factory.mktemp("parity-models"), demo_models_dir)
+
+
+def save_parity_models(root: Path, demo_models_dir: Path) -> dict[str, Path]:
+    """Save every CONFIGS model with seeded random weights under `root`, with the demo tokenizers."""
     out = {}
     for seed, (name, make) in enumerate(CONFIGS.items()):
         config = make()

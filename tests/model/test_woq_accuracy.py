@@ -23,13 +23,11 @@ each path with LANNER_WOQ_KERNEL so both are covered regardless of prompt length
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import FalconForCausalLM, LlamaForCausalLM
 
 from app.engine.process import WorkerConfig, build_runner
 from app.models.base import StepInput
@@ -37,7 +35,7 @@ from app.models.demo import DEMO_MODEL_IDS
 from app.models.loader import inspect_model_dir, load_tokenizer
 from app.models.runner import load_runner
 from app.quant.woq import KERNEL_ENV, Int4Linear, Int8Linear
-from tests.model.test_parity import CONFIGS, random_init
+from tests.model.test_parity import save_parity_models
 
 MAX_LEN = 256
 DECODE_STEPS = 6
@@ -63,18 +61,7 @@ POOLED_TOP1 = {"int8": 0.9, "int4": 0.75}  # top-1 agreement over every row of e
 def model_dirs(tmp_path_factory, demo_models_dir) -> dict[str, Path]:
     """name -> model directory: the demo models and the parity models (with the demo tokenizers)."""
     out = {m: demo_models_dir / m for m in DEMO_MODEL_IDS}
-    root = tmp_path_factory.mktemp("woq-models")
-    for seed, (name, make) in enumerate(CONFIGS.items()):
-        config = make()
-        cls = LlamaForCausalLM if config.model_type == "llama" else FalconForCausalLM
-        model = cls(config).float().eval()
-        random_init(model, seed)
-        d = root / name
-        model.save_pretrained(d, safe_serialization=True)
-        tok_src = demo_models_dir / ("demo-llama" if config.model_type == "llama" else "demo-falcon")
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(tok_src / f, d / f)
-        out[name] = d
+    out.update(save_parity_models(tmp_path_factory.mktemp("woq-models"), demo_models_dir))
     return out
 
 
