@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -17,12 +18,18 @@ def _progress(msg: str) -> None:
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
-    p.add_argument("--config", type=Path, help="YAML settings file with a `models:` registry")
-    p.add_argument("--model", help="serve one model: a hub id or a local directory")
-    p.add_argument("--model-id", help="the id clients use for --model (default: the source's last part)")
-    p.add_argument("--quantize", choices=["none", "int8", "int4"], default=None)
-    p.add_argument("--cpus", help='cores for --model, e.g. "0-1"')
-    p.add_argument("--max-num-seqs", type=int, default=None, help="max concurrent sequences for --model")
+    # Containers configure `serve` by environment: each of these flags also reads LANNER_<FLAG>.
+    env = os.environ.get
+    p.add_argument("--config", type=Path, default=env("LANNER_CONFIG"),
+                   help="YAML settings file with a `models:` registry (LANNER_CONFIG)")
+    p.add_argument("--model", default=env("LANNER_MODEL"),
+                   help="serve one model: a hub id or a local directory (LANNER_MODEL)")
+    p.add_argument("--model-id", default=env("LANNER_MODEL_ID"),
+                   help="the id clients use for --model (default: the source's last part)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default=env("LANNER_QUANTIZE"))
+    p.add_argument("--cpus", default=env("LANNER_CPUS"), help='cores for --model, e.g. "0-1"')
+    p.add_argument("--max-num-seqs", type=int, default=env("LANNER_MAX_NUM_SEQS"),
+                   help="max concurrent sequences for --model")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--api-key", action="append", default=None,
