@@ -102,6 +102,7 @@ class Settings(BaseSettings):
     model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     cache_dir: Path = Field(default_factory=default_cache_dir)
     log_level: str = "info"
+    metrics_public: bool = False  # with API keys set, /metrics needs a key unless this is true
 
     _split_api_keys = field_validator("api_keys", mode="before")(_split_keys)
     _split_roots = field_validator("model_roots", mode="before")(_split_keys)

@@ -10,17 +10,20 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.api.auth import APIKeyMiddleware
+from app.api.auth import OPEN_PATHS, APIKeyMiddleware
 from app.api.errors import install_error_handlers
-from app.api.routes import chat, completions, health, models
+from app.api.routes import chat, completions, health, metrics, models
 from app.config import Settings
 from app.engine.registry import ModelRegistry
+from app.metrics import HTTPMetricsMiddleware, Metrics
 
 log = logging.getLogger("lanner")
 
 
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> FastAPI:
     registry = registry or ModelRegistry(settings)
+    app_metrics = Metrics()
+    registry.attach_metrics(app_metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -34,9 +37,12 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
                   description="OpenAI-compatible inference server for Llama and Falcon on CPUs.")
     app.state.settings = settings
     app.state.registry = registry
+    app.state.metrics = app_metrics
     install_error_handlers(app)
-    for r in (health.router, models.router, completions.router, chat.router):
+    for r in (health.router, metrics.router, models.router, completions.router, chat.router):
         app.include_router(r)
     if settings.api_keys:
-        app.add_middleware(APIKeyMiddleware, api_keys=settings.api_keys)
+        open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_public else set())
+        app.add_middleware(APIKeyMiddleware, api_keys=settings.api_keys, open_paths=open_paths)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=app_metrics)  # outermost: counts 401s too
     return app

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,6 +15,22 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("lanner.api")
+
+# The metrics of the model a request resolved to (set by `serving.get_model`), so the handlers below can
+# count the failure under its model. Requests that never named a known model are not counted per model.
+current_model_metrics: ContextVar[Any] = ContextVar("current_model_metrics", default=None)
+
+_FAILURE_REASON = {429: "rejected", 408: "timeout", 504: "timeout", 503: "unavailable"}
+
+
+def failure_reason(status: int) -> str:
+    return _FAILURE_REASON.get(status, "engine_error" if status >= 500 else "invalid_request")
+
+
+def count_failure(status: int, metrics: Any = None) -> None:
+    metrics = metrics if metrics is not None else current_model_metrics.get()
+    if metrics is not None and status >= 400:
+        metrics.fail(failure_reason(status))
 
 
 class APIError(Exception):
@@ -114,6 +131,7 @@ def _validation_message(err: dict[str, Any], param: str | None) -> tuple[str, st
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        count_failure(exc.status_code)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -135,4 +153,5 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
+        count_failure(500)
         return JSONResponse(error_body("Internal server error.", "server_error", None, None), status_code=500)

@@ -20,6 +20,7 @@ from app.api.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     ServiceUnavailableError,
+    current_model_metrics,
 )
 from app.engine.client import EngineDeadError
 from app.engine.registry import ModelHandle, ModelRegistry
@@ -30,6 +31,7 @@ def get_model(registry: ModelRegistry, model_id: str) -> ModelHandle:
     handle = registry.get(model_id)
     if handle is None:
         raise ModelNotFoundError(model_id)
+    current_model_metrics.set(handle.metrics)
     if not handle.is_ready:
         detail = "is unavailable (its engine failed)" if handle.state == "failed" else "is still loading"
         raise ServiceUnavailableError(f"The model `{model_id}` {detail}; try again later.")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from sse_starlette import EventSourceResponse
 
-from app.api.errors import APIError, error_body
+from app.api.errors import APIError, count_failure, error_body
 from app.api.serving import Job, stream_jobs, usage
 from app.engine.registry import ModelHandle
 
@@ -77,6 +77,7 @@ async def stream_choices(
             if finish:
                 yield chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish})
     except APIError as exc:
+        count_failure(exc.status_code, handle.metrics)
         yield _dumps(error_body(exc.message, exc.type, exc.param, exc.code))
         yield DONE
         return

@@ -11,10 +11,14 @@ engine's next step. If the engine dies, every open request fails at once instead
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from app.engine.types import Delta, SamplingParams
+from app.engine.types import Delta, SamplingParams, StepStats
+
+if TYPE_CHECKING:
+    from app.metrics import ModelMetrics
 
 
 class EngineDeadError(RuntimeError):
@@ -39,15 +43,21 @@ class EngineBackend(Protocol):
 
 
 class EngineClient:
-    def __init__(self, engine: EngineBackend, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: EngineBackend, loop: asyncio.AbstractEventLoop,
+                 metrics: ModelMetrics | None = None) -> None:
         self.engine = engine
         self._loop = loop
         self._queues: dict[str, asyncio.Queue[Delta | str]] = {}
         self.dead_reason: str | None = None
-        engine.on_outputs = lambda batch: loop.call_soon_threadsafe(self._dispatch, batch)
+        self.metrics = metrics
+        self.last_stats: StepStats | None = None
+        engine.on_outputs = lambda batch, stats: loop.call_soon_threadsafe(self._dispatch, batch, stats)
         engine.on_dead = lambda reason: loop.call_soon_threadsafe(self._fail_all, reason)
 
-    def _dispatch(self, batch: list[tuple[str, Delta | str]]) -> None:
+    def _dispatch(self, batch: list[tuple[str, Delta | str]], stats: StepStats) -> None:
+        self.last_stats = stats
+        if self.metrics is not None:
+            self.metrics.record_step(stats)
         for request_id, item in batch:
             q = self._queues.get(request_id)
             if q is not None:
@@ -55,12 +65,18 @@ class EngineClient:
 
     def _fail_all(self, reason: str) -> None:
         self.dead_reason = reason
+        if self.metrics is not None:
+            self.metrics.ready.set(0)
         for q in self._queues.values():
             q.put_nowait(reason)
 
     async def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float | None = None
     ) -> AsyncIterator[Delta]:
+        """Yield the request's Deltas. `arrival` (time.monotonic() when the HTTP request came in) is where
+        time to first token and end-to-end latency start."""
+        arrival = time.monotonic() if arrival is None else arrival
+        first = True
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
         if request_id in self._queues:
@@ -78,6 +94,12 @@ class EngineClient:
                     finished = True
                     raise EngineDeadError(item)
                 finished = item.is_finished
+                if self.metrics is not None:
+                    if first and item.token_ids:
+                        first = False
+                        self.metrics.ttft.observe(time.monotonic() - arrival)
+                    if finished:
+                        self.metrics.e2e.observe(time.monotonic() - arrival)
                 yield item
                 if finished:
                     return

@@ -8,7 +8,8 @@ Wire protocol (two one-way pipes, so neither side ever reads and writes the same
 threads):
     API -> worker:  NewRequest | Abort | Stop
     worker -> API:  ("ready", info) once after loading, ("failed", message) if loading fails,
-                    then ("out", [(request_id, Delta | error message), ...]) once per engine step.
+                    then ("out", ([(request_id, Delta | error message), ...], StepStats)) once per engine step
+                    and after every batch of commands.
 The worker exits when its command pipe closes, so it never outlives the server (and PR_SET_PDEATHSIG
 covers a parent killed with SIGKILL).
 """
@@ -72,20 +73,24 @@ def worker_main(cfg: WorkerConfig, commands: Connection, outputs: Connection) ->
         import torch
 
         torch.set_num_threads(threads)
-        core = _build_core(cfg, emit=lambda batch: _send_outputs(outputs, batch))
+        core = _build_core(cfg, emit=lambda batch, stats: _send_outputs(outputs, batch, stats))
     except Exception as exc:
         log.exception("loading failed")
         outputs.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
+    report = getattr(core.runner, "quant_report", None)
     outputs.send(("ready", {"pid": os.getpid(), "cpus": cpus, "num_threads": threads,
-                            "max_num_seqs": core.runner.max_num_seqs, "runner": type(core.runner).__name__}))
+                            "max_num_seqs": core.runner.max_num_seqs, "runner": type(core.runner).__name__,
+                            "quantization": cfg.quantize, "backend": "native",
+                            "kernel": report.kernel if report else "transformers",
+                            "isa": report.isa if report else ""}))
     threading.Thread(target=_pump_commands, args=(commands, core), daemon=True, name="lanner-commands").start()
     core.run_forever()
 
 
-def _send_outputs(outputs: Connection, batch: list) -> None:
+def _send_outputs(outputs: Connection, batch: list, stats: Any) -> None:
     try:
-        outputs.send(("out", batch))
+        outputs.send(("out", (batch, stats)))
     except (BrokenPipeError, OSError):  # the server is gone; nobody is left to read these
         pass
 
@@ -100,7 +105,7 @@ def _pump_commands(commands: Connection, core: Any) -> None:
         core.inbox.put(Stop())
 
 
-def _build_core(cfg: WorkerConfig, emit: Callable[[list], None]) -> Any:
+def _build_core(cfg: WorkerConfig, emit: Callable[[list, Any], None]) -> Any:
     from app.engine.worker import EngineCore
     from app.models.loader import inspect_model_dir, load_tokenizer
 
@@ -131,7 +136,7 @@ class ProcessEngine:
 
     def __init__(self, cfg: WorkerConfig) -> None:
         self.cfg = cfg
-        self.on_outputs: Callable[[list], None] = lambda _: None
+        self.on_outputs: Callable[[list, Any], None] = lambda *_: None
         self.on_dead: Callable[[str], None] = lambda _: None
         self.info: dict[str, Any] = {}
         self._send_lock = threading.Lock()
@@ -166,13 +171,17 @@ class ProcessEngine:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def is_alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
     def _read_outputs(self) -> None:
         assert self._outputs is not None
         try:
             while True:
                 kind, payload = self._outputs.recv()
                 if kind == "out":
-                    self.on_outputs(payload)
+                    self.on_outputs(*payload)
         except (EOFError, OSError):
             pass
         if not self._stopping:

@@ -27,6 +27,7 @@ class ModelHandle:
     client: Any = None  # app.engine.client.EngineClient once loaded
     engine: Any = None  # app.engine.process.ProcessEngine
     error: str | None = None
+    metrics: Any = None  # app.metrics.ModelMetrics once the registry has metrics
 
     @property
     def id(self) -> str:
@@ -53,8 +54,9 @@ class ModelHandle:
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Any = None) -> None:
         self.settings = settings
+        self.metrics = metrics  # app.metrics.Metrics, attached by create_app
         self.handles: dict[str, ModelHandle] = {}
         self._load_task: asyncio.Task[None] | None = None
 
@@ -70,6 +72,15 @@ class ModelRegistry:
             )
             info = inspect_model_dir(path)
             self.handles[spec.id] = ModelHandle(spec=spec, info=info, tokenizer=load_tokenizer(path))
+        self.attach_metrics(self.metrics)
+
+    def attach_metrics(self, metrics: Any) -> None:
+        """Use this `app.metrics.Metrics`; every known model gets its series (at 0) right away."""
+        self.metrics = metrics
+        if metrics is not None:
+            for handle in self.handles.values():
+                handle.metrics = metrics.model(handle.id)
+                handle.metrics.ready.set(0)
 
     async def start(self) -> None:
         if not self.handles:
@@ -89,7 +100,19 @@ class ModelRegistry:
                 handle.error = str(exc)
                 log.exception("failed to load model %s", handle.id)
                 continue
-            log.info("model %s ready in %.1fs", handle.id, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            log.info("model %s ready in %.1fs", handle.id, seconds)
+            if self.metrics is not None:
+                from app import __version__
+
+                info = handle.engine.info
+                self.metrics.model(handle.id).loaded(seconds, {
+                    "quantization": info.get("quantization", handle.spec.quantize),
+                    "backend": info.get("backend", ""), "kernel": info.get("kernel", ""),
+                    "runner": info.get("runner", handle.spec.runner),
+                    "cpus": ",".join(map(str, info.get("cpus", []))), "num_threads": info.get("num_threads", ""),
+                    "version": __version__})
+                self.metrics.watch_worker(handle.id, lambda e=handle.engine: e.pid if e.is_alive else None)
 
     def _load_engine(self, handle: ModelHandle, loop: asyncio.AbstractEventLoop) -> None:
         from app.engine.client import EngineClient
@@ -110,7 +133,7 @@ class ModelRegistry:
             quantize=spec.quantize,
         ))
         engine.start()
-        handle.engine, handle.client = engine, EngineClient(engine, loop)
+        handle.engine, handle.client = engine, EngineClient(engine, loop, handle.metrics)
 
     async def stop(self) -> None:
         if self._load_task is not None and not self._load_task.done():

@@ -31,6 +31,11 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens already in the KV cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
+    # engine-side timestamps (time.monotonic) for metrics
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -48,3 +48,32 @@ class Delta:
     @property
     def is_finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class FinishedStats:
+    """Timings of one sequence that left the engine, measured inside the engine (monotonic clock)."""
+
+    finish_reason: FinishReason
+    num_prompt_tokens: int
+    num_output_tokens: int
+    queue_s: float  # arrival at the engine -> first scheduled (or -> leaving, if never scheduled)
+    prefill_s: float | None  # first scheduled -> first token
+    decode_s: float | None  # first token -> last token
+
+
+@dataclass
+class StepStats:
+    """What the engine reports with every batch of outputs: a gauge snapshot, plus the step's figures when
+    the batch comes from a forward pass (`batch_size > 0`). Plain data; `app/metrics.py` records it."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    batch_size: int = 0
+    num_batched_tokens: int = 0
+    num_prompt_tokens: int = 0  # prompt tokens prefilled this step
+    num_generation_tokens: int = 0  # tokens sampled this step
+    step_s: float = 0.0
+    inter_token_s: list[float] = field(default_factory=list)
+    finished: list[FinishedStats] = field(default_factory=list)

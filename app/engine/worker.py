@@ -8,7 +8,8 @@ Each iteration reads like the algorithm:
     3. run one model step for the whole batch;
     4. sample a token for every sequence whose prompt is complete, each with its own parameters/generator;
     5. postprocess: stop rules, incremental detokenization, one Delta per sequence; retire the finished;
-       hand all of the step's Deltas to `emit_batch` at once.
+       hand all of the step's Deltas to `emit_batch` at once, with the step's `StepStats` (plain data that
+       the API process turns into metrics).
 
 A failure inside a step fails the sequences of that step (their clients get the error) and frees their KV
 slots; the loop keeps running, so no request can kill the engine or leak its slot.
@@ -20,6 +21,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
@@ -28,14 +30,14 @@ from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.sampler import SamplingState, sample
 from app.engine.scheduler import Scheduler
 from app.engine.sequence import Sequence
-from app.engine.types import Delta, FinishReason, SamplingParams
+from app.engine.types import Delta, FinishedStats, FinishReason, SamplingParams, StepStats
 from app.models.base import ModelRunner, StepInput
 
 log = logging.getLogger("lanner.engine")
 
 # One step's outputs: (request_id, Delta) or (request_id, error message).
 Output = tuple[str, "Delta | str"]
-EmitBatch = Callable[[list[Output]], None]
+EmitBatch = Callable[[list[Output], StepStats], None]
 
 
 @dataclass
@@ -72,6 +74,7 @@ class EngineCore:
         self._by_request: dict[str, Sequence] = {}
         self._seq_ids = itertools.count()
         self._outputs: list[Output] = []
+        self._finished: list[FinishedStats] = []
 
     @property
     def num_unfinished(self) -> int:
@@ -123,6 +126,7 @@ class EngineCore:
             log.exception("could not create sequence for %s", req.request_id)
             self._outputs.append((req.request_id, f"{type(exc).__name__}: {exc}"))
             return
+        seq.arrival_time = time.monotonic()
         self._by_request[req.request_id] = seq
         self.scheduler.add(seq)
 
@@ -131,16 +135,41 @@ class EngineCore:
         seq.finish_reason = reason
         self.runner.free(seq.seq_id)
         self._by_request.pop(seq.request_id, None)
+        now = time.monotonic()
+        first, tok0, last = seq.first_scheduled_time, seq.first_token_time, seq.last_token_time
+        self._finished.append(FinishedStats(
+            reason, seq.num_prompt_tokens, seq.num_output_tokens,
+            queue_s=(first if first is not None else now) - seq.arrival_time,
+            prefill_s=tok0 - first if tok0 is not None and first is not None else None,
+            decode_s=last - tok0 if last is not None and tok0 is not None else None,
+        ))
 
-    def _flush(self) -> None:
-        if self._outputs:
-            out, self._outputs = self._outputs, []
-            self.emit_batch(out)
+    def _stats(self, **step: Any) -> StepStats:
+        kv_usage = getattr(self.runner, "kv_usage", None)
+        if kv_usage is None:  # runners without a slot cache: running sequences over capacity
+            kv_usage = len(self.scheduler.running) / max(1, self.runner.max_num_seqs)
+        stats = StepStats(len(self.scheduler.running), len(self.scheduler.waiting), float(kv_usage),
+                          finished=self._finished, **step)
+        self._finished = []
+        return stats
+
+    def _flush(self, stats: StepStats | None = None) -> None:
+        """Hand this round's outputs and stats to the API side (after every step and every inbox drain,
+        so the gauges follow adds and aborts even while no step runs)."""
+        out, self._outputs = self._outputs, []
+        self.emit_batch(out, stats if stats is not None else self._stats())
 
     def step(self) -> None:
         chunks = self.scheduler.schedule()
         if not chunks:
             return
+        t0 = time.monotonic()
+        num_prompt = 0
+        for c in chunks:
+            if c.seq.first_scheduled_time is None:
+                c.seq.first_scheduled_time = t0
+            if c.seq.num_computed_tokens < c.seq.num_prompt_tokens:
+                num_prompt += c.num_tokens
         inputs = [StepInput(c.seq.seq_id, c.seq.uncomputed_token_ids()[: c.num_tokens], c.seq.num_computed_tokens)
                   for c in chunks]
         ready = [i for i, c in enumerate(chunks) if c.completes_prompt]
@@ -157,9 +186,20 @@ class EngineCore:
             return
         for c in chunks:
             c.seq.num_computed_tokens += c.num_tokens
+        now = time.monotonic()
+        itl = []
         for i, token in zip(ready, tokens):
-            self._postprocess(chunks[i].seq, token)
-        self._flush()
+            seq = chunks[i].seq
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            else:
+                itl.append(now - seq.last_token_time)
+            seq.last_token_time = now
+            self._postprocess(seq, token)
+        self._flush(self._stats(
+            batch_size=len(chunks), num_batched_tokens=sum(c.num_tokens for c in chunks),
+            num_prompt_tokens=num_prompt, num_generation_tokens=len(tokens),
+            step_s=time.monotonic() - t0, inter_token_s=itl))
 
     def _postprocess(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
@@ -190,8 +230,8 @@ class ThreadEngine:
 
     def __init__(self, core: EngineCore) -> None:
         self.core = core
-        self.on_outputs: EmitBatch = lambda _: None
-        core.emit_batch = lambda batch: self.on_outputs(batch)
+        self.on_outputs: EmitBatch = lambda *_: None
+        core.emit_batch = lambda batch, stats: self.on_outputs(batch, stats)
         self.on_dead: Callable[[str], None] = lambda _: None
         self._thread = threading.Thread(target=self._run, name="lanner-engine", daemon=True)
 

@@ -28,7 +28,7 @@ class _Engine:
         info = inspect_model_dir(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.runner = runner_cls(load_hf_model(info), info.max_model_len, max_num_seqs)
-        self.core = EngineCore(self.runner, self.tokenizer, info.eos_token_ids, emit_batch=lambda _: None,
+        self.core = EngineCore(self.runner, self.tokenizer, info.eos_token_ids, emit_batch=lambda *_: None,
                                max_num_batched_tokens=max_batched)
         self.thread = ThreadEngine(self.core)
         self.client = EngineClient(self.thread, asyncio.get_running_loop())

@@ -6,7 +6,7 @@ import torch
 
 from app.engine.scheduler import Scheduler
 from app.engine.sequence import Sequence, SequenceStatus
-from app.engine.types import Delta, FinishReason, SamplingParams
+from app.engine.types import Delta, FinishReason, SamplingParams, StepStats
 from app.engine.worker import Abort, EngineCore, NewRequest
 from app.models.base import StepInput
 
@@ -52,9 +52,17 @@ class FakeTokenizer:
 
 
 def make_core(runner: FakeRunner, budget: int = 16) -> tuple[EngineCore, list[tuple[str, Delta | str]]]:
+    """An engine on the fake runner; its outputs go to the returned list, its StepStats to `core.stats_log`."""
     out: list[tuple[str, Delta | str]] = []
-    core = EngineCore(runner, FakeTokenizer(), eos_token_ids=[49], emit_batch=out.extend,
+    stats_log: list[StepStats] = []
+
+    def emit(batch, stats):
+        out.extend(batch)
+        stats_log.append(stats)
+
+    core = EngineCore(runner, FakeTokenizer(), eos_token_ids=[49], emit_batch=emit,
                       max_num_batched_tokens=budget)
+    core.stats_log = stats_log
     return core, out
 
 
@@ -127,6 +135,33 @@ def test_abort_waiting_and_running_frees_everything():
     core._drain_inbox(block=False)
     assert not core.scheduler.has_work and core.num_unfinished == 0
     assert runner.cache == {}
+    # the stats after the aborts show an empty engine and both sequences finished as aborted
+    last = core.stats_log[-1]
+    assert (last.num_running, last.num_waiting, last.kv_usage) == (0, 0, 0.0)
+    finished = {f.finish_reason: f for s in core.stats_log for f in s.finished}
+    assert [f.finish_reason for s in core.stats_log for f in s.finished] == [FinishReason.ABORT] * 2
+    assert finished[FinishReason.ABORT].num_output_tokens in (0, 1)
+
+
+def test_step_stats_report_batches_tokens_and_timings():
+    runner = FakeRunner(max_num_seqs=2)
+    core, out = make_core(runner, budget=64)
+    for i in range(3):
+        core.inbox.put(NewRequest(f"r{i}", [1, 2, 3, 4], greedy(5)))
+    run_until_idle(core)
+    steps = [s for s in core.stats_log if s.batch_size]
+    assert len(steps) == len(runner.steps)
+    assert [s.batch_size for s in steps] == [len(x) for x in runner.steps]
+    assert [s.num_batched_tokens for s in steps] == [sum(len(i.token_ids) for i in x) for x in runner.steps]
+    assert sum(s.num_prompt_tokens for s in steps) == 3 * 4
+    assert sum(s.num_generation_tokens for s in steps) == 3 * 5
+    assert len([v for s in steps for v in s.inter_token_s]) == 3 * 4  # every token after the first
+    assert steps[0].num_running == 2 and steps[0].num_waiting == 1  # the third waits for a slot
+    fin = [f for s in core.stats_log for f in s.finished]
+    assert [f.finish_reason for f in fin] == [FinishReason.LENGTH] * 3
+    assert all(f.num_prompt_tokens == 4 and f.num_output_tokens == 5 for f in fin)
+    assert all(f.queue_s >= 0 and f.prefill_s >= 0 and f.decode_s >= 0 for f in fin)
+    assert core.stats_log[-1].num_running == 0 and core.stats_log[-1].num_waiting == 0
 
 
 def test_stop_rules():
