@@ -34,6 +34,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--api-key", action="append", default=None,
                    help="require this API key (repeatable; also LANNER_API_KEY, comma-separated)")
+    p.add_argument("--api-key-file", type=Path, default=None,
+                   help="file with API keys, one per line (also LANNER_API_KEY_FILE)")
     p.add_argument("--cache-dir", type=Path, default=None, help="where demo models and downloads are cached")
     p.add_argument("--log-level", default=None)
 
@@ -56,17 +58,17 @@ def _cli_models(args: argparse.Namespace) -> list | None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
     from app.config import ModelSpec, load_settings
     from app.engine.registry import ModelRegistry
     from app.main import create_app
     from app.models.loader import ModelLoadError
+    from app.server import run
 
     try:
         settings = load_settings(
-            args.config, host=args.host, port=args.port, api_keys=args.api_key, models=_cli_models(args),
+            args.config, host=args.host, port=args.port, api_keys=args.api_key, api_key_file=args.api_key_file, models=_cli_models(args),
             cache_dir=args.cache_dir, log_level=args.log_level,
         )
     except (ValidationError, FileNotFoundError, ValueError) as exc:
@@ -90,11 +92,15 @@ def serve(args: argparse.Namespace) -> int:
         _progress(f"error: {exc}")
         return 2
     _progress(f"serving {', '.join(registry.handles)} on http://{settings.host}:{settings.port}")
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the handler that was in
-    # place before it started. An ignoring handler here makes a completed graceful shutdown exit 0.
+    # uvicorn re-raises a shutdown signal under the handler that was in place before it started; an
+    # ignoring handler here makes a completed graceful shutdown (and drain, app/server.py) exit 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(create_app(settings, registry), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)
+    try:
+        app = create_app(settings, registry)
+    except OSError as exc:  # e.g. an unreadable api_key_file
+        _progress(f"error: {exc}")
+        return 2
+    run(app, settings)
     return 0
 
 

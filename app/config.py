@@ -60,6 +60,8 @@ class ModelSpec(BaseModel):
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = Field(default=16, ge=1, le=256)  # concurrent sequences (KV slots)
     max_num_batched_tokens: int = Field(default=512, ge=1)  # per-step token budget (chunked prefill)
+    max_waiting_requests: int = Field(default=64, ge=0)  # queued choices beyond the KV slots; more -> 429
+    max_waiting_tokens: int = Field(default=65536, ge=1)  # prompt tokens accepted but not yet prefilled
     kv_cache_gb: float | None = Field(default=None, gt=0)  # KV memory budget; default: max_num_seqs full slots
     runner: Literal["batched", "reference"] = "batched"  # reference = transformers modules, one seq at a time
     revision: str | None = None
@@ -103,9 +105,28 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache_dir)
     log_level: str = "info"
     metrics_public: bool = False  # with API keys set, /metrics needs a key unless this is true
+    api_key_file: Path | None = None  # more API keys, one per line (# comments allowed)
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # CORS off when empty
+    max_request_body_bytes: int = Field(default=2 * 2**20, ge=1024)  # larger bodies -> 413
+    max_header_bytes: int = Field(default=32 * 1024, ge=4096)  # request line + headers; larger -> 400
+    max_json_depth: int = Field(default=32, ge=4)  # deeper JSON nesting -> 400
+    queue_timeout: float = Field(default=300.0, gt=0)  # seconds a request may wait for its first token
+    request_timeout: float = Field(default=1800.0, gt=0)  # seconds a request may take in all
+    drain_timeout: float = Field(default=30.0, ge=0)  # on SIGTERM, seconds in-flight requests get to finish
 
     _split_api_keys = field_validator("api_keys", mode="before")(_split_keys)
     _split_roots = field_validator("model_roots", mode="before")(_split_keys)
+    _split_origins = field_validator("cors_allow_origins", mode="before")(_split_keys)
+
+    def all_api_keys(self) -> list[str]:
+        """Keys from the flag/env/YAML plus `api_key_file` (read when the app is built)."""
+        keys = list(self.api_keys)
+        if self.api_key_file is not None:
+            for line in Path(self.api_key_file).read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return keys
 
     @field_validator("models")
     @classmethod

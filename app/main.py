@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api.auth import OPEN_PATHS, APIKeyMiddleware
 from app.api.errors import install_error_handlers
+from app.api.limits import Drain, RequestGuardMiddleware
 from app.api.routes import chat, completions, health, metrics, models
 from app.config import Settings
 from app.engine.registry import ModelRegistry
@@ -38,11 +40,20 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = app_metrics
+    app.state.drain = Drain()
     install_error_handlers(app)
     for r in (health.router, metrics.router, models.router, completions.router, chat.router):
         app.include_router(r)
-    if settings.api_keys:
+    # Middleware, innermost first: body limits and drain, then auth, then CORS (answers preflights without
+    # a key), then HTTP metrics outermost so every response is counted (401s, 413s and 503s too).
+    app.add_middleware(RequestGuardMiddleware, drain=app.state.drain, max_body_bytes=settings.max_request_body_bytes,
+                       max_json_depth=settings.max_json_depth)
+    api_keys = settings.all_api_keys()
+    if api_keys:
         open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_public else set())
-        app.add_middleware(APIKeyMiddleware, api_keys=settings.api_keys, open_paths=open_paths)
-    app.add_middleware(HTTPMetricsMiddleware, metrics=app_metrics)  # outermost: counts 401s too
+        app.add_middleware(APIKeyMiddleware, api_keys=api_keys, open_paths=open_paths)
+    if settings.cors_allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type", "x-api-key"])
+    app.add_middleware(HTTPMetricsMiddleware, metrics=app_metrics)
     return app

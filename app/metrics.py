@@ -123,13 +123,10 @@ class ModelMetrics:
                                                         m.step_time.labels(**lbl))
         self.load_time, self.ready, self.info = (m.load_time.labels(**lbl), m.ready.labels(**lbl),
                                                  m.info.labels(**lbl))
-        self.api_waiting = 0  # requests held by the API's admission queue (not yet sent to the engine)
-        self._engine_waiting = 0
 
     def record_step(self, s: StepStats) -> None:
         self.running.set(s.num_running)
-        self._engine_waiting = s.num_waiting
-        self.waiting.set(s.num_waiting + self.api_waiting)
+        self.waiting.set(s.num_waiting)
         self.kv_usage.set(s.kv_usage)
         if s.batch_size:
             self.batch.observe(s.batch_size)
@@ -150,10 +147,6 @@ class ModelMetrics:
                 self.decode.observe(f.decode_s)
             self.req_prompt.observe(f.num_prompt_tokens)
             self.req_gen.observe(f.num_output_tokens)
-
-    def set_api_waiting(self, n: int) -> None:
-        self.api_waiting = n
-        self.waiting.set(self._engine_waiting + n)
 
     def fail(self, reason: str) -> None:
         self.failed[reason].inc()

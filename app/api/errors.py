@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from contextvars import ContextVar
 from typing import Any
 
@@ -77,6 +78,18 @@ class ServiceUnavailableError(APIError):
     type = "service_unavailable"
 
 
+class RateLimitError(APIError):
+    status_code = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+
+class DeadlineExceededError(APIError):
+    status_code = 504
+    type = "timeout_error"
+    code = "request_timeout"
+
+
 class EngineFailureError(APIError):
     status_code = 500
     type = "server_error"
@@ -112,6 +125,9 @@ def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
+_FIELD_PATH = re.compile(r"^[A-Za-z_]\w*(?:\[\d+\]|\.[A-Za-z_]\w*)*$")
+
+
 def _validation_message(err: dict[str, Any], param: str | None) -> tuple[str, str | None]:
     msg = str(err.get("msg", "invalid value"))
     if err.get("type") == "json_invalid":
@@ -123,7 +139,7 @@ def _validation_message(err: dict[str, Any], param: str | None) -> tuple[str, st
     # Errors raised by our validators start with "Value error, <field>: ..." for unsupported fields.
     msg = msg.removeprefix("Value error, ")
     head, sep, rest = msg.partition(": ")
-    if sep and head.isidentifier():
+    if sep and _FIELD_PATH.match(head):
         return msg, head
     return (f"{param}: {msg}" if param else msg), param
 

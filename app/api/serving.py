@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -16,12 +17,14 @@ from dataclasses import dataclass
 from app.api.errors import (
     APIError,
     ContextLengthExceededError,
+    DeadlineExceededError,
     EngineFailureError,
     InvalidRequestError,
     ModelNotFoundError,
     ServiceUnavailableError,
     current_model_metrics,
 )
+from app.api.limits import Ticket
 from app.engine.client import EngineDeadError
 from app.engine.registry import ModelHandle, ModelRegistry
 from app.engine.types import Delta, FinishReason, SamplingParams
@@ -93,50 +96,102 @@ def make_jobs(prompts: list[list[int]], params: list[SamplingParams], n: int) ->
     return jobs
 
 
-async def stream_jobs(handle: ModelHandle, jobs: list[Job]) -> AsyncIterator[tuple[int, Delta]]:
+@dataclass
+class Deadlines:
+    """When a request must have its first token (queue timeout) and be complete (request timeout),
+    on the time.monotonic() clock, counted from its arrival."""
+
+    arrival: float
+    first_token: float
+    done: float
+
+    @classmethod
+    def start(cls, queue_timeout: float, request_timeout: float) -> Deadlines:
+        now = time.monotonic()
+        return cls(now, now + queue_timeout, now + request_timeout)
+
+
+@dataclass
+class Admitted:
+    """An accepted request: its jobs, its queue reservation and its deadlines."""
+
+    handle: ModelHandle
+    jobs: list[Job]
+    ticket: Ticket
+    deadlines: Deadlines
+
+
+def admit(handle: ModelHandle, jobs: list[Job], deadlines: Deadlines) -> Admitted:
+    """Reserve room in the model's waiting queue before anything is sent (429 when it is full)."""
+    return Admitted(handle, jobs, handle.admission.admit([len(j.prompt_ids) for j in jobs]), deadlines)
+
+
+async def stream_jobs(req: Admitted) -> AsyncIterator[tuple[int, Delta]]:
     """Run every job on the engine and yield (choice index, delta) as they arrive."""
-    client = handle.client
-    if len(jobs) == 1:
-        job = jobs[0]
-        async for delta in _guard(client.add_request(_rid(), job.prompt_ids, job.params)):
-            yield job.index, delta
-        return
-    out: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
+    try:
+        if len(req.jobs) == 1:
+            async for delta in _guard(req, 0):
+                yield req.jobs[0].index, delta
+            return
+        out: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
 
-    async def pump(job: Job) -> None:
+        async def pump(pos: int) -> None:
+            try:
+                async for delta in _guard(req, pos):
+                    await out.put((req.jobs[pos].index, delta))
+            except Exception as exc:
+                await out.put(exc)
+            finally:
+                await out.put(None)
+
+        tasks = [asyncio.create_task(pump(pos)) for pos in range(len(req.jobs))]
         try:
-            async for delta in _guard(client.add_request(_rid(), job.prompt_ids, job.params)):
-                await out.put((job.index, delta))
-        except Exception as exc:
-            await out.put(exc)
+            remaining = len(tasks)
+            while remaining:
+                item = await out.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise _engine_error(item)
+                else:
+                    yield item
         finally:
-            await out.put(None)
-
-    tasks = [asyncio.create_task(pump(job)) for job in jobs]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await out.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise _engine_error(item)
-            else:
-                yield item
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        req.ticket.release()
 
 
-async def _guard(it: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+async def _guard(req: Admitted, pos: int) -> AsyncIterator[Delta]:
+    """One job's deltas under the request's deadlines. Leaving early (deadline, client gone) closes the
+    engine iterator, which aborts the engine request and frees its KV slot."""
+    job, deadlines = req.jobs[pos], req.deadlines
+    it = req.handle.client.add_request(_rid(), job.prompt_ids, job.params, deadlines.arrival)
+    waiting_first = True
     try:
-        async for d in it:
+        while True:
+            deadline = min(deadlines.first_token, deadlines.done) if waiting_first else deadlines.done
+            try:
+                d = await asyncio.wait_for(anext(it), max(0.0, deadline - time.monotonic()))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                which = "queue_timeout" if waiting_first and deadline < deadlines.done else "request_timeout"
+                what = "waited too long for its first token" if which == "queue_timeout" else "ran out of time"
+                raise DeadlineExceededError(f"The request {what} ({which} exceeded); retry later.",
+                                            code=which) from None
+            except EngineDeadError as exc:
+                raise _engine_error(exc) from exc
+            if waiting_first and d.token_ids:
+                waiting_first = False
+                req.ticket.first_token(pos)
             if d.finish_reason is FinishReason.ABORT:  # only the engine shutting down delivers this
                 raise ServiceUnavailableError("The server is shutting down; the request was not completed.")
             yield d
-    except EngineDeadError as exc:
-        raise _engine_error(exc) from exc
+    finally:
+        req.ticket.done(pos)
+        await it.aclose()
 
 
 def _engine_error(exc: BaseException) -> APIError:
@@ -145,10 +200,10 @@ def _engine_error(exc: BaseException) -> APIError:
     return EngineFailureError("The engine failed while generating this completion.")
 
 
-async def collect_jobs(handle: ModelHandle, jobs: list[Job]) -> list[ChoiceResult]:
-    results = {j.index: ChoiceResult(j.index, "", None, len(j.prompt_ids), 0) for j in jobs}
-    parts: dict[int, list[str]] = {j.index: [] for j in jobs}
-    async for index, delta in stream_jobs(handle, jobs):
+async def collect_jobs(req: Admitted) -> list[ChoiceResult]:
+    results = {j.index: ChoiceResult(j.index, "", None, len(j.prompt_ids), 0) for j in req.jobs}
+    parts: dict[int, list[str]] = {j.index: [] for j in req.jobs}
+    async for index, delta in stream_jobs(req):
         parts[index].append(delta.text)
         res = results[index]
         res.num_output_tokens = delta.num_output_tokens

@@ -16,8 +16,7 @@ from typing import Any, Literal
 from sse_starlette import EventSourceResponse
 
 from app.api.errors import APIError, count_failure, error_body
-from app.api.serving import Job, stream_jobs, usage
-from app.engine.registry import ModelHandle
+from app.api.serving import Admitted, stream_jobs, usage
 
 DONE = "[DONE]"
 
@@ -38,8 +37,7 @@ def sse_response(events: AsyncIterator[str]) -> EventSourceResponse:
 
 async def stream_choices(
     kind: Literal["completion", "chat"],
-    handle: ModelHandle,
-    jobs: list[Job],
+    req: Admitted,
     prompts: list[list[int]],
     *,
     response_id: str,
@@ -59,12 +57,12 @@ async def stream_choices(
         return _dumps(c)
 
     if kind == "chat":
-        for job in jobs:
+        for job in req.jobs:
             yield chunk({"index": job.index, "delta": {"role": "assistant", "content": ""},
                          "logprobs": None, "finish_reason": None})
     output_tokens: dict[int, int] = {}
     try:
-        async for index, delta in stream_jobs(handle, jobs):
+        async for index, delta in stream_jobs(req):
             output_tokens[index] = delta.num_output_tokens
             finish = delta.finish_reason.value if delta.finish_reason is not None else None
             if kind == "completion":
@@ -77,7 +75,7 @@ async def stream_choices(
             if finish:
                 yield chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish})
     except APIError as exc:
-        count_failure(exc.status_code, handle.metrics)
+        count_failure(exc.status_code, req.handle.metrics)
         yield _dumps(error_body(exc.message, exc.type, exc.param, exc.code))
         yield DONE
         return

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.api.limits import Admission
 from app.config import ModelSpec, Settings
 
 log = logging.getLogger("lanner.registry")
@@ -28,6 +29,7 @@ class ModelHandle:
     engine: Any = None  # app.engine.process.ProcessEngine
     error: str | None = None
     metrics: Any = None  # app.metrics.ModelMetrics once the registry has metrics
+    admission: Any = None  # app.api.limits.Admission: the model's bounded waiting queue
 
     @property
     def id(self) -> str:
@@ -71,7 +73,9 @@ class ModelRegistry:
                 revision=spec.revision,
             )
             info = inspect_model_dir(path)
-            self.handles[spec.id] = ModelHandle(spec=spec, info=info, tokenizer=load_tokenizer(path))
+            self.handles[spec.id] = ModelHandle(spec=spec, info=info, tokenizer=load_tokenizer(path),
+                                                admission=Admission(spec.max_num_seqs, spec.max_waiting_requests,
+                                                                    spec.max_waiting_tokens))
         self.attach_metrics(self.metrics)
 
     def attach_metrics(self, metrics: Any) -> None:
@@ -133,6 +137,7 @@ class ModelRegistry:
             quantize=spec.quantize,
         ))
         engine.start()
+        handle.admission.slots = engine.info.get("max_num_seqs", handle.admission.slots)  # after the KV budget
         handle.engine, handle.client = engine, EngineClient(engine, loop, handle.metrics)
 
     async def stop(self) -> None:

@@ -8,6 +8,7 @@ ignored, as OpenAI-compatible servers do, because SDKs and tools add their own.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal, Union
@@ -21,9 +22,38 @@ MAX_STOP = 4
 _INT64 = 2**63 - 1
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _find_surrogate(value: Any, path: str) -> str | None:
+    """Path of the first string holding a lone UTF-16 surrogate (JSON allows `\\ud800`; text can't)."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, v in items:
+        key = key if isinstance(key, str) and key.startswith("[") else f".{key}"
+        found = _find_surrogate(v, f"{path}{key}")
+        if found:
+            return found
+    return None
+
+
 class _Request(BaseModel):
     # allow_inf_nan=False: NaN/Infinity in JSON numbers are a 400, not a silent NaN in the sampler.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, str_max_length=1_000_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        found = _find_surrogate(data, "")
+        if found:
+            raise ValueError(f"{found.lstrip('.')}: contains a lone UTF-16 surrogate, which is not valid text")
+        return data
 
 
 class StreamOptions(BaseModel):
@@ -170,6 +200,8 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     # Extension: continue the last assistant message instead of opening a new one.
     add_generation_prompt: bool | None = True
+    # Refused: templates come from the model directory only (a request-supplied Jinja template is code).
+    chat_template: Any = None
 
     @model_validator(mode="after")
     def _unsupported(self) -> ChatCompletionRequest:
@@ -177,6 +209,9 @@ class ChatCompletionRequest(_SamplingFields):
             raise _unsupported("logprobs")
         if self.top_logprobs:
             raise _unsupported("top_logprobs")
+        if self.chat_template is not None:
+            raise ValueError("chat_template: request-supplied chat templates are refused; the model's own "
+                             "template is used")
         if self.tools:
             raise _unsupported("tools")
         if self.tool_choice not in (None, "none"):

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from app import __version__
-from app.api.deps import RegistryDep
+from app.api.deps import RegistryDep, SettingsDep
 from app.api.errors import InvalidRequestError
-from app.api.serving import check_token_ids, collect_jobs, get_model, make_jobs, resolve_max_tokens, usage
+from app.api.serving import (
+    Deadlines,
+    admit,
+    check_token_ids,
+    collect_jobs,
+    get_model,
+    make_jobs,
+    resolve_max_tokens,
+    usage,
+)
 from app.api.streaming import sse_response, stream_choices
 from app.engine.registry import ModelHandle
 from app.protocol.openai import (
@@ -31,17 +41,75 @@ def render_chat(handle: ModelHandle, body: ChatCompletionRequest) -> list[int]:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
     continue_final = not body.add_generation_prompt and messages[-1]["role"] == "assistant"
+    kwargs = {"add_generation_prompt": bool(body.add_generation_prompt), "continue_final_message": continue_final}
     try:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=bool(body.add_generation_prompt),
-                                       continue_final_message=continue_final)
+        # transformers renders chat templates in an ImmutableSandboxedEnvironment (no attribute access to
+        # internals, no mutation); the template comes from the model directory, never from the request.
+        text = tok.apply_chat_template(messages, tokenize=False, **kwargs)
     except Exception as exc:  # template errors (e.g. raise_exception for bad role order) are the client's
         raise InvalidRequestError(f"The messages could not be rendered with the model's chat template: {exc}",
                                   param="messages") from None
-    return tok.encode(text, add_special_tokens=False)
+    specials = _special_texts(tok)
+    if not any(sp in m["content"] for m in messages for sp in specials):
+        return tok.encode(text, add_special_tokens=False)
+    ids = _encode_isolating_content(tok, text, messages, kwargs)
+    if ids is None:
+        raise InvalidRequestError("A message contains special-token text (e.g. an end-of-turn marker) in a place "
+                                  "this model's chat template does not let Lanner isolate; remove it.",
+                                  param="messages")
+    return ids
+
+
+def _special_texts(tok) -> list[str]:
+    found = set(getattr(tok, "all_special_tokens", []))
+    for added in getattr(tok, "added_tokens_decoder", {}).values():
+        if getattr(added, "special", False):
+            found.add(str(added.content))
+    return [t for t in found if t]
+
+
+_MARK = re.compile("\x00(\d+)\x00")
+
+
+def _encode_isolating_content(tok, text: str, messages: list[dict], kwargs: dict) -> list[int] | None:
+    """Token ids of the rendered chat where the template's own text may produce control tokens but message
+    contents never do (their special-token text is tokenized as plain text).
+
+    The template is rendered a second time with a marker in place of each content; the literal pieces between
+    markers are then matched in the real rendering, so each content's span (as the template placed it,
+    possibly trimmed) is known. Returns None if the rendering can't be aligned that way."""
+    marked = [{**m, "content": f"\x00{i}\x00"} for i, m in enumerate(messages)]
+    try:
+        skeleton = tok.apply_chat_template(marked, tokenize=False, **kwargs)
+    except Exception:
+        return None
+    parts = _MARK.split(skeleton)  # literal, index, literal, index, ..., literal
+    ids: list[int] = []
+    pos = 0
+    for k in range(0, len(parts), 2):
+        literal = parts[k]
+        if not text.startswith(literal, pos):
+            return None
+        ids += tok.encode(literal, add_special_tokens=False) if literal else []
+        pos += len(literal)
+        if k + 1 == len(parts):
+            break
+        content = messages[int(parts[k + 1])]["content"]
+        following = parts[k + 2]
+        for cand in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+            end = pos + len(cand)
+            if text.startswith(cand, pos) and text.startswith(following, end):
+                ids += tok.encode(cand, add_special_tokens=False, split_special_tokens=True) if cand else []
+                pos = end
+                break
+        else:
+            return None
+    return ids if pos == len(text) else None
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
-async def create_chat_completion(body: ChatCompletionRequest, registry: RegistryDep):
+async def create_chat_completion(body: ChatCompletionRequest, registry: RegistryDep, settings: SettingsDep):
+    deadlines = Deadlines.start(settings.queue_timeout, settings.request_timeout)
     handle = get_model(registry, body.model)
     if body.stop_token_ids:
         check_token_ids(handle, body.stop_token_ids, "stop_token_ids")
@@ -49,13 +117,14 @@ async def create_chat_completion(body: ChatCompletionRequest, registry: Registry
     params = body.to_sampling_params(resolve_max_tokens(handle, len(prompt), body.requested_max_tokens, "messages"))
     prompts = [prompt]
     jobs = make_jobs(prompts, [params], body.n or 1)
+    req = admit(handle, jobs, deadlines)
     response_id, created = new_id("chatcmpl"), now()
     fingerprint = f"lanner-{__version__}"
     if body.stream:
         return sse_response(stream_choices(
-            "chat", handle, jobs, prompts, response_id=response_id, created=created,
+            "chat", req, prompts, response_id=response_id, created=created,
             model=body.model, include_usage=body.include_usage, fingerprint=fingerprint))
-    results = await collect_jobs(handle, jobs)
+    results = await collect_jobs(req)
     return ChatCompletionResponse(
         id=response_id, created=created, model=body.model, system_fingerprint=fingerprint,
         choices=[ChatChoice(index=r.index, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)

@@ -6,9 +6,18 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from app import __version__
-from app.api.deps import RegistryDep
+from app.api.deps import RegistryDep, SettingsDep
 from app.api.errors import InvalidRequestError
-from app.api.serving import check_token_ids, collect_jobs, get_model, make_jobs, resolve_max_tokens, usage
+from app.api.serving import (
+    Deadlines,
+    admit,
+    check_token_ids,
+    collect_jobs,
+    get_model,
+    make_jobs,
+    resolve_max_tokens,
+    usage,
+)
 from app.api.streaming import sse_response, stream_choices
 from app.engine.registry import ModelHandle
 from app.protocol.openai import CompletionChoice, CompletionRequest, CompletionResponse, new_id, now
@@ -30,7 +39,8 @@ def tokenize_prompt(handle: ModelHandle, prompt: str | list) -> list[list[int]]:
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=False)
-async def create_completion(body: CompletionRequest, registry: RegistryDep):
+async def create_completion(body: CompletionRequest, registry: RegistryDep, settings: SettingsDep):
+    deadlines = Deadlines.start(settings.queue_timeout, settings.request_timeout)
     handle = get_model(registry, body.model)
     if body.stop_token_ids:
         check_token_ids(handle, body.stop_token_ids, "stop_token_ids")
@@ -40,13 +50,14 @@ async def create_completion(body: CompletionRequest, registry: RegistryDep):
     params = [body.to_sampling_params(resolve_max_tokens(handle, len(p), body.max_tokens, "prompt"))
               for p in prompts]
     jobs = make_jobs(prompts, params, body.n or 1)
+    req = admit(handle, jobs, deadlines)
     response_id, created = new_id("cmpl"), now()
     fingerprint = f"lanner-{__version__}"
     if body.stream:
         return sse_response(stream_choices(
-            "completion", handle, jobs, prompts, response_id=response_id, created=created,
+            "completion", req, prompts, response_id=response_id, created=created,
             model=body.model, include_usage=body.include_usage, fingerprint=fingerprint))
-    results = await collect_jobs(handle, jobs)
+    results = await collect_jobs(req)
     return CompletionResponse(
         id=response_id, created=created, model=body.model, system_fingerprint=fingerprint,
         choices=[CompletionChoice(index=r.index, text=r.text, finish_reason=r.finish_reason) for r in results],
