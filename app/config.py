@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     api_key_file: Path | None = None  # more API keys, one per line (# comments allowed)
     cors_allow_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # CORS off when empty
     max_request_body_bytes: int = Field(default=2 * 2**20, ge=1024)  # larger bodies -> 413
-    max_header_bytes: int = Field(default=32 * 1024, ge=4096)  # request line + headers; larger -> 400
+    max_header_bytes: int = Field(default=32 * 1024, ge=4096)  # all request headers; larger -> 431
     max_json_depth: int = Field(default=32, ge=4)  # deeper JSON nesting -> 400
     queue_timeout: float = Field(default=300.0, gt=0)  # seconds a request may wait for its first token
     request_timeout: float = Field(default=1800.0, gt=0)  # seconds a request may take in all

@@ -42,12 +42,13 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app.state.metrics = app_metrics
     app.state.drain = Drain()
     install_error_handlers(app)
+    app.openapi = lambda: _openapi_with_model_examples(app, registry)  # type: ignore[method-assign]
     for r in (health.router, metrics.router, models.router, completions.router, chat.router):
         app.include_router(r)
     # Middleware, innermost first: body limits and drain, then auth, then CORS (answers preflights without
     # a key), then HTTP metrics outermost so every response is counted (401s, 413s and 503s too).
     app.add_middleware(RequestGuardMiddleware, drain=app.state.drain, max_body_bytes=settings.max_request_body_bytes,
-                       max_json_depth=settings.max_json_depth)
+                       max_json_depth=settings.max_json_depth, max_header_bytes=settings.max_header_bytes)
     api_keys = settings.all_api_keys()
     if api_keys:
         open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_public else set())
@@ -57,3 +58,19 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
                            allow_headers=["authorization", "content-type", "x-api-key"])
     app.add_middleware(HTTPMetricsMiddleware, metrics=app_metrics)
     return app
+
+
+def _openapi_with_model_examples(app: FastAPI, registry: ModelRegistry) -> dict:
+    """FastAPI's schema, with the served model ids as examples of every request's `model` field (so docs
+    and schema-driven clients/fuzzers show ids that exist here)."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        ids = [s.id for s in registry.settings.models] or list(registry.handles)
+        for component in schema.get("components", {}).get("schemas", {}).values():
+            model = component.get("properties", {}).get("model")
+            if ids and model is not None and component.get("title", "").endswith("Request"):
+                model["examples"] = ids
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -1,5 +1,7 @@
 """Request limits and graceful drain, as pure ASGI middleware in front of the API routes.
 
+* Headers: at most `max_header_bytes` in all and `max_headers` fields (431), on every path. (uvicorn's
+  h11 limit only applies to headers that arrive in pieces.)
 * Body: at most `max_body_bytes` (413), read in full here (Content-Length or chunked) so nothing past the
   limit is ever buffered, then replayed to the app; JSON nesting deeper than `max_json_depth` is a 400
   (Python's parser would otherwise recurse until it raises).
@@ -75,14 +77,26 @@ async def _send_error(send: Send, status: int, message: str, type_: str, code: s
 
 
 class RequestGuardMiddleware:
-    def __init__(self, app: ASGIApp, drain: Drain, max_body_bytes: int, max_json_depth: int) -> None:
+    def __init__(self, app: ASGIApp, drain: Drain, max_body_bytes: int, max_json_depth: int,
+                 max_header_bytes: int, max_headers: int = 100) -> None:
         self.app = app
         self.drain = drain
         self.max_body = max_body_bytes
         self.max_depth = max_json_depth
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope["headers"]
+        if len(headers) > self.max_headers or sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes:
+            await _send_error(send, 431, f"Request headers exceed {self.max_headers} fields or "
+                              f"{self.max_header_bytes} bytes.", "invalid_request_error", "headers_too_large",
+                              [(b"connection", b"close")])
+            return
+        if not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
         if self.drain.draining:

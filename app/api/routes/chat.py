@@ -68,7 +68,7 @@ def _special_texts(tok) -> list[str]:
     return [t for t in found if t]
 
 
-_MARK = re.compile("\x00(\d+)\x00")
+_MARK = re.compile(r"\x00(\d+)\x00")
 
 
 def _encode_isolating_content(tok, text: str, messages: list[dict], kwargs: dict) -> list[int] | None:
