@@ -155,29 +155,45 @@ def _qkv_rows_to_q_k_v(fused: torch.Tensor, config, num_kv_heads: int) -> torch.
 
 
 def falcon_state_dict(config, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map transformers' FalconForCausalLM weight names to FalconDecoder's, as fp32 (QKV rows permuted)."""
+    """Map transformers' FalconForCausalLM weight names to FalconDecoder's, as fp32 (QKV rows permuted).
+    Made of `falcon_global_state` and `falcon_layer_state`, which can be read one at a time."""
+    sd = falcon_global_state(config, weights)
+    for i in range(config.num_hidden_layers):
+        sd.update(falcon_layer_state(config, weights, i))
+    return sd
+
+
+def falcon_global_state(config, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder layers: embedding, final LayerNorm, output head (embedding if tied)."""
+    def get(name: str) -> torch.Tensor:
+        return weights[name].to(torch.float32)
+
+    embed = get("transformer.word_embeddings.weight")
+    return {"embed_tokens.weight": embed, "ln_f.weight": get("transformer.ln_f.weight"),
+            "ln_f.bias": get("transformer.ln_f.bias"),
+            "lm_head.weight": output_head(config, weights, embed, "lm_head.weight")}
+
+
+def falcon_layer_state(config, weights: Mapping[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Decoder layer i's tensors, named as in FalconDecoder (`layers.{i}.`), QKV rows in [q | k | v] order."""
     layout = falcon_layout(config)
     num_kv = falcon_num_kv_heads(config)
 
     def get(name: str) -> torch.Tensor:
         return weights[name].to(torch.float32)
 
-    sd: dict[str, torch.Tensor] = {"embed_tokens.weight": get("transformer.word_embeddings.weight"),
-                                   "ln_f.weight": get("transformer.ln_f.weight"),
-                                   "ln_f.bias": get("transformer.ln_f.bias")}
     norms = {PARALLEL: {"ln_attn": "input_layernorm"},
              PARALLEL_TWO_NORMS: {"ln_attn": "ln_attn", "ln_mlp": "ln_mlp"},
              SEQUENTIAL: {"ln_attn": "input_layernorm", "ln_mlp": "post_attention_layernorm"}}[layout]
     linears = {"qkv_proj": "self_attention.query_key_value", "o_proj": "self_attention.dense",
                "up_proj": "mlp.dense_h_to_4h", "down_proj": "mlp.dense_4h_to_h"}
-    for i in range(config.num_hidden_layers):
-        src, dst = f"transformer.h.{i}.", f"layers.{i}."
-        for ours, theirs in norms.items():
-            sd[f"{dst}{ours}.weight"] = get(f"{src}{theirs}.weight")
-            sd[f"{dst}{ours}.bias"] = get(f"{src}{theirs}.bias")
-        for ours, theirs in linears.items():
-            for kind in ("weight", "bias") if config.bias else ("weight",):
-                t = get(f"{src}{theirs}.{kind}")
-                sd[f"{dst}{ours}.{kind}"] = _qkv_rows_to_q_k_v(t, config, num_kv) if ours == "qkv_proj" else t
-    sd["lm_head.weight"] = output_head(config, weights, sd["embed_tokens.weight"], "lm_head.weight")
+    src, dst = f"transformer.h.{i}.", f"layers.{i}."
+    sd: dict[str, torch.Tensor] = {}
+    for ours, theirs in norms.items():
+        sd[f"{dst}{ours}.weight"] = get(f"{src}{theirs}.weight")
+        sd[f"{dst}{ours}.bias"] = get(f"{src}{theirs}.bias")
+    for ours, theirs in linears.items():
+        for kind in ("weight", "bias") if config.bias else ("weight",):
+            t = get(f"{src}{theirs}.{kind}")
+            sd[f"{dst}{ours}.{kind}"] = _qkv_rows_to_q_k_v(t, config, num_kv) if ours == "qkv_proj" else t
     return sd

@@ -174,31 +174,44 @@ def llama_state_dict(config, weights: Mapping[str, torch.Tensor]) -> dict[str, t
     """Map (and fuse) transformers' LlamaForCausalLM weight names to LlamaDecoder's, as fp32.
 
     `weights` may be lazy (one tensor read per lookup); each source tensor is read once and the fused
-    result is the only copy kept.
+    result is the only copy kept. The parts (`llama_global_state`, `llama_layer_state`) can also be read
+    one at a time, as the streaming quantizer does (app/quant/checkpoint.py).
     """
+    sd = llama_global_state(config, weights)
+    for i in range(config.num_hidden_layers):
+        sd.update(llama_layer_state(config, weights, i))
+    return sd
+
+
+def llama_global_state(config, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder layers: embedding, final norm, output head (the embedding if tied)."""
+    embed = weights["model.embed_tokens.weight"].to(torch.float32)
+    return {"embed_tokens.weight": embed, "norm": weights["model.norm.weight"].to(torch.float32),
+            "lm_head.weight": output_head(config, weights, embed, "lm_head.weight")}
+
+
+def llama_layer_state(config, weights: Mapping[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Decoder layer i's tensors, named as in LlamaDecoder (`layers.{i}.`), q/k/v and gate/up fused."""
     def get(name: str) -> torch.Tensor:
         return weights[name].to(torch.float32)
 
-    sd: dict[str, torch.Tensor] = {"embed_tokens.weight": get("model.embed_tokens.weight"),
-                                   "norm": get("model.norm.weight")}
     attn_bias = bool(getattr(config, "attention_bias", False))
     mlp_bias = bool(getattr(config, "mlp_bias", False))
     gate_up = ("gate", "up")
-    for i in range(config.num_hidden_layers):
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        sd[dst + "input_norm"] = get(src + "input_layernorm.weight")
-        sd[dst + "post_attn_norm"] = get(src + "post_attention_layernorm.weight")
-        sd[dst + "qkv_proj.weight"] = torch.cat([get(src + f"self_attn.{p}_proj.weight") for p in "qkv"])
-        sd[dst + "o_proj.weight"] = get(src + "self_attn.o_proj.weight")
-        if attn_bias:
-            sd[dst + "qkv_proj.bias"] = torch.cat([get(src + f"self_attn.{p}_proj.bias") for p in "qkv"])
-            sd[dst + "o_proj.bias"] = get(src + "self_attn.o_proj.bias")
-        sd[dst + "gate_up_proj.weight"] = torch.cat([get(src + f"mlp.{p}_proj.weight") for p in gate_up])
-        sd[dst + "down_proj.weight"] = get(src + "mlp.down_proj.weight")
-        if mlp_bias:
-            sd[dst + "gate_up_proj.bias"] = torch.cat([get(src + f"mlp.{p}_proj.bias") for p in gate_up])
-            sd[dst + "down_proj.bias"] = get(src + "mlp.down_proj.bias")
-    sd["lm_head.weight"] = output_head(config, weights, sd["embed_tokens.weight"], "lm_head.weight")
+    src, dst = f"model.layers.{i}.", f"layers.{i}."
+    sd: dict[str, torch.Tensor] = {}
+    sd[dst + "input_norm"] = get(src + "input_layernorm.weight")
+    sd[dst + "post_attn_norm"] = get(src + "post_attention_layernorm.weight")
+    sd[dst + "qkv_proj.weight"] = torch.cat([get(src + f"self_attn.{p}_proj.weight") for p in "qkv"])
+    sd[dst + "o_proj.weight"] = get(src + "self_attn.o_proj.weight")
+    if attn_bias:
+        sd[dst + "qkv_proj.bias"] = torch.cat([get(src + f"self_attn.{p}_proj.bias") for p in "qkv"])
+        sd[dst + "o_proj.bias"] = get(src + "self_attn.o_proj.bias")
+    sd[dst + "gate_up_proj.weight"] = torch.cat([get(src + f"mlp.{p}_proj.weight") for p in gate_up])
+    sd[dst + "down_proj.weight"] = get(src + "mlp.down_proj.weight")
+    if mlp_bias:
+        sd[dst + "gate_up_proj.bias"] = torch.cat([get(src + f"mlp.{p}_proj.bias") for p in gate_up])
+        sd[dst + "down_proj.bias"] = get(src + "mlp.down_proj.bias")
     return sd
 
 

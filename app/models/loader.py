@@ -284,6 +284,11 @@ def load_tokenizer(path: Path) -> Any:
 
 def load_hf_model(info: ModelInfo, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """The reference transformers model for `info`, in eval mode."""
+    from app.quant.checkpoint import MANIFEST_FILE
+
+    if (info.path / MANIFEST_FILE).is_file():  # its tensors are Lanner's int8/int4 layout, not transformers'
+        raise ModelLoadError(f"Model in {info.path} is a Lanner pre-quantized checkpoint; only the batched "
+                             "runner can serve it (runner: batched).")
     model_cls = MODEL_CLASSES[info.arch]
     try:
         model = model_cls.from_pretrained(

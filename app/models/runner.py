@@ -14,7 +14,10 @@ Algorithm of `BatchedRunner.step` (the ModelRunner protocol of base.py)
 
 `load_runner` builds the decoder for a checked model directory straight from its safetensors files
 (memory-mapped, read tensor by tensor; q/k/v and gate/up fused at load), on the meta device first so no
-throw-away random weights are ever allocated.
+throw-away random weights are ever allocated.  With `quantize: int8|int4` the weights are quantized while
+they are read, one decoder layer at a time, so the fp32 model is never held; a pre-quantized directory
+(`lanner quantize`, marked by its lanner_quant.json) is built from its stored int8/int4 tensors
+(app/quant/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from app.models.falcon import FalconDecoder, falcon_state_dict
 from app.models.kv_cache import KVCache
 from app.models.llama import LlamaDecoder, UnsupportedModelError, llama_state_dict, rope_inv_freq, rope_tables
 from app.models.loader import ModelInfo, ModelLoadError
-from app.quant.woq import QuantReport, quantize_model
+from app.quant.checkpoint import is_quantized_dir, load_and_quantize, load_quantized
+from app.quant.woq import QuantReport, check_mode
 
 DECODERS = MappingProxyType({
     "llama": (LlamaDecoder, llama_state_dict),
@@ -187,12 +191,20 @@ def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
                 kv_cache_bytes: int | None = None, quantize: str = "none") -> BatchedRunner:
     """A BatchedRunner for a checked model directory, weights read from its safetensors files.
 
-    `quantize` (none|int8|int4, from the model's config) swaps every Linear for its weight-only-quantized
-    module right after loading (app/quant/woq.py); the report is kept on the runner as `quant_report`.
+    `quantize` (none|int8|int4, from the model's config) builds every Linear as its weight-only-quantized
+    module (app/quant/woq.py), quantizing layer by layer as the weights are read; a pre-quantized
+    directory is loaded as stored, and then `quantize` must be none (take the checkpoint's mode) or equal
+    to its mode.  The report is kept on the runner as `quant_report`.
     """
     try:
-        model = build_decoder(info.arch, info.config, SafetensorsWeights(info.path))
-        report = quantize_model(model, quantize)  # type: ignore[arg-type]
+        check_mode(quantize)
+        if is_quantized_dir(info.path):
+            model, report = load_quantized(info, quantize)
+        elif quantize != "none":
+            model, report = load_and_quantize(info, quantize)  # type: ignore[arg-type]
+        else:
+            model = build_decoder(info.arch, info.config, SafetensorsWeights(info.path))
+            report = QuantReport("none")
         runner = BatchedRunner(model, max_model_len, max_num_seqs, kv_cache_bytes)
         runner.quant_report = report
         return runner

@@ -60,7 +60,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, get_args
@@ -167,12 +167,13 @@ class Int8Linear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, crossover_m: int) -> Int8Linear:
-        w = linear.weight.detach()
-        parts = [quantize_int8(w[i:i + QUANTIZE_CHUNK_ROWS])
-                 for i in range(0, w.shape[0], QUANTIZE_CHUNK_ROWS)]
-        q = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        s = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        return cls(q, s, linear.bias, crossover_m)
+        qw = quantize_weight(linear.weight.detach(), "int8", bias=linear.bias)
+        return cls.from_quantized(qw, crossover_m)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, crossover_m: int) -> Int8Linear:
+        assert qw.mode == "int8"
+        return cls(qw.qweight, qw.scales, qw.bias, crossover_m)
 
     def dequantize(self) -> torch.Tensor:
         # -> [N, K] fp32
@@ -329,6 +330,95 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+# --------------------------------------------------------------------------- portable quantized weights
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    # q: [N, K] integers in 0..15, K even -> [N, K/2] uint8, byte j = q[:, 2j] | q[:, 2j + 1] << 4
+    q8 = q.to(torch.uint8)
+    return q8[:, 0::2] | (q8[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    # packed: [N, K/2] uint8 (pack_nibbles' layout) -> [N, K] uint8 values 0..15
+    n, half = packed.shape
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(n, 2 * half)
+
+
+@dataclass
+class QuantizedWeight:
+    """One Linear's quantized weight in the portable form a checkpoint stores (app/quant/checkpoint.py).
+
+    Both load paths -- quantize at load and a pre-quantized checkpoint -- build their modules from this
+    form with `build_module`, so they give the same modules bit for bit.  Nothing here depends on the CPU:
+    the int4 kernel layout (ATen's, ISA-dependent) is made from it at load (`Int4Linear.from_quantized`).
+        int8: qweight int8 [N, K], scales [N];               w[n, k] = q[n, k] * s[n]
+        int4: qweight uint8 [N, K/2] (two nibbles a byte, `pack_nibbles`), scales and zeros [N, K/G];
+              w[n, k] = (q[n, k] - 8) * s[n, g] + z[n, g],  g = k // G
+    scales/zeros hold bf16-exact values (fp32 or bf16 tensors); bias is [N] or None.
+    """
+
+    mode: Literal["int8", "int4"]
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bias: torch.Tensor | None
+    in_features: int
+    group_size: int | None = None  # int4 only
+
+    @property
+    def out_features(self) -> int:
+        return int(self.qweight.shape[0])
+
+    @property
+    def fp32_nbytes(self) -> int:
+        """Bytes of the fp32 weight (and bias) this replaces."""
+        n = self.out_features
+        return 4 * (n * self.in_features + (n if self.bias is not None else 0))
+
+    def clone(self) -> QuantizedWeight:
+        """A copy owning its memory (e.g. detached from a memory-mapped file)."""
+        def own(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.clone()
+        return QuantizedWeight(self.mode, self.qweight.clone(), self.scales.clone(), own(self.zeros),
+                               own(self.bias), self.in_features, self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        # -> [N, K] fp32
+        if self.mode == "int8":
+            return dequantize_int8(self.qweight, self.scales.float())
+        assert self.zeros is not None and self.group_size is not None
+        return dequantize_int4(unpack_nibbles(self.qweight), self.scales.float(), self.zeros.float(),
+                               self.group_size)
+
+
+@torch.no_grad()
+def quantize_weight(w: torch.Tensor, mode: Literal["int8", "int4"], group_size: int | None = None,
+                    bias: torch.Tensor | None = None) -> QuantizedWeight:
+    """w: [N, K] float -> its portable quantized form (int4 needs a valid group_size), QUANTIZE_CHUNK_ROWS
+    rows at a time so the fp32 temporaries stay small for big output heads."""
+    n, k = w.shape
+    qs, ss, zs = [], [], []
+    for i in range(0, n, QUANTIZE_CHUNK_ROWS):
+        rows = w[i:i + QUANTIZE_CHUNK_ROWS].float()
+        if mode == "int8":
+            q, s = quantize_int8(rows)
+        else:
+            assert group_size is not None and k % group_size == 0
+            q, s, z = quantize_int4(rows, group_size)
+            q = pack_nibbles(q)
+            zs.append(z)
+        qs.append(q)
+        ss.append(s)
+        del rows
+
+    def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return QuantizedWeight(mode, cat(qs), cat(ss), cat(zs) if zs else None,
+                           None if bias is None else bias.detach().float(), k,
+                           group_size if mode == "int4" else None)
+
+
 class Int4Linear(nn.Module):
     """Linear with group-wise asymmetric int4 weights; fp32 in, fp32 out."""
 
@@ -348,20 +438,30 @@ class Int4Linear(nn.Module):
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, group_size: int, crossover_m: int,
                     layout: Int4Layout | None) -> Int4Linear:
-        w = linear.weight.detach()
-        n, k = w.shape
+        qw = quantize_weight(linear.weight.detach(), "int4", group_size, bias=linear.bias)
+        return cls.from_quantized(qw, crossover_m, layout)
+
+    @classmethod
+    @torch.no_grad()
+    def from_quantized(cls, qw: QuantizedWeight, crossover_m: int, layout: Int4Layout | None) -> Int4Linear:
+        """The kernel's layout from the portable one: rows padded to INT4_ROW_ALIGN (q = scale = zero = 0,
+        outputs sliced off), nibbles repacked by ATen for this CPU, scales/zeros as bf16 [K/G, N_pad, 2]."""
+        assert qw.mode == "int4" and qw.zeros is not None and qw.group_size is not None
+        n, k, g = qw.out_features, qw.in_features, qw.group_size
         n_pad = -(-n // INT4_ROW_ALIGN) * INT4_ROW_ALIGN
-        packed, sz = [], []
+        packed = []
         for i in range(0, n_pad, QUANTIZE_CHUNK_ROWS):  # QUANTIZE_CHUNK_ROWS is a multiple of the row align
-            rows = w[i:min(i + QUANTIZE_CHUNK_ROWS, n)].float()
+            rows = unpack_nibbles(qw.qweight[i:min(i + QUANTIZE_CHUNK_ROWS, n)]).to(torch.int32)
             want = min(QUANTIZE_CHUNK_ROWS, n_pad - i)
-            if rows.shape[0] < want:  # zero padding rows; their outputs are sliced off
+            if rows.shape[0] < want:
                 rows = torch.cat([rows, rows.new_zeros(want - rows.shape[0], k)])
-            q, s, z = quantize_int4(rows, group_size)
-            packed.append(pack_int4(q))
-            sz.append(torch.stack((s, z), dim=-1).transpose(0, 1))  # [K/G, rows, 2]
-        scales_and_zeros = torch.cat(sz, dim=1).to(torch.bfloat16)
-        return cls(torch.cat(packed), scales_and_zeros, linear.bias, n, k, group_size, crossover_m, layout)
+            packed.append(torch._convert_weight_to_int4pack_for_cpu(rows, 1))
+        sz = torch.stack((qw.scales.float(), qw.zeros.float()), dim=-1)  # [N, K/G, 2]
+        if n_pad > n:
+            sz = torch.cat([sz, sz.new_zeros(n_pad - n, k // g, 2)])
+        scales_and_zeros = sz.transpose(0, 1).to(torch.bfloat16)
+        return cls(torch.cat(packed) if len(packed) > 1 else packed[0], scales_and_zeros, qw.bias, n, k, g,
+                   crossover_m, layout)
 
     @property
     def nbytes(self) -> int:
@@ -454,8 +554,93 @@ def _linear_names(model: nn.Module, include_head: bool) -> list[str]:
             if isinstance(module, nn.Linear) and (include_head or not _is_head(name))]
 
 
-def _nbytes(tensors: Iterable[torch.Tensor | None]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+def check_mode(mode: str) -> None:
+    if mode not in get_args(QuantMode):
+        raise ValueError(f"quantize must be one of {', '.join(get_args(QuantMode))}, got {mode!r}")
+
+
+def linear_plan(name: str, in_features: int, mode: Literal["int8", "int4"], group_size: int | None = None,
+                int4_head: Literal["int8", "int4"] = "int8"
+                ) -> tuple[Literal["int8", "int4"], int | None, str | None]:
+    """How the Linear `name` is quantized in `mode`: (int8 | int4, int4 group size, fallback note or None).
+    In int4 mode the head is `int4_head`, and a layer whose K no kernel group size divides is int8."""
+    if mode == "int8" or (_is_head(name) and int4_head == "int8"):
+        return "int8", None, None
+    g = pick_group_size(in_features, group_size)
+    if g is None:
+        return "int8", None, (f"{name}: int8 (no int4 group size in {KERNEL_GROUP_SIZES} divides "
+                               f"K={in_features})")
+    return "int4", g, None
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """The kernel paths of one model's WOQ modules: decided once per load from the ISA and overrides."""
+
+    isa: CpuIsa
+    choice: KernelChoice
+    crossover: Mapping[str, int]  # mode -> rows M from which dequant+sgemm is used
+    layout: Int4Layout | None  # ATen's int4 packing on this CPU (for the int4 dequant path)
+    notes: tuple[str, ...] = ()
+
+    def describe(self, used: Iterable[str]) -> str:
+        used = set(used)
+        path = "; ".join(f"{m}: {describe_path(m, self.crossover[m])}" for m in ("int4", "int8") if m in used)
+        if self.choice != "auto":
+            path += f" (forced kernel={self.choice})"
+        return path + "".join(f"; {n}" for n in self.notes)
+
+
+def kernel_plan(mode: str, kernel: str = "auto", isa: CpuIsa | None = None) -> KernelPlan:
+    isa = isa or detect_isa()
+    choice = resolve_kernel(kernel)
+    crossover = {m: crossover_rows(m, isa, choice) for m in ("int8", "int4")}
+    layout, notes = None, []
+    if mode == "int4" and crossover["int4"] != NEVER:
+        layout = probe_int4_layout()
+        if layout is None:
+            notes.append("int4 dequant path off: ATen's int4 packing layout is unknown on this CPU")
+            crossover["int4"] = NEVER
+    return KernelPlan(isa, choice, MappingProxyType(crossover), layout, tuple(notes))
+
+
+def build_module(qw: QuantizedWeight, plan: KernelPlan) -> Int8Linear | Int4Linear:
+    """The WOQ module for a portable quantized weight (the one constructor both load paths use)."""
+    if qw.mode == "int8":
+        return Int8Linear.from_quantized(qw, plan.crossover["int8"])
+    return Int4Linear.from_quantized(qw, plan.crossover["int4"], plan.layout)
+
+
+class ReportBuilder:
+    """Collects the modules of one quantized model into its QuantReport."""
+
+    def __init__(self, mode: str, plan: KernelPlan) -> None:
+        self.mode, self.plan = mode, plan
+        self.swapped = self.before = self.after = 0
+        self.groups: set[int] = set()
+        self.used: set[str] = set()
+        self.fallbacks: list[str] = []
+        self.head = "fp32"
+
+    def add(self, name: str, qw: QuantizedWeight, module: nn.Module, fallback: str | None = None) -> None:
+        self.swapped += 1
+        self.before += qw.fp32_nbytes
+        self.after += sum(b.numel() * b.element_size() for b in module.buffers())
+        self.used.add(qw.mode)
+        if qw.group_size is not None:
+            self.groups.add(qw.group_size)
+        if fallback:
+            self.fallbacks.append(fallback)
+        if _is_head(name):
+            self.head = qw.mode
+
+    def build(self) -> QuantReport:
+        report = QuantReport(mode=self.mode, num_swapped=self.swapped, bytes_before=self.before,
+                             bytes_after=self.after, kernel=self.plan.describe(self.used),
+                             isa=self.plan.isa.describe(), group_sizes=tuple(sorted(self.groups)),
+                             head=self.head, fallbacks=tuple(self.fallbacks))
+        log.info("%s", report.summary())
+        return report
 
 
 @torch.no_grad()
@@ -468,55 +653,21 @@ def quantize_model(model: nn.Module, mode: QuantMode, *, group_size: int | None 
     default (`int4_head`), as llama.cpp keeps Q4_0 models' output matrix at 6 bits: the head's error
     lands on the logits directly, and it is a small share of the weights.
     """
-    if mode not in get_args(QuantMode):
-        raise ValueError(f"quantize must be one of {', '.join(get_args(QuantMode))}, got {mode!r}")
+    check_mode(mode)
     if mode == "none":
         return QuantReport(mode="none")
-    isa = isa or detect_isa()
-    choice = resolve_kernel(kernel)
-    crossover = {m: crossover_rows(m, isa, choice) for m in ("int8", "int4")}
-    layout, notes = None, []
-    if mode == "int4" and crossover["int4"] != NEVER:
-        layout = probe_int4_layout()
-        if layout is None:
-            notes.append("int4 dequant path off: ATen's int4 packing layout is unknown on this CPU")
-            crossover["int4"] = NEVER
-    swapped, before, after = 0, 0, 0
-    groups: set[int] = set()
-    fallbacks: list[str] = []
-    used: set[str] = set()
-    head = "fp32"
+    plan = kernel_plan(mode, kernel, isa)
+    report = ReportBuilder(mode, plan)
     for name in _linear_names(model, include_head):
         linear = model.get_submodule(name)
-        before += _nbytes((linear.weight, linear.bias))
-        new: nn.Module
-        as_int4 = mode == "int4" and not (_is_head(name) and int4_head == "int8")
-        g = pick_group_size(linear.in_features, group_size) if as_int4 else None
-        if as_int4 and g is not None:
-            new = Int4Linear.from_linear(linear, g, crossover["int4"], layout)
-            groups.add(g)
-            used.add("int4")
-        else:
-            if as_int4:
-                fallbacks.append(f"{name}: int8 (no int4 group size in {KERNEL_GROUP_SIZES} divides "
-                                 f"K={linear.in_features})")
-            new = Int8Linear.from_linear(linear, crossover["int8"])
-            used.add("int8")
-        after += new.nbytes
-        if _is_head(name):
-            head = "int4" if isinstance(new, Int4Linear) else "int8"
+        kind, g, fallback = linear_plan(name, linear.in_features, mode, group_size, int4_head)
+        qw = quantize_weight(linear.weight.detach(), kind, g, bias=linear.bias)
+        new = build_module(qw, plan)
+        report.add(name, qw, new, fallback)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-        swapped += 1
-        del linear
-    path = "; ".join(f"{m}: {describe_path(m, crossover[m])}" for m in ("int4", "int8") if m in used)
-    if choice != "auto":
-        path += f" (forced kernel={choice})"
-    report = QuantReport(mode=mode, num_swapped=swapped, bytes_before=before, bytes_after=after,
-                         kernel=path + "".join(f"; {n}" for n in notes), isa=isa.describe(),
-                         group_sizes=tuple(sorted(groups)), head=head, fallbacks=tuple(fallbacks))
-    log.info("%s", report.summary())
-    return report
+        del linear, qw
+    return report.build()
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -525,7 +676,9 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 __all__ = [
-    "CROSSOVER_M", "KERNEL_ENV", "Int4Layout", "Int4Linear", "Int8Linear", "QuantReport", "crossover_rows",
-    "dequantize_int4", "dequantize_int8", "pick_group_size", "probe_int4_layout", "quantize_int4",
-    "quantize_int8", "quantize_model", "resolve_kernel", "unpack_int4",
+    "CROSSOVER_M", "KERNEL_ENV", "Int4Layout", "Int4Linear", "Int8Linear", "KernelPlan", "QuantReport",
+    "QuantizedWeight", "ReportBuilder", "build_module", "crossover_rows", "dequantize_int4",
+    "dequantize_int8",
+    "kernel_plan", "linear_plan", "pack_nibbles", "pick_group_size", "probe_int4_layout", "quantize_int4",
+    "quantize_int8", "quantize_model", "quantize_weight", "resolve_kernel", "unpack_int4", "unpack_nibbles",
 ]

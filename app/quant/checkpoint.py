@@ -1,0 +1,581 @@
+"""Pre-quantized (weight-only int8 / int4) checkpoints, and the streaming quantizer behind them.
+
+Streaming algorithm (both `lanner quantize` and `serve` with `quantize: int8|int4` on an fp32 model)
+---------------------------------------------------------------------------------------------------
+The model is visited in parts: first the tensors outside the decoder layers (embedding, final norm,
+output head), then one decoder layer at a time.  For each part the source safetensors files are opened
+(memory-mapped) in a `SourceScope`, the part's tensors are mapped and fused exactly as the fp32 loader
+does (`llama_global_state` / `llama_layer_state`, the falcon equivalents), every Linear weight is
+quantized to its portable form (`QuantizedWeight`, app/quant/woq.py), and the part is handed to a
+consumer; then the scope is closed, so the part's mapped pages leave the process.  Consumers:
+* `SafetensorsWriter` (`lanner quantize`): appends the part's tensors to the output file and drops them;
+  the process holds one part at a time (its mapped fp32 pages, the fused q|k|v and gate|up copies and
+  the quantizer's temporaries), never the model.
+* `_Assembler` (serve): builds the Int8Linear / Int4Linear modules into a decoder created on the meta
+  device and copies the unquantized tensors it keeps out of the mapping; peak memory is the quantized
+  model plus one part.
+Loading a pre-quantized directory runs the same assembler over the stored parts (no fp32 weight, no
+re-quantization), so a checkpoint and quantize-at-load on the same source give bit-identical modules.
+
+Directory format (FORMAT_VERSION 1)
+-----------------------------------
+A checkpoint is an ordinary model directory (config.json, tokenizer files, generation_config.json
+copied unchanged) whose `model.safetensors` holds Lanner's decoder state dict (fused `qkv_proj`,
+`gate_up_proj`; Falcon's QKV rows already in [q | k | v] order), with every Linear stored as:
+    <module>.qweight   int8 [N, K] (int8)  |  uint8 [N, K/2] (int4; byte j = q[2j] | q[2j+1] << 4)
+    <module>.scales    bf16 [N] (int8)     |  bf16 [N, K/G] (int4)
+    <module>.zeros     bf16 [N, K/G] (int4 only; w = (q - 8) * scale + zero)
+    <module>.bias      fp32 [N] (when the layer has one)
+and the other tensors (norms, embedding) under their state-dict names, unchanged in value (stored as
+bf16/fp16 when that is lossless, else fp32).  The int4 layout is plain and CPU-independent: ATen's
+ISA-dependent packing is made at load, so a checkpoint made on AVX2 loads on AVX-512/AMX.
+`lanner_quant.json` (the manifest, which is what marks a checkpoint -- never the file name) records the
+format name/version and FORMAT_HASH (a hash of FORMAT_SPEC, the format description above), the Lanner
+and torch versions, mode, group sizes, each module's kind and shape, the source, and the CPU it was made
+on.  A manifest whose format version or hash differs from the running code is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import IO, Any, Literal
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from app.models.falcon import FalconDecoder, falcon_global_state, falcon_layer_state
+from app.models.llama import LlamaDecoder, llama_global_state, llama_layer_state
+from app.models.loader import ModelInfo, ModelLoadError
+from app.quant.woq import (
+    QuantizedWeight,
+    QuantReport,
+    ReportBuilder,
+    build_module,
+    check_mode,
+    kernel_plan,
+    linear_plan,
+    pick_group_size,
+    quantize_weight,
+)
+
+log = logging.getLogger("lanner.quant")
+
+MANIFEST_FILE = "lanner_quant.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_NAME = "lanner-woq"
+FORMAT_VERSION = 1
+# What a loader must know to read the tensors.  Any change to the layout (names, dtypes, nibble order, the
+# meaning of scales/zeros, the decoders' fused state-dict layout) changes FORMAT_HASH; bump FORMAT_VERSION
+# with it (tests/unit/test_woq_checkpoint.py pins the pair).
+FORMAT_SPEC = MappingProxyType({
+    "container": "one model.safetensors; Lanner decoder state-dict names",
+    "decoder": "llama: layers.i.qkv_proj = cat(q, k, v), layers.i.gate_up_proj = cat(gate, up); "
+               "falcon: layers.i.qkv_proj rows in [q heads | k heads | v heads] order",
+    "int8": "<m>.qweight int8 [N, K]; <m>.scales bf16 [N]; w = q * scales[n]",
+    "int4": "<m>.qweight uint8 [N, K/2], byte j = q[:, 2j] | q[:, 2j+1] << 4, q in 0..15; "
+            "<m>.scales, <m>.zeros bf16 [N, K/G]; w = (q - 8) * scales[n, k // G] + zeros[n, k // G]",
+    "bias": "<m>.bias fp32 [N]",
+    "other": "state-dict name, fp32 or a lossless bf16/fp16",
+})
+FORMAT_HASH = hashlib.sha256(json.dumps(dict(FORMAT_SPEC), sort_keys=True).encode()).hexdigest()[:16]
+# Copied unchanged from the source directory when present.
+COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+                "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                "merges.txt", "chat_template.jinja", "chat_template.json")
+
+DECODER_PARTS = MappingProxyType({
+    "llama": (LlamaDecoder, llama_global_state, llama_layer_state),
+    "falcon": (FalconDecoder, falcon_global_state, falcon_layer_state),
+})
+GLOBAL_PART = "embeddings and head"
+
+SAFETENSORS_DTYPES = MappingProxyType({
+    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+})
+
+
+# --------------------------------------------------------------------------- reading safetensors in scopes
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The safetensors shards of a model directory (from its index when there is one)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"Model in {path} has no safetensors weights (*.safetensors).")
+    return files
+
+
+class SourceScope(Mapping[str, torch.Tensor]):
+    """Name -> tensor of a directory's shards, memory-mapped while the scope is open.
+
+    safetensors maps a whole file and keeps every page read through it resident until the handle and
+    every tensor read from it are gone; a scope per model part bounds that to one part.  `detach` gives a
+    tensor that owns its memory (a copy if it still lives in the mapping), for what outlives the scope.
+    """
+
+    def __init__(self, file_of: Mapping[str, Path]) -> None:
+        self._file_of = file_of
+        self._handles: dict[Path, Any] = {}
+        self._mapped: set[int] = set()  # storage addresses of the tensors handed out
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        f = self._file_of[name]
+        handle = self._handles.get(f)
+        if handle is None:
+            handle = self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+        t = handle.get_tensor(name)
+        self._mapped.add(t.untyped_storage().data_ptr())
+        return t
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._file_of
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+    def detach(self, t: torch.Tensor) -> torch.Tensor:
+        return t.clone() if t.untyped_storage().data_ptr() in self._mapped else t
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._mapped.clear()
+
+
+class SafetensorsSource:
+    """A model directory's tensors, read part by part through `scope()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.file_of: dict[str, Path] = {}
+        for f in safetensors_files(self.path):
+            with safe_open(str(f), framework="pt", device="cpu") as handle:
+                for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                    self.file_of[name] = f
+
+    @contextmanager
+    def scope(self) -> Iterator[SourceScope]:
+        scope = SourceScope(self.file_of)
+        try:
+            yield scope
+        finally:
+            scope.close()
+
+
+# --------------------------------------------------------------------------- writing safetensors as a stream
+
+
+class SafetensorsWriter:
+    """Writes one .safetensors file tensor by tensor without keeping the tensors.
+
+    Data goes to one spool file per element size; `close` writes the header, then the spools largest
+    element size first, so every tensor is aligned to its element size (as safetensors' own writer
+    arranges it) and the data has no holes.  Copying the spools goes through a small buffer.
+    """
+
+    def __init__(self, path: Path, metadata: Mapping[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self.metadata = dict(metadata or {})
+        self._spools: dict[int, IO[bytes]] = {}
+        self._sizes: dict[int, int] = {}
+        # name -> (dtype, shape, itemsize, start, end in its spool)
+        self._entries: dict[str, tuple[str, list[int], int, int, int]] = {}
+        self.nbytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._entries:
+            raise ValueError(f"tensor {name!r} written twice")
+        t = tensor.detach().contiguous()
+        size = t.element_size()
+        spool = self._spools.get(size)
+        if spool is None:
+            spool = self._spools[size] = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        start = self._sizes.get(size, 0)
+        spool.write(memoryview(raw))
+        self._sizes[size] = start + raw.nbytes
+        self._entries[name] = (SAFETENSORS_DTYPES[t.dtype], list(t.shape), size, start, start + raw.nbytes)
+        self.nbytes += raw.nbytes
+
+    def close(self) -> None:
+        order = sorted(self._spools, reverse=True)
+        base, offset = {}, 0
+        for size in order:
+            base[size] = offset
+            offset += self._sizes[size]
+        header: dict[str, Any] = {}
+        if self.metadata:
+            header["__metadata__"] = self.metadata
+        for name in sorted(self._entries):
+            dtype, shape, size, start, end = self._entries[name]
+            offsets = [base[size] + start, base[size] + end]
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+        with open(self.path, "wb") as out:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            for size in order:
+                spool = self._spools.pop(size)
+                spool.seek(0)
+                shutil.copyfileobj(spool, out, 1 << 22)
+                spool.close()
+
+    def abort(self) -> None:
+        for spool in self._spools.values():
+            spool.close()
+        self._spools.clear()
+
+
+# --------------------------------------------------------------------------- the parts of a model
+
+
+@dataclass
+class Part:
+    """One part of a model: its unquantized tensors (state-dict names) and its quantized Linears."""
+
+    label: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    linears: dict[str, QuantizedWeight] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)  # module -> why it is not quantized as asked
+    detach: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # an owned copy of a mapped tensor
+
+
+def meta_decoder(info: ModelInfo) -> nn.Module:
+    cls = DECODER_PARTS[info.arch][0]
+    with torch.device("meta"):
+        return cls(info.config)
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int, bool]]:
+    """Linear module name -> (out_features, in_features, has bias)."""
+    return {name: (m.out_features, m.in_features, m.bias is not None)
+            for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def stream_quantized_parts(info: ModelInfo, mode: Literal["int8", "int4"], consume: Callable[[Part], None], *,
+                           group_size: int | None = None, int4_head: Literal["int8", "int4"] = "int8",
+                           progress: Callable[[str], None] | None = None) -> None:
+    """Quantize the fp32 model in `info.path` part by part (see the module comment); `consume` gets each
+    part while its source scope is open and must copy (`part.detach`) what it keeps."""
+    _, global_state, layer_state = DECODER_PARTS[info.arch]
+    shapes = linear_shapes(meta_decoder(info))
+    source = SafetensorsSource(info.path)
+    config = info.config
+    steps: list[tuple[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]]] = [
+        (GLOBAL_PART, lambda w: global_state(config, w))]
+    steps += [(f"layer {i}", lambda w, i=i: layer_state(config, w, i))
+              for i in range(config.num_hidden_layers)]
+    for label, read in steps:
+        with source.scope() as weights:
+            state = read(weights)
+            part = Part(label, detach=weights.detach)
+            for module in [m for m in shapes if f"{m}.weight" in state]:
+                w = state.pop(f"{module}.weight")
+                bias = state.pop(f"{module}.bias", None)
+                kind, g, fallback = linear_plan(module, shapes[module][1], mode, group_size, int4_head)
+                part.linears[module] = quantize_weight(w, kind, g, bias=bias)
+                if fallback:
+                    part.fallbacks[module] = fallback
+                del w, bias
+            part.tensors = state
+            del state
+            consume(part)
+            del part
+        if progress is not None:
+            progress(label)
+
+
+# --------------------------------------------------------------------------- assembling a decoder
+
+
+class _Assembler:
+    """Builds a decoder from parts: WOQ modules from the quantized Linears, unquantized tensors assigned
+    into a model created on the meta device (no throw-away allocation)."""
+
+    def __init__(self, info: ModelInfo, mode: str, kernel: str) -> None:
+        self.info = info
+        self.model = meta_decoder(info)
+        self.plan = kernel_plan(mode, kernel)
+        self.report = ReportBuilder(mode, self.plan)
+
+    def __call__(self, part: Part) -> None:
+        for name, qw in part.linears.items():
+            if qw.mode == "int8":  # Int8Linear keeps these tensors: they must not live in the mapping
+                qw = replace(qw, qweight=part.detach(qw.qweight), scales=part.detach(qw.scales))
+            qw = replace(qw, bias=None if qw.bias is None else part.detach(qw.bias))
+            module = build_module(qw, self.plan)
+            self.report.add(name, qw, module, part.fallbacks.get(name))
+            parent, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+        tensors = {name: part.detach(t.to(torch.float32)) for name, t in part.tensors.items()}
+        result = self.model.load_state_dict(tensors, strict=False, assign=True)
+        if result.unexpected_keys:
+            raise ModelLoadError(f"Weights of {self.info.path} have tensors the {self.info.arch} decoder "
+                                 f"does not know: {', '.join(sorted(result.unexpected_keys)[:5])}")
+
+    def finish(self) -> tuple[nn.Module, QuantReport]:
+        tensors = (*self.model.named_parameters(), *self.model.named_buffers())
+        missing = [name for name, t in tensors if t.is_meta]
+        if missing:
+            raise ModelLoadError(f"Model in {self.info.path} is missing weights: {', '.join(missing[:5])}"
+                                 + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+        return self.model.eval(), self.report.build()
+
+
+def load_and_quantize(info: ModelInfo, mode: Literal["int8", "int4"], *, group_size: int | None = None,
+                      kernel: str = "auto") -> tuple[nn.Module, QuantReport]:
+    """The decoder of an fp32 (or bf16/fp16) checkpoint, quantized while it is read, part by part."""
+    check_mode(mode)
+    assembler = _Assembler(info, mode, kernel)
+    stream_quantized_parts(info, mode, assembler, group_size=group_size)
+    return assembler.finish()
+
+
+# --------------------------------------------------------------------------- pre-quantized directories
+
+
+def is_quantized_dir(path: Path) -> bool:
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a pre-quantized directory, checked against this code's format (ModelLoadError)."""
+    file = Path(path) / MANIFEST_FILE
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Cannot read {file}: {exc}") from exc
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("name") != FORMAT_NAME:
+        raise ModelLoadError(f"{file} is not a Lanner quantized-checkpoint manifest "
+                             f"(format {FORMAT_NAME!r}).")
+    if fmt.get("version") != FORMAT_VERSION or fmt.get("hash") != FORMAT_HASH:
+        made_by = manifest.get("lanner_version", "unknown")
+        raise ModelLoadError(
+            f"Model in {path} was quantized by Lanner {made_by} in checkpoint format version "
+            f"{fmt.get('version')} (hash {fmt.get('hash')}); this Lanner reads format version "
+            f"{FORMAT_VERSION} (hash {FORMAT_HASH}) only. Quantize the original model again with "
+            "`lanner quantize`.")
+    if manifest.get("mode") not in ("int8", "int4") or not isinstance(manifest.get("modules"), dict):
+        raise ModelLoadError(f"{file} has no valid `mode` (int8|int4) or `modules`.")
+    return manifest
+
+
+def _stored_weight(name: str, entry: Mapping[str, Any], weights: SourceScope,
+                   shape: tuple[int, int, bool], path: Path) -> QuantizedWeight:
+    """A stored Linear's portable weight, checked against the decoder's shape."""
+    n, k, has_bias = shape
+    kind, g = entry.get("kind"), entry.get("group_size")
+
+    def get(suffix: str) -> torch.Tensor:
+        key = f"{name}.{suffix}"
+        if key not in weights:
+            raise ModelLoadError(f"Pre-quantized model in {path} is missing tensor {key!r}.")
+        return weights[key]
+
+    if kind == "int8":
+        qw = QuantizedWeight("int8", get("qweight"), get("scales"), None,
+                             get("bias") if has_bias else None, k)
+        want = {"qweight": ((n, k), torch.int8), "scales": ((n,), torch.bfloat16)}
+    elif kind == "int4" and isinstance(g, int) and pick_group_size(k, g) == g:
+        qw = QuantizedWeight("int4", get("qweight"), get("scales"), get("zeros"),
+                             get("bias") if has_bias else None, k, g)
+        want = {"qweight": ((n, k // 2), torch.uint8), "scales": ((n, k // g), torch.bfloat16),
+                "zeros": ((n, k // g), torch.bfloat16)}
+    else:
+        raise ModelLoadError(f"Pre-quantized model in {path}: module {name!r} has an invalid kind/group size "
+                             f"({kind!r}, {g!r}) for K={k}.")
+    if has_bias:
+        want["bias"] = ((n,), torch.float32)
+    for attr, (want_shape, dtype) in want.items():
+        t = getattr(qw, attr)
+        if tuple(t.shape) != want_shape or t.dtype != dtype:
+            raise ModelLoadError(f"Pre-quantized model in {path}: {name}.{attr} is {t.dtype} "
+                                 f"{list(t.shape)}, "
+                                 f"expected {dtype} {list(want_shape)} for this config.")
+    return qw
+
+
+def load_quantized(info: ModelInfo, quantize: str = "none", *,
+                   kernel: str = "auto") -> tuple[nn.Module, QuantReport]:
+    """The decoder of a pre-quantized directory, built from its stored tensors (no fp32, no re-quantizing).
+
+    `quantize` is the configured mode: "none" takes the checkpoint's, anything else must equal it."""
+    manifest = read_manifest(info.path)
+    mode = manifest["mode"]
+    if quantize not in ("none", mode):
+        raise ModelLoadError(
+            f"Model in {info.path} is a pre-quantized {mode} checkpoint ({MANIFEST_FILE}), but "
+            f"quantize={quantize} is configured. Set quantize to {mode} (or leave it unset/none), or "
+            "quantize the original model.")
+    if manifest.get("arch") != info.arch:
+        raise ModelLoadError(f"Pre-quantized model in {info.path} was made for arch "
+                             f"{manifest.get('arch')!r}, "
+                             f"but its config.json describes {info.arch!r}.")
+    assembler = _Assembler(info, mode, kernel)
+    shapes = linear_shapes(assembler.model)
+    modules: dict[str, Any] = manifest["modules"]
+    if set(modules) != set(shapes):
+        diff = sorted(set(modules) ^ set(shapes))
+        raise ModelLoadError(f"Pre-quantized model in {info.path} does not match its config: modules "
+                             f"{', '.join(diff[:5])} differ.")
+    source = SafetensorsSource(info.path)
+    stored = {f"{m}.{s}" for m in modules for s in ("qweight", "scales", "zeros", "bias")}
+    plain = [name for name in source.file_of if name not in stored]
+    groups: dict[str, list[str]] = {}  # part label -> module names / tensor names
+    for name in (*modules, *plain):
+        groups.setdefault(_part_of(name), []).append(name)
+    for label in sorted(groups, key=_part_order):
+        with source.scope() as weights:
+            part = Part(label, detach=weights.detach)
+            for name in groups[label]:
+                if name in modules:
+                    part.linears[name] = _stored_weight(name, modules[name], weights, shapes[name], info.path)
+                else:
+                    part.tensors[name] = weights[name]
+            assembler(part)
+            del part
+    model, report = assembler.finish()
+    return model, replace(report, fallbacks=tuple(manifest.get("fallbacks", ())))
+
+
+def _part_of(name: str) -> str:
+    if name.startswith("layers."):
+        return f"layer {name.split('.')[1]}"
+    return GLOBAL_PART
+
+
+def _part_order(label: str) -> tuple[int, int]:
+    return (0, 0) if label == GLOBAL_PART else (1, int(label.split()[1]))
+
+
+# --------------------------------------------------------------------------- `lanner quantize`
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """An fp32 tensor as bf16 or fp16 when that keeps every value exactly, else itself (checked in chunks)."""
+    if t.dtype != torch.float32 or t.numel() == 0:
+        return t
+    flat = t.reshape(-1)
+    step = 1 << 22
+    for dtype in (torch.bfloat16, torch.float16):
+        chunks = (flat[i:i + step] for i in range(0, flat.numel(), step))
+        if all(torch.equal(c.to(dtype).float(), c) for c in chunks):
+            return t.to(dtype)
+    return t
+
+
+def _quantized_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    out = {f"{name}.qweight": qw.qweight, f"{name}.scales": qw.scales.to(torch.bfloat16)}
+    if qw.zeros is not None:
+        out[f"{name}.zeros"] = qw.zeros.to(torch.bfloat16)
+    if qw.bias is not None:
+        out[f"{name}.bias"] = qw.bias.float()
+    return out
+
+
+def quantize_checkpoint(info: ModelInfo, out: Path, mode: Literal["int8", "int4"], *,
+                        group_size: int | None = None, source: str | None = None,
+                        progress: bool = False) -> dict[str, Any]:
+    """Write a pre-quantized copy of the model in `info.path` to the directory `out` (created; it must not
+    exist or be empty) and return its manifest.  Streams part by part (see the module comment)."""
+    from app import __version__
+    from app.quant.isa import detect_isa
+
+    check_mode(mode)
+    if mode == "none":
+        raise ValueError("quantize mode must be int8 or int4")
+    if is_quantized_dir(info.path):
+        raise ModelLoadError(f"Model in {info.path} is already a Lanner pre-quantized checkpoint; "
+                             "quantize the original model instead.")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ModelLoadError(f"Output {out} already exists and is not an empty directory.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    num_parts = info.config.num_hidden_layers + 1
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    writer = SafetensorsWriter(tmp / WEIGHTS_FILE, metadata={"format": "pt", "lanner": MANIFEST_FILE})
+    modules: dict[str, dict[str, Any]] = {}
+    fallbacks: list[str] = []
+    fp32_bytes = 0
+
+    def write(part: Part) -> None:
+        nonlocal fp32_bytes
+        for name, qw in part.linears.items():
+            for key, t in _quantized_tensors(name, qw).items():
+                writer.add(key, t)
+            modules[name] = {"kind": qw.mode, "out_features": qw.out_features, "in_features": qw.in_features,
+                             "group_size": qw.group_size, "bias": qw.bias is not None}
+            fp32_bytes += qw.fp32_nbytes
+        fallbacks.extend(part.fallbacks.values())
+        for name, t in part.tensors.items():
+            writer.add(name, _compact(t))
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_parts, desc=f"quantize {mode}", unit="part")
+    t0 = time.perf_counter()
+    try:
+        stream_quantized_parts(info, mode, write, group_size=group_size,
+                               progress=(lambda label: bar.update(1)) if bar is not None else None)
+        writer.close()
+        for name in COPIED_FILES:
+            if (info.path / name).is_file():
+                shutil.copy2(info.path / name, tmp / name)
+        kinds = {m["kind"] for m in modules.values()}
+        manifest = {
+            "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION, "hash": FORMAT_HASH},
+            "lanner_version": __version__,
+            "torch_version": torch.__version__,
+            "mode": mode,
+            "arch": info.arch,
+            "group_size": group_size,  # as requested (None: the largest of 128/64/32 dividing each K)
+            "group_sizes": sorted({m["group_size"] for m in modules.values() if m["group_size"]}),
+            "kinds": sorted(kinds),
+            "head": modules.get("lm_head", {}).get("kind"),
+            "fallbacks": fallbacks,
+            "source": {"name": source or str(info.path), "path": str(info.path)},
+            "isa": detect_isa().describe(),
+            "created_unix": int(time.time()),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "fp32_linear_bytes": fp32_bytes,
+            "weights_bytes": writer.nbytes,
+            "files": [WEIGHTS_FILE],
+            "modules": modules,
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return manifest
