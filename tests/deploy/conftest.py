@@ -14,10 +14,8 @@ import pytest
 
 def require_tool(name: str) -> str:
     """Return the path of executable `name`; skip the test if it is missing (fail in CI)."""
-    path = shutil.which(name) or next(
-        (p for d in ("/usr/sbin", "/sbin", "/usr/local/sbin") if os.access(p := os.path.join(d, name), os.X_OK)),
-        None,
-    )
+    sbin = (os.path.join(d, name) for d in ("/usr/sbin", "/sbin", "/usr/local/sbin"))  # nginx is in sbin
+    path = shutil.which(name) or next((p for p in sbin if os.access(p, os.X_OK)), None)
     if path is None:
         msg = f"{name} is not installed (see .ci/install-deploy-tools)"
         if os.environ.get("LANNER_REQUIRE_DEPLOY_TOOLS") == "1":
