@@ -112,6 +112,7 @@ class Settings(BaseSettings):
     max_json_depth: int = Field(default=32, ge=4)  # deeper JSON nesting -> 400
     queue_timeout: float = Field(default=300.0, gt=0)  # seconds a request may wait for its first token
     request_timeout: float = Field(default=1800.0, gt=0)  # seconds a request may take in all
+    otlp_traces_endpoint: str | None = None  # e.g. http://otel-collector:4318/v1/traces; tracing off when unset
     drain_timeout: float = Field(default=30.0, ge=0)  # on SIGTERM, seconds in-flight requests get to finish
 
     _split_api_keys = field_validator("api_keys", mode="before")(_split_keys)

@@ -18,6 +18,7 @@ from app.api.routes import chat, completions, health, metrics, models
 from app.config import Settings
 from app.engine.registry import ModelRegistry
 from app.metrics import HTTPMetricsMiddleware, Metrics
+from app.tracing import Tracing
 
 log = logging.getLogger("lanner")
 
@@ -26,6 +27,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     registry = registry or ModelRegistry(settings)
     app_metrics = Metrics()
     registry.attach_metrics(app_metrics)
+    registry.tracing = Tracing.for_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -34,6 +36,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
             yield
         finally:
             await registry.stop()
+            if registry.tracing is not None:
+                registry.tracing.shutdown()
 
     app = FastAPI(title="Lanner", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible inference server for Llama and Falcon on CPUs.")

@@ -19,6 +19,7 @@ from app.engine.types import Delta, SamplingParams, StepStats
 
 if TYPE_CHECKING:
     from app.metrics import ModelMetrics
+    from app.tracing import Tracing
 
 
 class EngineDeadError(RuntimeError):
@@ -30,7 +31,7 @@ def _merge(a: Delta, b: Delta | str) -> Delta | str:
     if isinstance(b, str):
         return b
     return Delta(a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, b.num_prompt_tokens,
-                 b.num_output_tokens)
+                 b.num_output_tokens, b.stats)
 
 
 class EngineBackend(Protocol):
@@ -44,12 +45,14 @@ class EngineBackend(Protocol):
 
 class EngineClient:
     def __init__(self, engine: EngineBackend, loop: asyncio.AbstractEventLoop,
-                 metrics: ModelMetrics | None = None) -> None:
+                 metrics: ModelMetrics | None = None, tracing: Tracing | None = None, model: str = "") -> None:
         self.engine = engine
         self._loop = loop
         self._queues: dict[str, asyncio.Queue[Delta | str]] = {}
         self.dead_reason: str | None = None
         self.metrics = metrics
+        self.tracing = tracing  # app.tracing.Tracing when OTLP tracing is configured, else None
+        self.model = model
         self.last_stats: StepStats | None = None
         engine.on_outputs = lambda batch, stats: loop.call_soon_threadsafe(self._dispatch, batch, stats)
         engine.on_dead = lambda reason: loop.call_soon_threadsafe(self._fail_all, reason)
@@ -100,6 +103,8 @@ class EngineClient:
                         self.metrics.ttft.observe(time.monotonic() - arrival)
                     if finished:
                         self.metrics.e2e.observe(time.monotonic() - arrival)
+                if finished and self.tracing is not None and item.stats is not None:
+                    self.tracing.record(self.model, request_id, arrival, item.stats)
                 yield item
                 if finished:
                     return

@@ -59,6 +59,7 @@ class ModelRegistry:
     def __init__(self, settings: Settings, metrics: Any = None) -> None:
         self.settings = settings
         self.metrics = metrics  # app.metrics.Metrics, attached by create_app
+        self.tracing: Any = None  # app.tracing.Tracing when configured, attached by create_app
         self.handles: dict[str, ModelHandle] = {}
         self._load_task: asyncio.Task[None] | None = None
 
@@ -138,7 +139,7 @@ class ModelRegistry:
         ))
         engine.start()
         handle.admission.slots = engine.info.get("max_num_seqs", handle.admission.slots)  # after the KV budget
-        handle.engine, handle.client = engine, EngineClient(engine, loop, handle.metrics)
+        handle.engine, handle.client = engine, EngineClient(engine, loop, handle.metrics, self.tracing, spec.id)
 
     async def stop(self) -> None:
         if self._load_task is not None and not self._load_task.done():

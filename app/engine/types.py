@@ -44,6 +44,7 @@ class Delta:
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # cumulative
+    stats: FinishedStats | None = None  # on the last delta: the sequence's engine timings
 
     @property
     def is_finished(self) -> bool:

@@ -218,11 +218,13 @@ class EngineCore:
                 reason = FinishReason.STOP
             elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.runner.max_model_len:
                 reason = FinishReason.LENGTH
+        stats = None
         if reason is not None:
             text += seq.detokenizer.flush()  # held-back text at EOS/length; "" after a stop string
             self._finish(seq, reason)
+            stats = self._finished[-1]
         self._outputs.append((seq.request_id, Delta(text, [token], reason, seq.num_prompt_tokens,
-                                                    seq.num_output_tokens)))
+                                                    seq.num_output_tokens, stats)))
 
 
 class ThreadEngine:
