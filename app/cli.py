@@ -1,4 +1,4 @@
-"""`lanner serve | make-demo-models` (also `python -m app ...`)."""
+"""`lanner serve | quantize | make-demo-models` (also `python -m app ...`)."""
 
 from __future__ import annotations
 
@@ -115,13 +115,49 @@ def make_demo_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="write a pre-quantized (weight-only int8/int4) copy of a model")
+    p.add_argument("source", help="a local model directory or a hub id")
+    p.add_argument("--bits", type=int, choices=[8, 4], required=True,
+                   help="8: int8 per output channel; 4: int4 in groups")
+    p.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=None,
+                   help="int4 group size (default: the quantizer's choice per layer)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where hub downloads are cached")
+
+
+def quantize(args: argparse.Namespace) -> int:
+    from app.config import default_cache_dir
+    from app.models.loader import ModelLoadError, inspect_model_dir, resolve_model_source
+    from app.quant.checkpoint import quantize_checkpoint, return_freed_memory_promptly
+
+    if args.bits == 8 and args.group_size is not None:
+        _progress("error: --group-size applies to --bits 4 only (int8 scales are per output channel)")
+        return 2
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return_freed_memory_promptly()  # peak memory: one layer at a time, not the allocator's leftovers
+    try:
+        path = resolve_model_source(args.source, cache_dir=(args.cache_dir or default_cache_dir()) / "hub")
+        mode = "int8" if args.bits == 8 else "int4"
+        manifest = quantize_checkpoint(inspect_model_dir(path), args.out, mode, group_size=args.group_size,
+                                       source=args.source, progress=True)
+    except (ModelLoadError, ValueError) as exc:
+        _progress(f"error: {exc}")
+        return 2
+    mib = manifest["weights_bytes"] / 2**20
+    _progress(f"wrote {manifest['mode']} checkpoint to {args.out} ({mib:.1f} MiB "
+              f"of weights; serve it with `lanner serve --model {args.out}`)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lanner", description="OpenAI-compatible LLM server for CPUs")
     parser.add_argument("--version", action="version", version=f"lanner {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    _add_quantize(sub)
     p = sub.add_parser("make-demo-models", help="build the offline demo models")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the cache)")
     args = parser.parse_args(argv)
-    handler = {"serve": serve, "make-demo-models": make_demo_models}[args.command]
+    handler = {"serve": serve, "make-demo-models": make_demo_models, "quantize": quantize}[args.command]
     sys.exit(handler(args))

@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.models.kv_cache import BatchMeta, KVCache
-from app.models.llama import UnsupportedModelError, apply_rope, output_head
+from app.models.llama import (
+    Reader,
+    UnsupportedModelError,
+    apply_rope,
+    output_head_reader,
+    read,
+    state_from_readers,
+)
 
 ACTIVATIONS = MappingProxyType({
     "gelu": F.gelu,
@@ -155,45 +162,40 @@ def _qkv_rows_to_q_k_v(fused: torch.Tensor, config, num_kv_heads: int) -> torch.
 
 
 def falcon_state_dict(config, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map transformers' FalconForCausalLM weight names to FalconDecoder's, as fp32 (QKV rows permuted).
-    Made of `falcon_global_state` and `falcon_layer_state`, which can be read one at a time."""
-    sd = falcon_global_state(config, weights)
+    """Map transformers' FalconForCausalLM weight names to FalconDecoder's, as fp32 (QKV rows permuted)."""
+    falcon_layout(config)  # refuses unsupported layouts before any weight is read
+    readers = falcon_global_readers(config)
     for i in range(config.num_hidden_layers):
-        sd.update(falcon_layer_state(config, weights, i))
-    return sd
+        readers.update(falcon_layer_readers(config, i))
+    return state_from_readers(readers, weights, bool(getattr(config, "tie_word_embeddings", False)))
 
 
-def falcon_global_state(config, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors outside the decoder layers: embedding, final LayerNorm, output head (embedding if tied)."""
-    def get(name: str) -> torch.Tensor:
-        return weights[name].to(torch.float32)
-
-    embed = get("transformer.word_embeddings.weight")
-    return {"embed_tokens.weight": embed, "ln_f.weight": get("transformer.ln_f.weight"),
-            "ln_f.bias": get("transformer.ln_f.bias"),
-            "lm_head.weight": output_head(config, weights, embed, "lm_head.weight")}
+def falcon_global_readers(config) -> dict[str, Reader]:
+    """The tensors outside the decoder layers: embedding, final LayerNorm, output head."""
+    embed = "transformer.word_embeddings.weight"
+    return {"embed_tokens.weight": read(embed),
+            "ln_f.weight": read("transformer.ln_f.weight"), "ln_f.bias": read("transformer.ln_f.bias"),
+            "lm_head.weight": output_head_reader(config, embed, "lm_head.weight")}
 
 
-def falcon_layer_state(config, weights: Mapping[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+def falcon_layer_readers(config, i: int) -> dict[str, Reader]:
     """Decoder layer i's tensors, named as in FalconDecoder (`layers.{i}.`), QKV rows in [q | k | v] order."""
     layout = falcon_layout(config)
     num_kv = falcon_num_kv_heads(config)
-
-    def get(name: str) -> torch.Tensor:
-        return weights[name].to(torch.float32)
-
     norms = {PARALLEL: {"ln_attn": "input_layernorm"},
              PARALLEL_TWO_NORMS: {"ln_attn": "ln_attn", "ln_mlp": "ln_mlp"},
              SEQUENTIAL: {"ln_attn": "input_layernorm", "ln_mlp": "post_attention_layernorm"}}[layout]
     linears = {"qkv_proj": "self_attention.query_key_value", "o_proj": "self_attention.dense",
                "up_proj": "mlp.dense_h_to_4h", "down_proj": "mlp.dense_4h_to_h"}
     src, dst = f"transformer.h.{i}.", f"layers.{i}."
-    sd: dict[str, torch.Tensor] = {}
+    readers: dict[str, Reader] = {}
     for ours, theirs in norms.items():
-        sd[f"{dst}{ours}.weight"] = get(f"{src}{theirs}.weight")
-        sd[f"{dst}{ours}.bias"] = get(f"{src}{theirs}.bias")
+        readers[f"{dst}{ours}.weight"] = read(f"{src}{theirs}.weight")
+        readers[f"{dst}{ours}.bias"] = read(f"{src}{theirs}.bias")
     for ours, theirs in linears.items():
         for kind in ("weight", "bias") if config.bias else ("weight",):
-            t = get(f"{src}{theirs}.{kind}")
-            sd[f"{dst}{ours}.{kind}"] = _qkv_rows_to_q_k_v(t, config, num_kv) if ours == "qkv_proj" else t
-    return sd
+            plain = read(f"{src}{theirs}.{kind}")
+            readers[f"{dst}{ours}.{kind}"] = (
+                (lambda w, plain=plain: _qkv_rows_to_q_k_v(plain(w), config, num_kv)) if ours == "qkv_proj"
+                else plain)
+    return readers

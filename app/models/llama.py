@@ -23,7 +23,7 @@ with falcon.py.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
 import torch
@@ -170,56 +170,84 @@ class LlamaDecoder(nn.Module):
         return self.lm_head(x).float()
 
 
+# A reader makes one decoder tensor from the checkpoint's (lazy) name -> tensor mapping, in the source
+# dtype: a plain lookup, or a fusion of several.  Building a model reads all of them (`state_from_readers`);
+# the streaming quantizer (app/quant/checkpoint.py) reads one Linear at a time.
+Reader = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+def read(name: str) -> Reader:
+    return lambda weights: weights[name]
+
+
+class read_cat:  # a Reader, named like `read`
+    """Rows of several tensors, concatenated; `parts` lets a row-wise consumer (the quantizer) read them
+    one at a time instead of materializing the fused matrix."""
+
+    def __init__(self, *names: str) -> None:
+        self.parts = tuple(read(n) for n in names)
+
+    def __call__(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([part(weights) for part in self.parts])
+
+
+def state_from_readers(readers: Mapping[str, Reader], weights: Mapping[str, torch.Tensor],
+                       tied: bool) -> dict[str, torch.Tensor]:
+    """Run every reader, as fp32; a tied head is the embedding itself (no second copy)."""
+    sd: dict[str, torch.Tensor] = {}
+    for name, reader in readers.items():
+        if name == "lm_head.weight" and tied:
+            sd[name] = sd["embed_tokens.weight"]
+        else:
+            sd[name] = reader(weights).to(torch.float32)
+    return sd
+
+
 def llama_state_dict(config, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map (and fuse) transformers' LlamaForCausalLM weight names to LlamaDecoder's, as fp32.
 
     `weights` may be lazy (one tensor read per lookup); each source tensor is read once and the fused
-    result is the only copy kept. The parts (`llama_global_state`, `llama_layer_state`) can also be read
-    one at a time, as the streaming quantizer does (app/quant/checkpoint.py).
+    result is the only copy kept.
     """
-    sd = llama_global_state(config, weights)
+    readers = llama_global_readers(config)
     for i in range(config.num_hidden_layers):
-        sd.update(llama_layer_state(config, weights, i))
-    return sd
+        readers.update(llama_layer_readers(config, i))
+    return state_from_readers(readers, weights, bool(getattr(config, "tie_word_embeddings", False)))
 
 
-def llama_global_state(config, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors outside the decoder layers: embedding, final norm, output head (the embedding if tied)."""
-    embed = weights["model.embed_tokens.weight"].to(torch.float32)
-    return {"embed_tokens.weight": embed, "norm": weights["model.norm.weight"].to(torch.float32),
-            "lm_head.weight": output_head(config, weights, embed, "lm_head.weight")}
+def llama_global_readers(config) -> dict[str, Reader]:
+    """The tensors outside the decoder layers: embedding, final norm, output head."""
+    return {"embed_tokens.weight": read("model.embed_tokens.weight"), "norm": read("model.norm.weight"),
+            "lm_head.weight": output_head_reader(config, "model.embed_tokens.weight", "lm_head.weight")}
 
 
-def llama_layer_state(config, weights: Mapping[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+def llama_layer_readers(config, i: int) -> dict[str, Reader]:
     """Decoder layer i's tensors, named as in LlamaDecoder (`layers.{i}.`), q/k/v and gate/up fused."""
-    def get(name: str) -> torch.Tensor:
-        return weights[name].to(torch.float32)
-
-    attn_bias = bool(getattr(config, "attention_bias", False))
-    mlp_bias = bool(getattr(config, "mlp_bias", False))
-    gate_up = ("gate", "up")
     src, dst = f"model.layers.{i}.", f"layers.{i}."
-    sd: dict[str, torch.Tensor] = {}
-    sd[dst + "input_norm"] = get(src + "input_layernorm.weight")
-    sd[dst + "post_attn_norm"] = get(src + "post_attention_layernorm.weight")
-    sd[dst + "qkv_proj.weight"] = torch.cat([get(src + f"self_attn.{p}_proj.weight") for p in "qkv"])
-    sd[dst + "o_proj.weight"] = get(src + "self_attn.o_proj.weight")
-    if attn_bias:
-        sd[dst + "qkv_proj.bias"] = torch.cat([get(src + f"self_attn.{p}_proj.bias") for p in "qkv"])
-        sd[dst + "o_proj.bias"] = get(src + "self_attn.o_proj.bias")
-    sd[dst + "gate_up_proj.weight"] = torch.cat([get(src + f"mlp.{p}_proj.weight") for p in gate_up])
-    sd[dst + "down_proj.weight"] = get(src + "mlp.down_proj.weight")
-    if mlp_bias:
-        sd[dst + "gate_up_proj.bias"] = torch.cat([get(src + f"mlp.{p}_proj.bias") for p in gate_up])
-        sd[dst + "down_proj.bias"] = get(src + "mlp.down_proj.bias")
-    return sd
+    attn = [src + f"self_attn.{p}_proj" for p in "qkv"]
+    gate_up = [src + f"mlp.{p}_proj" for p in ("gate", "up")]
+    readers = {dst + "input_norm": read(src + "input_layernorm.weight"),
+               dst + "post_attn_norm": read(src + "post_attention_layernorm.weight"),
+               dst + "qkv_proj.weight": read_cat(*(n + ".weight" for n in attn)),
+               dst + "o_proj.weight": read(src + "self_attn.o_proj.weight"),
+               dst + "gate_up_proj.weight": read_cat(*(n + ".weight" for n in gate_up)),
+               dst + "down_proj.weight": read(src + "mlp.down_proj.weight")}
+    if getattr(config, "attention_bias", False):
+        readers[dst + "qkv_proj.bias"] = read_cat(*(n + ".bias" for n in attn))
+        readers[dst + "o_proj.bias"] = read(src + "self_attn.o_proj.bias")
+    if getattr(config, "mlp_bias", False):
+        readers[dst + "gate_up_proj.bias"] = read_cat(*(n + ".bias" for n in gate_up))
+        readers[dst + "down_proj.bias"] = read(src + "mlp.down_proj.bias")
+    return readers
 
 
-def output_head(config, weights: Mapping[str, torch.Tensor], embedding: torch.Tensor,
-                name: str) -> torch.Tensor:
-    """The output head weight: the embedding itself when tied (no second copy), else the checkpoint's."""
+def output_head_reader(config, embedding: str, name: str) -> Reader:
+    """The output head weight: the embedding when tied, else the checkpoint's `name`."""
     if getattr(config, "tie_word_embeddings", False):
-        return embedding
-    if name not in weights:
-        raise UnsupportedModelError(f"untied model without an output head weight {name!r}")
-    return weights[name].to(torch.float32)
+        return read(embedding)
+
+    def head(weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if name not in weights:
+            raise UnsupportedModelError(f"untied model without an output head weight {name!r}")
+        return weights[name]
+    return head

@@ -90,7 +90,8 @@ KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu acce
 INT4_ROW_ALIGN = 64  # N padded to this (>= the kernel's 16, = its largest row block)
 DEQUANT_CHUNK_BYTES = 4 << 20  # fp32 weight rows dequantized at once (4 MiB beat 1-16 MiB: fresh
 # 16 MiB buffers are page-faulted in on every call, 26.7 vs 7.4 ms for int4 2048->5632 at M=1)
-QUANTIZE_CHUNK_ROWS = 4096  # rows quantized at once (bounds temporaries for big output heads)
+QUANTIZE_CHUNK_ROWS = 4096  # rows repacked at once for the int4 kernel (a multiple of INT4_ROW_ALIGN)
+QUANTIZE_CHUNK_BYTES = 4 << 20  # fp32 weight quantized at once: bounds the quantizers' temporaries
 INT4_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85)  # int4 group ranges tried (min-MSE one kept; < 0.85 never won)
 
 
@@ -134,8 +135,9 @@ def describe_path(mode: str, crossover: int) -> str:
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # w: [N, K] float -> q: [N, K] int8, scales: [N] fp32 (exactly representable in bf16)
     w = w.float()
-    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).to(torch.bfloat16).float()
-    q = torch.round(w / scales[:, None]).clamp_(-128, 127).to(torch.int8)
+    absmax = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg())  # = |w|.amax(1), without a |w| copy
+    scales = (absmax / 127.0).clamp(min=1e-8).to(torch.bfloat16).float()
+    q = torch.div(w, scales[:, None]).round_().clamp_(-128, 127).to(torch.int8)
     return q, scales
 
 
@@ -256,19 +258,19 @@ def int4_range_search(g: torch.Tensor, clip_ratios: tuple[float, ...]) -> tuple[
 
 def quantize_int4(w: torch.Tensor, group_size: int, clip_ratios: tuple[float, ...] = INT4_CLIP_RATIOS
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # w: [N, K] float -> q: [N, K] int32 in [0, 15], scales/zeros: [N, K // G] fp32 (bf16-exact)
+    # w: [N, K] float -> q: [N, K] uint8 in [0, 15], scales/zeros: [N, K // G] fp32 (bf16-exact)
     # so that w ~= (q - 8) * scales + zeros per group.  Each group's [min, max] range is shrunk about its
     # middle by every ratio in clip_ratios and the ratio with the smallest squared error is kept (the
     # search runs on blocks of rows to bound its temporaries).
     n, k = w.shape
-    q = torch.empty(n, k, dtype=torch.int32)
+    q = torch.empty(n, k, dtype=torch.uint8)
     scales = torch.empty(n, k // group_size)
     zeros = torch.empty(n, k // group_size)
-    rows = max(1, (1 << 22) // k)  # ~16 MiB of fp32 per block
+    rows = max(1, (QUANTIZE_CHUNK_BYTES // 4) // k)
     for i in range(0, n, rows):
         g = w[i:i + rows].float().reshape(-1, k // group_size, group_size)
         s, z = int4_range_search(g, clip_ratios)
-        q[i:i + rows] = _int4_positions(g, s, z).round_().clamp_(0, 15).reshape(-1, k).to(torch.int32)
+        q[i:i + rows] = _int4_positions(g, s, z).round_().clamp_(0, 15).reshape(-1, k)
         scales[i:i + rows], zeros[i:i + rows] = s, z
     return q, scales, zeros
 
@@ -383,6 +385,17 @@ class QuantizedWeight:
         return QuantizedWeight(self.mode, self.qweight.clone(), self.scales.clone(), own(self.zeros),
                                own(self.bias), self.in_features, self.group_size)
 
+    @classmethod
+    def cat(cls, parts: list[QuantizedWeight], bias: torch.Tensor | None = None) -> QuantizedWeight:
+        """The row-wise concatenation of quantized blocks of rows (quantization is per row, so this equals
+        quantizing the concatenated weight)."""
+        first = parts[0]
+        assert all(p.mode == first.mode and p.in_features == first.in_features
+                   and p.group_size == first.group_size for p in parts)
+        zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])  # type: ignore[misc]
+        return cls(first.mode, torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
+                   zeros, bias, first.in_features, first.group_size)
+
     def dequantize(self) -> torch.Tensor:
         # -> [N, K] fp32
         if self.mode == "int8":
@@ -395,12 +408,13 @@ class QuantizedWeight:
 @torch.no_grad()
 def quantize_weight(w: torch.Tensor, mode: Literal["int8", "int4"], group_size: int | None = None,
                     bias: torch.Tensor | None = None) -> QuantizedWeight:
-    """w: [N, K] float -> its portable quantized form (int4 needs a valid group_size), QUANTIZE_CHUNK_ROWS
-    rows at a time so the fp32 temporaries stay small for big output heads."""
+    """w: [N, K] (any float dtype) -> its portable quantized form (int4 needs a valid group_size), a block
+    of rows (QUANTIZE_CHUNK_BYTES of fp32) at a time so the temporaries stay small for big matrices."""
     n, k = w.shape
+    step = max(1, (QUANTIZE_CHUNK_BYTES // 4) // k)
     qs, ss, zs = [], [], []
-    for i in range(0, n, QUANTIZE_CHUNK_ROWS):
-        rows = w[i:i + QUANTIZE_CHUNK_ROWS].float()
+    for i in range(0, n, step):
+        rows = w[i:i + step].float()
         if mode == "int8":
             q, s = quantize_int8(rows)
         else:

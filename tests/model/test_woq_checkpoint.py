@@ -1,0 +1,352 @@
+"""Pre-quantized checkpoints (`lanner quantize`) and layer-by-layer quantize-at-load on tiny real models.
+
+A checkpoint loads into the same modules as quantizing at load on the same source, so their logits are
+equal (asserted <= 1e-6, bit-exact in practice) for prefills on both kernel paths and batched decodes, on
+the demo models (llama GQA, falcon multi-query) and on a tied-head llama and a falcon with biases.  The
+directory is refused when its manifest's format differs from the code's or the configured `quantize`
+disagrees with it; loading leaves no mapping of the weight files behind; the int4 checkpoint loads in a
+process whose ATen packs int4 differently (ATEN_CPU_CAPABILITY=default); and `lanner quantize` stays
+within its memory bound (test_quantize_peak_rss).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
+
+from app.engine.process import build_runner
+from app.models import demo
+from app.models.base import StepInput
+from app.models.demo import DEMO_MODEL_IDS
+from app.models.loader import ModelLoadError, inspect_model_dir, load_tokenizer
+from app.models.runner import BatchedRunner, SafetensorsWeights, build_decoder, load_runner
+from app.quant.checkpoint import (
+    FORMAT_HASH,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    quantize_checkpoint,
+)
+from app.quant.woq import KERNEL_ENV, probe_int4_layout, quantize_model
+from tests.model.test_parity import save_parity_models
+
+MAX_LEN = 256
+MODES = ("int8", "int4")
+EXTRA = ("llama-tied-linear-rope", "falcon-sequential")  # tied head; biases on every Linear
+LONG = ("Once upon a time, in a land far away, there lived a llama who loved to read about falcons, "
+        "and every evening the llama climbed the hill to watch them fly over the valley, far below")
+PROMPTS = ["Hello, my name is", "The capital of France is a city where", LONG]  # LONG: the dequant path
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, demo_models_dir) -> dict[str, Path]:
+    out = {m: demo_models_dir / m for m in DEMO_MODEL_IDS}
+    parity = save_parity_models(tmp_path_factory.mktemp("ckpt-sources"), demo_models_dir)
+    out.update({name: parity[name] for name in EXTRA})
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, sources) -> dict[tuple[str, str], Path]:
+    root = tmp_path_factory.mktemp("ckpts")
+    out = {}
+    for name, src in sources.items():
+        for mode in MODES:
+            out[name, mode] = root / f"{name}-{mode}"
+            quantize_checkpoint(inspect_model_dir(src), out[name, mode], mode)
+    return out
+
+
+def prompts_for(path: Path, vocab: int) -> list[list[int]]:
+    tok = load_tokenizer(path)
+    return [[i % vocab for i in tok(p)["input_ids"]] for p in PROMPTS]
+
+
+def logit_rows(runner, prompts: list[list[int]], steps: int = 4) -> torch.Tensor:
+    """Each prompt prefilled alone, then `steps` greedy decode steps of all of them as one batch."""
+    rows = [runner.step([StepInput(s, ids, 0)]) for s, ids in enumerate(prompts)]
+    nxt = torch.cat(rows).argmax(-1).tolist()
+    for t in range(steps):
+        logits = runner.step([StepInput(s, [nxt[s]], len(ids) + t) for s, ids in enumerate(prompts)])
+        rows.append(logits)
+        nxt = logits.argmax(-1).tolist()
+    return torch.cat(rows)
+
+
+def file_mappings(path: Path) -> list[str]:
+    gc.collect()
+    return [line for line in Path("/proc/self/maps").read_text().splitlines() if str(path) in line]
+
+
+# --------------------------------------------------------------------------- the directory
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_checkpoint_directory(mode, sources, checkpoints):
+    src, out = sources["demo-llama"], checkpoints["demo-llama", mode]
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["format"] == {"name": "lanner-woq", "version": FORMAT_VERSION, "hash": FORMAT_HASH}
+    assert manifest["mode"] == mode and manifest["arch"] == "llama" and manifest["head"] == "int8"
+    assert manifest["isa"].startswith("torch=") and manifest["lanner_version"]
+    assert manifest["source"]["path"] == str(src)
+    info = inspect_model_dir(src)
+    decoder = build_decoder(info.arch, info.config, SafetensorsWeights(src))
+    linears = {n: m for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(manifest["modules"]) == set(linears)
+    with safe_open(str(out / WEIGHTS_FILE), framework="pt") as f:
+        keys = set(f.keys())
+        for name, entry in manifest["modules"].items():
+            assert f"{name}.weight" not in keys  # no fp32 copy of a quantized weight
+            q = f.get_tensor(f"{name}.qweight")
+            k = linears[name].in_features
+            if entry["kind"] == "int8":
+                assert q.dtype == torch.int8 and q.shape == (linears[name].out_features, k)
+            else:
+                assert q.dtype == torch.uint8 and q.shape == (linears[name].out_features, k // 2)
+                assert f.get_tensor(f"{name}.zeros").dtype == torch.bfloat16
+        assert torch.equal(f.get_tensor("embed_tokens.weight").float(), decoder.embed_tokens.weight)
+    if mode == "int4":  # down_proj has K=176: no int4 group size, int8, and the manifest says why
+        assert manifest["modules"]["layers.0.down_proj"]["kind"] == "int8"
+        assert any(f.startswith("layers.0.down_proj:") for f in manifest["fallbacks"])
+        assert manifest["modules"]["layers.0.qkv_proj"]["kind"] == "int4"
+    assert inspect_model_dir(out).arch == "llama"  # an ordinary model directory otherwise
+
+
+# --------------------------------------------------------------------------- same logits as quantize-at-load
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_checkpoint_logits_equal_quantize_at_load(mode, sources, checkpoints, monkeypatch):
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    lines = []
+    for name, src in sources.items():
+        info = inspect_model_dir(src)
+        prompts = prompts_for(src, info.vocab_size)
+        at_load = load_runner(info, MAX_LEN, 4, quantize=mode)
+        stored = load_runner(inspect_model_dir(checkpoints[name, mode]), MAX_LEN, 4)
+        ours, theirs = stored.quant_report, at_load.quant_report
+        assert ours.mode == mode
+        assert (ours.num_swapped, ours.bytes_after) == (theirs.num_swapped, theirs.bytes_after)
+        a, b = logit_rows(at_load, prompts), logit_rows(stored, prompts)
+        diff = (a - b).abs().max().item()
+        lines.append(f"{name} {mode}: max |diff| {diff:.1e} over {a.shape[0]} rows")
+        assert torch.isfinite(a).all() and diff <= 1e-6, lines[-1]
+    print("\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_streaming_quantize_at_load_equals_whole_model_swap(mode, sources, monkeypatch):
+    """The layer-by-layer path builds the same modules as quantizing a fully loaded fp32 decoder."""
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    for name in ("demo-falcon", "falcon-sequential", "llama-tied-linear-rope"):
+        info = inspect_model_dir(sources[name])
+        model = build_decoder(info.arch, info.config, SafetensorsWeights(info.path))
+        quantize_model(model, mode)
+        prompts = prompts_for(info.path, info.vocab_size)
+        a = logit_rows(BatchedRunner(model, MAX_LEN, 4), prompts, steps=2)
+        b = logit_rows(load_runner(info, MAX_LEN, 4, quantize=mode), prompts, steps=2)
+        assert torch.equal(a, b), name
+
+
+def test_loading_leaves_no_file_mapping(sources, checkpoints):
+    """Every tensor a model keeps is a copy: no page of the (source or checkpoint) file stays mapped."""
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs /proc/self/maps")
+    for path, quantize in ((checkpoints["demo-llama", "int8"], "none"), (sources["demo-falcon"], "int8"),
+                           (checkpoints["falcon-sequential", "int4"], "int4")):
+        runner = load_runner(inspect_model_dir(path), MAX_LEN, 1, quantize=quantize)
+        assert runner.quant_report.mode != "none"
+        assert file_mappings(path) == [], path
+    fp32 = load_runner(inspect_model_dir(sources["demo-llama"]), MAX_LEN, 1)  # fp32: zero-copy by design
+    assert file_mappings(sources["demo-llama"])
+    del fp32
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def edited_copy(src: Path, dst: Path, **manifest_changes) -> Path:
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / MANIFEST_FILE).read_text())
+    for key, value in manifest_changes.items():
+        manifest[key] = value
+    (dst / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return dst
+
+
+def test_manifest_format_mismatch_refused(checkpoints, tmp_path):
+    src = checkpoints["demo-llama", "int8"]
+    for i, fmt in enumerate(({"name": "lanner-woq", "version": FORMAT_VERSION + 1, "hash": FORMAT_HASH},
+                             {"name": "lanner-woq", "version": FORMAT_VERSION, "hash": "0123456789abcdef"})):
+        d = edited_copy(src, tmp_path / f"v{i}", format=fmt)
+        with pytest.raises(ModelLoadError, match=r"checkpoint format version .*this Lanner reads format"):
+            load_runner(inspect_model_dir(d), MAX_LEN, 1)
+    d = edited_copy(src, tmp_path / "other", format={"name": "something-else"})
+    with pytest.raises(ModelLoadError, match="not a Lanner quantized-checkpoint manifest"):
+        load_runner(inspect_model_dir(d), MAX_LEN, 1)
+
+
+def test_quantize_config_must_match_checkpoint(checkpoints):
+    info = inspect_model_dir(checkpoints["demo-falcon", "int8"])
+    with pytest.raises(ModelLoadError, match=r"pre-quantized int8 checkpoint .* quantize=int4 is configured"):
+        load_runner(info, MAX_LEN, 1, quantize="int4")
+    assert load_runner(info, MAX_LEN, 1, quantize="int8").quant_report.mode == "int8"
+    assert load_runner(info, MAX_LEN, 1, quantize="none").quant_report.mode == "int8"  # the checkpoint's
+    with pytest.raises(ModelLoadError, match="runner: batched"):
+        build_runner("reference", info, MAX_LEN, 1, None, "none")
+
+
+def test_damaged_checkpoint_refused(checkpoints, tmp_path):
+    d = tmp_path / "damaged"
+    shutil.copytree(checkpoints["demo-llama", "int4"], d)
+    tensors = load_file(str(d / WEIGHTS_FILE))
+    del tensors["layers.1.o_proj.scales"]
+    save_file(tensors, str(d / WEIGHTS_FILE))
+    with pytest.raises(ModelLoadError, match="missing tensor 'layers.1.o_proj.scales'"):
+        load_runner(inspect_model_dir(d), MAX_LEN, 1)
+    tensors = load_file(str(d / WEIGHTS_FILE))
+    tensors["layers.1.o_proj.scales"] = torch.ones(3, dtype=torch.bfloat16)
+    save_file(tensors, str(d / WEIGHTS_FILE))
+    with pytest.raises(ModelLoadError, match=r"layers.1.o_proj.scales is torch.bfloat16 \[3\], expected"):
+        load_runner(inspect_model_dir(d), MAX_LEN, 1)
+
+
+def test_quantize_refuses_quantized_source_and_used_output(checkpoints, sources, tmp_path):
+    with pytest.raises(ModelLoadError, match="already a Lanner pre-quantized checkpoint"):
+        quantize_checkpoint(inspect_model_dir(checkpoints["demo-llama", "int8"]), tmp_path / "x", "int8")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "file").write_text("x")
+    with pytest.raises(ModelLoadError, match="not an empty directory"):
+        quantize_checkpoint(inspect_model_dir(sources["demo-llama"]), tmp_path / "used", "int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["used"]  # nothing half-written left behind
+
+
+# --------------------------------------------------------------------------- portability
+
+
+CHILD_LOGITS = """
+import json, sys, torch
+from app.models.base import StepInput
+from app.models.loader import inspect_model_dir
+from app.models.runner import load_runner
+from app.quant.woq import probe_int4_layout
+runner = load_runner(inspect_model_dir(sys.argv[1]), 64, 1)
+ids = json.loads(sys.argv[2])
+torch.save(runner.step([StepInput(0, ids, 0)])[0], sys.argv[3])
+capability = torch.backends.cpu.get_cpu_capability()
+print(json.dumps({"capability": capability, "layout": repr(probe_int4_layout())}))
+"""
+
+
+def test_int4_checkpoint_loads_under_another_aten_int4_layout(checkpoints, sources, tmp_path, monkeypatch):
+    """The stored int4 layout is plain nibbles: a process whose ATen dispatches its generic kernels (another
+    int4 packing than this CPU's AVX2/AVX-512 one) loads the same checkpoint and computes the same logits."""
+    monkeypatch.setenv(KERNEL_ENV, "dequant")  # exact fp32 dequant + sgemm on both sides
+    ckpt = checkpoints["demo-falcon", "int4"]
+    ids = prompts_for(sources["demo-falcon"], 1024)[1]
+    here = load_runner(inspect_model_dir(ckpt), 64, 1).step([StepInput(0, ids, 0)])[0]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", KERNEL_ENV: "dequant"}
+    cmd = [sys.executable, "-c", CHILD_LOGITS, str(ckpt), json.dumps(ids), str(tmp_path / "l.pt")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    child = json.loads(r.stdout.strip().splitlines()[-1])
+    assert child["capability"] == "DEFAULT"
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        assert child["layout"] != repr(probe_int4_layout())  # the kernel layouts really differ
+    there = torch.load(tmp_path / "l.pt")
+    assert torch.allclose(here, there, rtol=1e-4, atol=1e-4), (here - there).abs().max()
+
+
+# --------------------------------------------------------------------------- memory
+
+
+CHILD_QUANTIZE = """
+import json, sys
+import torch
+import app.quant.checkpoint  # with app.models.loader: transformers, part of the baseline
+from app.cli import main
+from app.quant.woq import quantize_weight
+
+
+def peak_rss() -> int:
+    # VmHWM: this process's peak RSS since exec. (ru_maxrss is carried over exec on Linux, so a child of
+    # pytest would start from pytest's own RSS.)  Both count mapped file pages, as they should here.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+
+quantize_weight(torch.randn(512, 512), "int4", 32)  # warm-up: torch thread pool, allocator arenas
+baseline = peak_rss()
+try:
+    main(["quantize", sys.argv[1], "--bits", sys.argv[2], "--out", sys.argv[3]])
+except SystemExit as exc:
+    assert exc.code == 0, exc.code
+print(json.dumps({"baseline": baseline, "peak": peak_rss()}))
+"""
+
+# 8.4M params a layer (34 MB fp32), 178 MB in all
+RSS_SHAPE = {"hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 5,
+             "num_attention_heads": 16, "num_key_value_heads": 4}
+
+
+def write_random_llama(out: Path, tokenizer_dir: Path, **shape) -> None:
+    """A random-weight Llama of `shape` with the demo tokenizer, tensor by tensor (no model object)."""
+    tok = load_tokenizer(tokenizer_dir)
+    config = demo.llama_config(tok, **shape)
+    with torch.device("meta"):
+        names = {n: p.shape for n, p in LlamaForCausalLM(config).named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    tensors = {n: torch.ones(s) if len(s) == 1 else torch.randn(s, generator=gen) * 0.02
+               for n, s in names.items()}
+    out.mkdir(parents=True)
+    config.save_pretrained(out)
+    save_file(tensors, str(out / "model.safetensors"))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / f, out / f)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+@pytest.mark.parametrize("bits", [8, pytest.param(4, marks=pytest.mark.slow)])  # int4: ~15 s more
+def test_quantize_peak_rss(bits, tmp_path, demo_models_dir):
+    """`lanner quantize` never holds the model: its peak RSS stays within
+        baseline + size of the quantized file + one decoder layer's fp32 weights,
+    baseline being the child's own peak RSS (VmHWM) after importing torch, transformers and Lanner and
+    one small quantization (thread pool, allocator).  What the process really holds at once is one
+    source matrix (its mapped fp32 pages, at most 8 MB here: fused Linears are quantized part by part)
+    and the quantizer's temporaries (4 MB blocks); quantized tensors go straight to spool files.
+    Holding the fp32 model (178 MB), or keeping the source mapped while it is read, would break the
+    bound (48 / 28 MB + 34 MB for int8 / int4).  Measured on the dev box: int8 +28 MB, int4 +29 MB over
+    baseline."""
+    src = tmp_path / "src"
+    write_random_llama(src, demo_models_dir / "demo-llama", **RSS_SHAPE)
+    layer_fp32 = sum(t.numel() * 4 for n, t in load_file(str(src / "model.safetensors")).items()
+                     if n.startswith("model.layers.0."))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", CHILD_QUANTIZE, str(src), str(bits), str(out)],
+                       capture_output=True, text=True, timeout=240, check=False)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout.strip().splitlines()[-1])
+    quantized = (out / WEIGHTS_FILE).stat().st_size
+    total_fp32 = (src / "model.safetensors").stat().st_size
+    assert total_fp32 > quantized + layer_fp32  # the bound is below the fp32 model: the test can fail
+    over = stats["peak"] - stats["baseline"]
+    mb = 2 ** 20
+    print(f"\nint{bits}: peak {stats['peak'] / mb:.0f} MiB = baseline {stats['baseline'] / mb:.0f} "
+          f"+ {over / mb:.0f}; bound + {(quantized + layer_fp32) / mb:.0f} (file {quantized / mb:.0f} "
+          f"+ layer {layer_fp32 / mb:.0f}); fp32 model {total_fp32 / mb:.0f}")
+    assert over <= quantized + layer_fp32, stats
