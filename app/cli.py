@@ -127,13 +127,13 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def quantize(args: argparse.Namespace) -> int:
+    if args.bits == 8 and args.group_size is not None:
+        _progress("error: --group-size applies to --bits 4 only (int8 scales are per output channel)")
+        return 2
     from app.config import default_cache_dir
     from app.models.loader import ModelLoadError, inspect_model_dir, resolve_model_source
     from app.quant.checkpoint import quantize_checkpoint, return_freed_memory_promptly
 
-    if args.bits == 8 and args.group_size is not None:
-        _progress("error: --group-size applies to --bits 4 only (int8 scales are per output channel)")
-        return 2
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return_freed_memory_promptly()  # peak memory: one layer at a time, not the allocator's leftovers
     try:
