@@ -6,7 +6,7 @@ the repo's config with the substitutions documented at its top. Then:
 - 100 streaming completions through nginx with the official async openai client (16 at a time): no
   errors, every stream has text and a finish_reason, and both replicas served requests (nginx's access
   log and each replica's /metrics agree);
-- SSE is not buffered by the proxy: the first token of a 160-token stream arrives long before its end,
+- SSE is not buffered by the proxy: the first token of an 800-token stream arrives long before its end,
   the events arrive one or two per read rather than in buffer-sized bursts, and the response has no
   Content-Length;
 - the Authorization header reaches the replicas, /nginx-health answers, bodies over 2 MB are refused;
@@ -45,7 +45,7 @@ API_KEY = "replica-key-123"
 MODEL = "demo-llama"
 N_REQUESTS = 100
 CONCURRENCY = 16
-SSE_TOKENS = 160
+SSE_TOKENS = 800
 
 
 @dataclass
@@ -250,10 +250,10 @@ async def test_sse_is_not_buffered_by_nginx(nginx: Nginx):
         buf += raw.decode()
         *complete, buf = buf.split("\n\n")
         events += [(t, e[len("data: "):]) for e in complete if e.startswith("data: ")]
-    assert events[-1][1] == "[DONE]" and not buf.strip()
+    assert events and events[-1][1] == "[DONE]" and not buf.strip(), (events[-3:], buf[-500:])
     chunks = [(t, json.loads(e)) for t, e in events[:-1]]
-    assert chunks[-1][1]["choices"][0]["finish_reason"] == "length"
-    assert "".join(c["choices"][0]["text"] for _, c in chunks)
+    assert chunks[-1][1]["choices"][0]["finish_reason"] == "length", chunks[-1]
+    assert "".join(c["choices"][0]["text"] for _, c in chunks), "no text"
     first_token = next(t for t, c in chunks if c["choices"][0]["text"])
     total = events[-1][0]
     print(f"\n{len(chunks)} SSE chunks in {len(reads)} reads; first token after {first_token * 1000:.0f} ms, "
