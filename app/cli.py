@@ -19,7 +19,8 @@ def _progress(msg: str) -> None:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     # Containers configure `serve` by environment: each of these flags also reads LANNER_<FLAG>.
-    env = os.environ.get
+    def env(name: str) -> str | None:
+        return os.environ.get(name) or None  # an empty variable (e.g. from compose) means unset
     p.add_argument("--config", type=Path, default=env("LANNER_CONFIG"),
                    help="YAML settings file with a `models:` registry (LANNER_CONFIG)")
     p.add_argument("--model", default=env("LANNER_MODEL"),

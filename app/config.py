@@ -92,7 +92,8 @@ def _split_keys(v: Any) -> Any:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LANNER_", extra="forbid", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="LANNER_", extra="forbid", populate_by_name=True,
+                                      env_ignore_empty=True)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

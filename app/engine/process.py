@@ -46,6 +46,18 @@ class WorkerConfig:
     quantize: str = "none"  # none | int8 | int4 (weight-only, app/quant/woq.py)
 
 
+def cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """Whole CPUs allowed by a cgroup v2 quota (a container's `cpus:` / a pod's CPU limit), if any.
+    Without the static CPU manager a pod sees every core of its node; the quota is what it may use."""
+    try:
+        quota, period = open(path).read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, int(int(quota) // int(period)))
+
+
 def process_name(model_id: str) -> str:
     """The worker's name in ps/top (Linux comm, at most 15 bytes)."""
     return f"lw:{model_id}"[:15]
@@ -67,7 +79,7 @@ def worker_main(cfg: WorkerConfig, commands: Connection, outputs: Connection) ->
     if cfg.cpus:
         os.sched_setaffinity(0, cfg.cpus)
     cpus = sorted(os.sched_getaffinity(0))
-    threads = cfg.num_threads or len(cpus)
+    threads = cfg.num_threads or min(len(cpus), cgroup_cpu_limit() or len(cpus))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         import torch

@@ -57,3 +57,20 @@ async def test_cors_off_by_default_and_allowlist_only():
         assert r.headers.get("access-control-allow-origin") != "https://evil.example"
         r = await c.get("/v1/models", headers={"Origin": "https://app.example", "Authorization": "Bearer k"})
         assert r.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_empty_env_means_unset(monkeypatch):
+    monkeypatch.setenv("LANNER_CACHE_DIR", "")
+    monkeypatch.setenv("LANNER_PORT", "")
+    s = load_settings()
+    assert s.port == 8000 and str(s.cache_dir).endswith("lanner")
+
+
+def test_cgroup_quota_bounds_threads(tmp_path):
+    from app.engine.process import cgroup_cpu_limit
+
+    f = tmp_path / "cpu.max"
+    for text, want in (("max 100000", None), ("200000 100000", 2), ("150000 100000", 1), ("50000 100000", 1)):
+        f.write_text(text + "\n")
+        assert cgroup_cpu_limit(str(f)) == want
+    assert cgroup_cpu_limit(str(tmp_path / "missing")) is None
