@@ -232,8 +232,10 @@ async def calibrate_words(client: Any, settings: LoadSettings, target_tokens: in
 
 
 async def run_level(client: Any, settings: LoadSettings, concurrency: int, prompts: list[str],
-                    num_requests: int | None, duration: float | None) -> tuple[list[RequestRecord], float]:
-    """C workers issuing requests back to back; returns (records, wall seconds)."""
+                    num_requests: int | None, duration: float | None, ramp: float = 0.0
+                    ) -> tuple[list[RequestRecord], float]:
+    """C workers issuing requests back to back; returns (records, wall seconds). With `ramp` > 0, worker i
+    sends its first request at i * ramp / C seconds (users arriving over time) instead of all at once."""
     records: list[RequestRecord] = []
     issued = 0
     t0 = time.perf_counter()
@@ -247,11 +249,13 @@ async def run_level(client: Any, settings: LoadSettings, concurrency: int, promp
         issued += 1
         return issued - 1
 
-    async def worker() -> None:
+    async def worker(k: int) -> None:
+        if ramp > 0:
+            await asyncio.sleep(k * ramp / concurrency)  # an arrival schedule, not synchronisation
         while (i := next_index()) is not None:
             records.append(await stream_one(client, settings, prompts[i % len(prompts)]))
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return records, time.perf_counter() - t0
 
 
@@ -299,7 +303,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for c in args.concurrency:
             n = None if args.duration else max(args.requests_per_level, c)
             t_start = time.monotonic()
-            records, wall = await run_level(client, settings, c, prompts, n, args.duration)
+            records, wall = await run_level(client, settings, c, prompts, n, args.duration, args.ramp)
             spans.append((c, records, wall, t_start, time.monotonic()))
             print(f"c={c}: {len(records)} requests in {wall:.1f} s", file=sys.stderr)
     for c, records, wall, t0, t1 in spans:
@@ -316,7 +320,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "requests_per_level": None if args.duration else args.requests_per_level,
             "duration_s": args.duration, "prompt_tokens": args.prompt_tokens, "prompt_words": words,
             "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos, "temperature": args.temperature,
-            "warmup": args.warmup, "health_interval_s": HEALTH_INTERVAL_S,
+            "warmup": args.warmup, "health_interval_s": HEALTH_INTERVAL_S, "ramp_s": args.ramp,
             "mode": f"{args.duration:g} s per level" if args.duration
             else f"{args.requests_per_level} requests per level (at least C)",
         },
@@ -353,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="send ignore_eos so each request produces exactly --max-tokens tokens")
     p.add_argument("--warmup", type=int, default=2, help="short warm-up requests before the first level")
+    p.add_argument("--ramp", type=float, default=0.0,
+                   help="spread each level's first requests over this many seconds (0: all clients at once)")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt texts")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "load",

@@ -40,7 +40,8 @@ def machine_lines(result: Result) -> list[str]:
         f"- git: {m.get('git_commit', '?')}; started {result.get('started_at', '?')}",
         f"- model `{s.get('model', '?')}` at {s.get('base_url', '?')}; prompt ~{s.get('prompt_tokens', '?')} "
         f"tokens, max_tokens {s.get('max_tokens', '?')}, ignore_eos {s.get('ignore_eos', '?')}, "
-        f"{s.get('mode', '?')}",
+        f"{s.get('mode', '?')}" + (f", clients arriving over {s['ramp_s']:g} s" if s.get("ramp_s") else
+                                   ", all clients starting at once"),
     ]
 
 

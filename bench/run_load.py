@@ -96,7 +96,7 @@ def run_against(name: str, label: str, server_cmd: Sequence[str], ready_path: st
             cmd = [sys.executable, str(BENCH_DIR / "loadgen.py"), "--base-url", f"http://127.0.0.1:{port}/v1",
                    "--model", args.model_id, "--concurrency", levels, "--max-tokens", str(args.max_tokens),
                    "--prompt-tokens", str(args.prompt_tokens), "--out", str(out), "--name", label,
-                   "--warmup", str(args.warmup)]
+                   "--warmup", str(args.warmup), "--ramp", str(args.ramp)]
             cmd += ["--duration", str(args.duration)] if args.duration else [
                 "--requests-per-level", str(args.requests_per_level)]
             if compare is not None:
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=30)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--ramp", type=float, default=0.0, help="seconds over which each level's clients arrive")
     p.add_argument("--max-num-seqs", type=int, default=32, help="Lanner's --max-num-seqs")
     p.add_argument("--lanner-arg", action="append", default=[],
                    help="extra argument for `app serve` (repeatable), e.g. --lanner-arg=--quantize=int8")
