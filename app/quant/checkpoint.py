@@ -300,7 +300,7 @@ def stream_quantized_parts(info: ModelInfo, mode: Literal["int8", "int4"], consu
             kind, g, fallback = linear_plan(module, shapes[module][1], mode, group_size, int4_head)
             weight_reader = readers.pop(f"{module}.weight")
             blocks = []
-            for piece in getattr(weight_reader, "parts", (weight_reader,)):  # q, k, v / gate, up: one by one
+            for piece in getattr(weight_reader, "parts", (weight_reader,)):  # q, k, v / gate, up: in turn
                 with source.scope() as weights:
                     blocks.append(quantize_weight(piece(weights), kind, g))
             bias_reader = readers.pop(f"{module}.bias", None)
@@ -580,7 +580,7 @@ def quantize_checkpoint(info: ModelInfo, out: Path, mode: Literal["int8", "int4"
             "torch_version": torch.__version__,
             "mode": mode,
             "arch": info.arch,
-            "group_size": group_size,  # as requested (None: the largest of 128/64/32 dividing each K)
+            "group_size": group_size,  # as requested (None: the default, woq.DEFAULT_GROUP_SIZE)
             "group_sizes": sorted({m["group_size"] for m in modules.values() if m["group_size"]}),
             "kinds": sorted(kinds),
             "head": modules.get("lm_head", {}).get("kind"),
@@ -599,9 +599,12 @@ def quantize_checkpoint(info: ModelInfo, out: Path, mode: Literal["int8", "int4"
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, KeyError):
+            raise ModelLoadError(f"Model in {info.path} is missing weight {exc.args[0]!r} in its safetensors "
+                                 "files") from exc
         raise
     finally:
         if bar is not None:

@@ -10,15 +10,21 @@ never from a file name; "none" is a no-op.
 * int8: symmetric, per output channel.  w[n, k] ~= q[n, k] * s[n],  q in [-128, 127],
   s[n] = max_k |w[n, k]| / 127 rounded to bf16 (the packed kernel takes bf16 scales with bf16
   activations; quantizing against the rounded scale keeps both kernel paths exact w.r.t. each other).
-* int4: asymmetric, per group of G consecutive input features (G = 128/64/32, the largest dividing K,
-  unless given): w[n, k] ~= (q[n, k] - 8) * s[n, g] + z[n, g],  q in [0, 15], g = k // G.  This is the
+* int4: asymmetric, per group of G consecutive input features (G = 32 unless given; 64/128/256 are
+  accepted): w[n, k] ~= (q[n, k] - 8) * s[n, g] + z[n, g],  q in [0, 15], g = k // G.  This is the
   convention of ATen's `_weight_int4pack_mm_for_cpu` (it maps the nibble to q - 8, then `* scale + zero`;
   torch 2.13 aten/src/ATen/native/cpu/int4mm_kernel.cpp), checked numerically in tests/unit/test_woq.py.
   Per group, s = (max - min) r / 15 and z = (range start) + 8 s for the range [min, max] shrunk by r about
   its middle, r in INT4_CLIP_RATIOS chosen for the least squared error (clipping a few outliers buys a
   finer step for the rest), both rounded to bf16 before q is computed.  In int4 mode the output head is
   int8 by default (llama.cpp likewise keeps a Q4_0 model's output matrix at 6 bits): on the tiny test
-  models that alone lifted logit cosine similarity by ~0.004.
+  models that alone lifted logit cosine similarity by ~0.003.  Group 32 (was: the largest of 128/64/32
+  dividing K) cuts the relative error of a Gaussian matrix from 8.6% (G=64) / 9.6% (G=128) to 7.6% and
+  lifted the tiny models' mean logit cosine by 0.002-0.012 (the 1.1B shape: 0.825 -> 0.868) for 18% more
+  int4 bytes (scales/zeros) and no measurable kernel time (0.83 ms at M=1, 2048x5632, G=32 and 128).  A
+  least-squares refit of scale/zero after rounding, with 3 range shifts, cut the error a further 7.5% but
+  made quantizing 7.7x slower for +0.001-0.002 of cosine: not used.  What int4 reaches on random-weight
+  models, and why, is in tests/model/test_woq_accuracy.py.
   Weights go through `_convert_weight_to_int4pack_for_cpu(q_int32 [N, K], 1)` -> uint8 [N, K/2];
   scales/zeros are stored as one bf16 tensor [K/G, N, 2].  Kernel constraints found in torch 2.13: N a
   multiple of 16, G in {32, 64, 128, 256}, K a multiple of G.  We pad N to a multiple of 64 with zero rows
@@ -45,7 +51,8 @@ Kernel choice, per call, by the number of activation rows M (tokens in the step)
   with native bf16 (AMX / AVX512-BF16) the packed bf16 kernels are used for every M.
 Whole decode step, TinyLlama-1.1B shape through load_runner (same box): batch 1 fp32 216 ms, int8 72 ms,
 int4 83 ms (the int4 kernel is compute-bound at M=1: 0.84 vs 0.47 ms); batch 8 612 / 243 / 220 ms;
-a 128-token prefill 1.96 / 1.95 / 2.32 s.  int4 buys memory (554 vs 989 MiB of Linear weights), not speed.
+a 128-token prefill 1.96 / 1.95 / 2.32 s (int4 at group 128; group 32: 86 ms at batch 1 in a run where
+int8 took 74).  int4 buys memory (640 MiB of Linear weights at group 32, 554 at 128, int8 989), not speed.
 The request comes from the `kernel` argument, else the LANNER_WOQ_KERNEL environment variable
 (auto|packed|dequant), else "auto".  The choice is logged once per model and carried in `QuantReport`.
 
@@ -85,7 +92,7 @@ KERNEL_ENV = "LANNER_WOQ_KERNEL"
 CROSSOVER_M = MappingProxyType({"int8": 40, "int4": 72})
 NEVER = sys.maxsize  # a crossover no batch reaches: packed kernel for every M
 
-AUTO_GROUP_SIZES = (128, 64, 32)  # auto int4 group size: the largest of these dividing K
+DEFAULT_GROUP_SIZE = 32  # int4 group size unless one is requested (see the module comment)
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 INT4_ROW_ALIGN = 64  # N padded to this (>= the kernel's 16, = its largest row block)
 DEQUANT_CHUNK_BYTES = 4 << 20  # fp32 weight rows dequantized at once (4 MiB beat 1-16 MiB: fresh
@@ -216,13 +223,13 @@ class Int8Linear(nn.Module):
 
 
 def pick_group_size(k: int, requested: int | None = None) -> int | None:
-    """The int4 group size for input width k: `requested` if valid, else the largest of 128/64/32
-    dividing k; None when no group size the kernel accepts divides k (caller falls back to int8)."""
+    """The int4 group size for input width k: `requested` (one the kernel accepts), else
+    DEFAULT_GROUP_SIZE; None when it does not divide k (the caller falls back to int8)."""
     if requested is not None:
         if requested not in KERNEL_GROUP_SIZES:
             raise ValueError(f"int4 group size must be one of {KERNEL_GROUP_SIZES}, got {requested}")
         return requested if k % requested == 0 else None
-    return next((g for g in AUTO_GROUP_SIZES if k % g == 0), None)
+    return DEFAULT_GROUP_SIZE if k % DEFAULT_GROUP_SIZE == 0 else None
 
 
 def _int4_grid(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

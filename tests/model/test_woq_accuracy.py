@@ -6,19 +6,36 @@ teacher-forced decode steps on the fp32 model's greedy tokens. Over all those lo
 
     int8: per model mean cosine >= 0.999 (min row >= 0.995), our top-1 within fp32's top-2 >= 0.98;
           top-1 agreement >= 0.9 on the demo models and pooled over all models.
-    int4: per model mean cosine >= 0.965 (min row >= 0.92), top-1 within fp32's top-2 >= 0.8;
-          top-1 agreement >= 0.6 on the demo models, >= 0.75 pooled.
+    int4: per model mean cosine >= 0.972 (min row >= 0.945), top-1 within fp32's top-2 >= 0.85;
+          top-1 agreement >= 0.65 on the demo models, >= 0.8 pooled.
 
 Measured (torch 2.13, AVX2): int8 mean cosine 0.9998-1.0000, top-1 0.875-1.0 (the misses are near-ties:
-fp32 top-2 margins of 0.007-0.1 on a logit std of 5), pooled 0.98; int4 (group 64, head int8) mean
-cosine 0.972-0.997, pooled top-1 0.80.  An int4 target of 0.99 cosine is not met on these models: random
-Gaussian weights are the worst case for 4-bit grids (no structure, ~9% relative error per matrix), the
-init std is large (0.08) and the heads are scaled for peaked logits, which amplifies every error.
+fp32 top-2 margins of 0.007-0.1 on a logit std of 5), pooled 0.98.  int4 (group 32, head int8) mean
+cosine 0.9761 (demo-llama), 0.9839 (llama3-rope), 0.9895-0.9980 (the others), pooled top-1 0.83; with
+group 64 (the previous default) 0.9737 / 0.9716 / 0.9845-0.9973, pooled 0.80.  The 1.1B shape
+(`test_tinyllama_shape`, slow): int8 0.998, int4 0.87 (group 128: 0.825).
 
-The demo models have hidden size 64, so int4 uses group size 64 (every K here is 64, 128 or 256).
-Prefill rows go through the dequant+sgemm path when the prompt has >= CROSSOVER_M tokens and through the
-packed kernels otherwise; decode rows always use the packed kernels. `test_both_paths_agree` forces
-each path with LANNER_WOQ_KERNEL so both are covered regardless of prompt lengths.
+The issue's int4 target of 0.99 is not met on these random-weight models, and cannot be by a better
+4-bit grid: the quantization error here behaves exactly like white noise.  Replacing every int4 matrix
+by its fp32 original plus Gaussian noise of the same Frobenius norm as its int4 error gives the same
+cosines (demo-llama 0.9791 vs 0.9761, falcon-7b 0.9887 vs 0.9904, ...; on the 1.1B shape 0.8724 vs
+0.868, and noise the size of int8's error 0.9982 vs int8's 0.9981), and the losses of the layer kinds add
+up (demo-llama, only one kind int4: qkv 0.9912, o 0.9928, gate_up 0.9923; all: 0.9761).
+Gaussian weights have no outliers for clipping or grouping to exploit: the best grid we found (more range
+ratios and shifts plus a least-squares refit) cut the per-matrix error from 7.6% to 7.0% and moved the
+cosine by +0.001-0.002.  0.99 on demo-llama would need ~4.9% error per matrix (1 - cosine grows with the
+squared error), far below what 16 levels give on Gaussian data: 7.0% at best in groups of 32 here, 9.7%
+for Lloyd-Max's optimal non-uniform 16 levels over a whole Gaussian.  What decides the cosine
+is how much the random model amplifies noise: the peaked heads (logit std 10) and the large init
+(std 0.08 at hidden 64) of the tiny models, and depth in the 22-layer 1.1B shape, where even int8's
+~1% error per matrix ends at 0.998.  Trained models are far less sensitive; their numbers belong in a
+benchmark with real weights.
+
+The demo models have hidden size 64, so every int4 group is 32 wide (demo-llama's down_proj, K=176, has no
+valid group size and stays int8).  Prefill rows go through the dequant+sgemm path when the prompt has
+>= CROSSOVER_M tokens and through the packed kernels otherwise; decode rows always use the packed
+kernels. `test_both_paths_agree` forces each path with LANNER_WOQ_KERNEL so both are covered regardless
+of prompt lengths.
 """
 
 from __future__ import annotations
@@ -51,10 +68,10 @@ PROMPTS = [
     "Ελληνικά και русский",
 ]
 # Per model (cosine of logit rows; how often our top-1 is one of fp32's two best tokens).
-BOUNDS = {"int8": dict(mean_cos=0.999, min_cos=0.995, top1_in_ref_top2=0.98),
-          "int4": dict(mean_cos=0.965, min_cos=0.92, top1_in_ref_top2=0.8)}
-DEMO_TOP1 = {"int8": dict(top1=0.9), "int4": dict(top1=0.6)}  # demo models: peaked logits, few near-ties
-POOLED_TOP1 = {"int8": 0.9, "int4": 0.75}  # top-1 agreement over every row of every model
+BOUNDS = {"int8": {"mean_cos": 0.999, "min_cos": 0.995, "top1_in_ref_top2": 0.98},
+          "int4": {"mean_cos": 0.972, "min_cos": 0.945, "top1_in_ref_top2": 0.85}}
+DEMO_TOP1 = {"int8": {"top1": 0.9}, "int4": {"top1": 0.65}}  # demo models: peaked logits, few near-ties
+POOLED_TOP1 = {"int8": 0.9, "int4": 0.8}  # top-1 agreement over every row of every model
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +189,33 @@ def test_reference_runner_refuses_quantize(model_dirs):
     info = inspect_model_dir(model_dirs["demo-llama"])
     with pytest.raises(ValueError, match="batched"):
         build_runner("reference", info, MAX_LEN, 1, None, "int8")
+
+
+# The 1.1B shape (bench/make_models.py: TinyLlama-1.1B's sizes, random N(0, 0.02) weights, 22 layers).
+# Measured: int8 mean cosine 0.9981 (min 0.9972), top-1 0.91, top-1 within fp32's top-2 1.0; int4 (group 32,
+# head int8) 0.868 (min 0.819), top-1 0.23 (group 128: 0.825, 0.20).  Bounds sit a little below.
+TINYLLAMA_BOUNDS = {"int8": {"mean_cos": 0.997, "min_cos": 0.995, "top1": 0.85, "top1_in_ref_top2": 0.95},
+                    "int4": {"mean_cos": 0.85, "min_cos": 0.79}}
+
+
+@pytest.mark.slow
+def test_tinyllama_shape(monkeypatch):
+    """The issue's 1.1B-shaped model, int8 and int4 against fp32 (builds the 4.4 GB model on first use in
+    ~/.cache/lanner/bench-models; a few minutes on 2 cores).  See the module comment for why random
+    weights of this depth stay below the 0.999 / 0.99 targets."""
+    from bench.make_models import DEFAULT_OUT, ensure_model
+
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    info = inspect_model_dir(ensure_model("tinyllama-1.1b", DEFAULT_OUT)[0])
+    prompts = prompt_ids(load_tokenizer(info.path), info.config.vocab_size)
+    ref, greedy = logit_rows(load_runner(info, MAX_LEN, 1), prompts, None)
+    failures, lines = [], []
+    for mode, bounds in TINYLLAMA_BOUNDS.items():
+        runner = load_runner(info, MAX_LEN, 1, quantize=mode)
+        stats = compare(ref, logit_rows(runner, prompts, greedy)[0])
+        del runner
+        lines.append(f"tinyllama-1.1b {mode} " + " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
+        failures += [f"{mode}: {k}={stats[k]:.4f} < {bound}"
+                     for k, bound in bounds.items() if stats[k] < bound]
+    print("\n" + "\n".join(lines))
+    assert not failures, failures

@@ -232,7 +232,14 @@ def test_quantize_refuses_quantized_source_and_used_output(checkpoints, sources,
     (tmp_path / "used" / "file").write_text("x")
     with pytest.raises(ModelLoadError, match="not an empty directory"):
         quantize_checkpoint(inspect_model_dir(sources["demo-llama"]), tmp_path / "used", "int8")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["used"]  # nothing half-written left behind
+    broken = tmp_path / "broken"
+    shutil.copytree(sources["demo-llama"], broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="missing weight 'model.layers.1.mlp.up_proj.weight'"):
+        quantize_checkpoint(inspect_model_dir(broken), tmp_path / "out", "int4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "used"]  # nothing half-written left
 
 
 # --------------------------------------------------------------------------- portability
