@@ -316,6 +316,7 @@ def stream_quantized_parts(info: ModelInfo, mode: Literal["int8", "int4"], consu
             part.detach = weights.detach
             consume(part)
             del part
+        trim_heap()
         if progress is not None:
             progress(label)
 
@@ -507,6 +508,19 @@ def _quantized_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor
     if qw.bias is not None:
         out[f"{name}.bias"] = qw.bias.float()
     return out
+
+
+def trim_heap() -> None:
+    """glibc only: give the heap's free pages back to the OS (malloc_trim).  Called after each part: the
+    allocator otherwise keeps freed quantizer blocks resident.  Measured serving a 178 MB fp32 model
+    (5 layers of 34 MB) with quantize-at-load: int8 peak 96 MB over baseline without it, 62 MB with it
+    (47 MB of them the model); int4 74-104 vs 83-95 MB (31 MB the model).  The rest is glibc keeping
+    multi-MB blocks in its heap once its mmap threshold has grown (pinning the threshold at 1 MiB gives
+    57 / 59 MB), which `lanner quantize` does (`return_freed_memory_promptly`) and a server does not."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def return_freed_memory_promptly(threshold: int = 1 << 20) -> bool:
