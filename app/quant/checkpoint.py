@@ -471,6 +471,7 @@ def load_quantized(info: ModelInfo, quantize: str = "none", *,
                     part.tensors[name] = weights[name]
             assembler(part)
             del part
+        trim_heap()
     model, report = assembler.finish()
     return model, replace(report, fallbacks=tuple(manifest.get("fallbacks", ())))
 
