@@ -162,6 +162,28 @@ def test_streaming_quantize_at_load_equals_whole_model_swap(mode, sources, monke
         assert torch.equal(a, b), name
 
 
+def test_bf16_source(sources, tmp_path, monkeypatch):
+    """A bf16 checkpoint (as most published ones are): quantized chunk by chunk from bf16, its unquantized
+    tensors stored as bf16 (lossless), same logits through all three paths."""
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    src = tmp_path / "bf16"
+    shutil.copytree(sources["demo-llama"], src)
+    tensors = {n: t.to(torch.bfloat16) for n, t in load_file(str(src / WEIGHTS_FILE)).items()}
+    save_file(tensors, str(src / WEIGHTS_FILE))
+    info = inspect_model_dir(src)
+    quantize_checkpoint(info, tmp_path / "q", "int4")
+    with safe_open(str(tmp_path / "q" / WEIGHTS_FILE), framework="pt") as f:
+        assert f.get_tensor("embed_tokens.weight").dtype == torch.bfloat16
+        assert f.get_tensor("layers.0.input_norm").dtype == torch.bfloat16
+    model = build_decoder(info.arch, info.config, SafetensorsWeights(info.path))
+    quantize_model(model, "int4")
+    prompts = prompts_for(src, info.vocab_size)
+    whole = logit_rows(BatchedRunner(model, MAX_LEN, 4), prompts, steps=2)
+    at_load = logit_rows(load_runner(info, MAX_LEN, 4, quantize="int4"), prompts, steps=2)
+    stored = logit_rows(load_runner(inspect_model_dir(tmp_path / "q"), MAX_LEN, 4), prompts, steps=2)
+    assert torch.equal(whole, at_load) and torch.equal(at_load, stored)
+
+
 def test_loading_leaves_no_file_mapping(sources, checkpoints):
     """Every tensor a model keeps is a copy: no page of the (source or checkpoint) file stays mapped."""
     if not Path("/proc/self/maps").exists():
