@@ -392,7 +392,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{fmt.get('version')} (hash {fmt.get('hash')}); this Lanner reads format version "
             f"{FORMAT_VERSION} (hash {FORMAT_HASH}) only. Quantize the original model again with "
             "`lanner quantize`.")
-    if manifest.get("mode") not in ("int8", "int4") or not isinstance(manifest.get("modules"), dict):
+    modules = manifest.get("modules")
+    if (manifest.get("mode") not in ("int8", "int4") or not isinstance(modules, dict)
+            or not all(isinstance(entry, dict) for entry in modules.values())):
         raise ModelLoadError(f"{file} has no valid `mode` (int8|int4) or `modules`.")
     return manifest
 
