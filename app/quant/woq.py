@@ -385,13 +385,6 @@ class QuantizedWeight:
         n = self.out_features
         return 4 * (n * self.in_features + (n if self.bias is not None else 0))
 
-    def clone(self) -> QuantizedWeight:
-        """A copy owning its memory (e.g. detached from a memory-mapped file)."""
-        def own(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.clone()
-        return QuantizedWeight(self.mode, self.qweight.clone(), self.scales.clone(), own(self.zeros),
-                               own(self.bias), self.in_features, self.group_size)
-
     @classmethod
     def cat(cls, parts: list[QuantizedWeight], bias: torch.Tensor | None = None) -> QuantizedWeight:
         """The row-wise concatenation of quantized blocks of rows (quantization is per row, so this equals
