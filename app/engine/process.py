@@ -93,7 +93,7 @@ def worker_main(cfg: WorkerConfig, commands: Connection, outputs: Connection) ->
     report = getattr(core.runner, "quant_report", None)
     outputs.send(("ready", {"pid": os.getpid(), "cpus": cpus, "num_threads": threads,
                             "max_num_seqs": core.runner.max_num_seqs, "runner": type(core.runner).__name__,
-                            "quantization": cfg.quantize, "backend": "native",
+                            "quantization": report.mode if report else cfg.quantize, "backend": "native",
                             "kernel": report.kernel if report else "transformers",
                             "isa": report.isa if report else ""}))
     threading.Thread(target=_pump_commands, args=(commands, core), daemon=True, name="lanner-commands").start()
