@@ -21,6 +21,7 @@ from tests.api.conftest import start_server, stop_server
 from tests.api.test_errors import assert_error
 from tests.api.test_metrics import value
 from tests.api.test_workers import workers as worker_pids
+from tests.model.test_woq_checkpoint import write_random_llama
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -165,11 +166,24 @@ async def test_sigterm_drains_in_flight_then_exits_0(hserver):
 # ------------------------------------------------------------------ deadlines
 
 
+SLOW_CONTEXT = 8192
+
+
+def save_slow_model(out: Path, demo_models_dir: Path) -> Path:
+    """A demo-tokenizer Llama big enough (16M parameters, 8k context) that its longest generation takes
+    many times the test's deadline on any CPU, so the deadline cuts it whatever the machine's speed."""
+    write_random_llama(out, demo_models_dir / "demo-llama", hidden_size=512, intermediate_size=2048,
+                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                       max_position_embeddings=SLOW_CONTEXT)
+    return out
+
+
 @pytest.fixture(scope="module")
 def tserver(tmp_path_factory, demo_models_dir):
     root = tmp_path_factory.mktemp("deadlines")
+    slow = save_slow_model(root / "slow-llama", demo_models_dir)
     cfg = root / "models.yaml"
-    cfg.write_text(f"models:\n  - {{id: slow, source: {demo_models_dir / 'demo-llama'}, max_num_seqs: 1}}\n")
+    cfg.write_text(f"models:\n  - {{id: slow, source: {slow}, max_num_seqs: 1, max_model_len: {SLOW_CONTEXT}}}\n")
     proc, base = start_server(["--config", str(cfg)], root / "server.log",
                               env={"LANNER_QUEUE_TIMEOUT": "0.5", "LANNER_REQUEST_TIMEOUT": "2"})
     yield proc, base
@@ -177,11 +191,11 @@ def tserver(tmp_path_factory, demo_models_dir):
 
 
 async def test_queue_timeout_and_request_timeout(tserver):
-    """One slot. A holds it generating ~1000 tokens (several seconds on the demo model) and is cut at the 2 s
-    request deadline with an error event; B, queued behind it, gives up after the 0.5 s queue timeout."""
+    """One slot. A holds it generating ~8000 tokens (tens of seconds) and is cut at the 2 s request
+    deadline with an error event; B, queued behind it, gives up after the 0.5 s queue timeout."""
     _, base = tserver
     async with httpx.AsyncClient(base_url=base, timeout=60) as c:
-        async with c.stream("POST", "/v1/completions", json=completion("slow", 1000)) as a:
+        async with c.stream("POST", "/v1/completions", json=completion("slow", SLOW_CONTEXT - 100)) as a:
             lines = a.aiter_lines()
             async for line in lines:
                 if line.startswith("data: "):

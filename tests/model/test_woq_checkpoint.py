@@ -184,17 +184,24 @@ def test_bf16_source(sources, tmp_path, monkeypatch):
     assert torch.equal(whole, at_load) and torch.equal(at_load, stored)
 
 
-def test_loading_leaves_no_file_mapping(sources, checkpoints):
-    """Every tensor a model keeps is a copy: no page of the (source or checkpoint) file stays mapped."""
+def test_loading_leaves_no_file_mapping(sources, checkpoints, tmp_path):
+    """Every tensor a model keeps is a copy: no page of the (source or checkpoint) file stays mapped.
+
+    Each directory is a private copy: other tests' models (fp32 ones map their source by design) may
+    still be alive in this process and must not show up here."""
     if not Path("/proc/self/maps").exists():
         pytest.skip("needs /proc/self/maps")
-    for path, quantize in ((checkpoints["demo-llama", "int8"], "none"), (sources["demo-falcon"], "int8"),
-                           (checkpoints["falcon-sequential", "int4"], "int4")):
-        runner = load_runner(inspect_model_dir(path), MAX_LEN, 1, quantize=quantize)
+    cases = {"llama-int8-ckpt": (checkpoints["demo-llama", "int8"], "none"),
+             "falcon-source": (sources["demo-falcon"], "int8"),
+             "falcon-seq-int4-ckpt": (checkpoints["falcon-sequential", "int4"], "int4"),
+             "llama-source": (sources["demo-llama"], "none")}
+    copies = {name: shutil.copytree(src, tmp_path / name) for name, (src, _) in cases.items()}
+    for name in ("llama-int8-ckpt", "falcon-source", "falcon-seq-int4-ckpt"):
+        runner = load_runner(inspect_model_dir(copies[name]), MAX_LEN, 1, quantize=cases[name][1])
         assert runner.quant_report.mode != "none"
-        assert file_mappings(path) == [], path
-    fp32 = load_runner(inspect_model_dir(sources["demo-llama"]), MAX_LEN, 1)  # fp32: zero-copy by design
-    assert file_mappings(sources["demo-llama"])
+        assert file_mappings(copies[name]) == [], name
+    fp32 = load_runner(inspect_model_dir(copies["llama-source"]), MAX_LEN, 1)  # fp32: zero-copy by design
+    assert file_mappings(copies["llama-source"])
     del fp32
 
 
