@@ -1,0 +1,583 @@
+"""Single-stream decode and 128-token prefill: Lanner fp32/int8/int4 vs llama.cpp Q8_0/Q4_0, same weights, same run.
+
+    python bench/decode_bench.py                                   # TinyLlama-1.1B shape, all five engines
+    python bench/decode_bench.py --model falcon-7b-layout --falcon-layers 2
+    python bench/decode_bench.py --engines lanner-int8,llama.cpp-q8_0 --decode-tokens 64 --no-profile
+
+What runs
+---------
+The bench model (bench/make_models.py, built if missing) is converted once to GGUF by the converter in
+llama-cpp-python's sdist, then quantized to Q8_0 and Q4_0 by llama.cpp's own quantizer
+(bench/gguf_convert.py). Every engine then runs in its own fresh subprocess, one after the other, so its
+peak RSS is that process's VmHWM (/proc/self/status) and nothing else runs in it:
+
+* Lanner: `load_runner(..., quantize=none|int8|int4)`, one KV slot; greedy decoding through
+  `BatchedRunner.step` (argmax of the returned logits).
+* llama.cpp: `llama_cpp.Llama(n_threads=T, n_threads_batch=T, n_batch=512)` with `Llama.eval` (one
+  `llama_decode` per call), greedy = argmax of `llama_get_logits_ith(ctx, -1)`.
+
+Both get the same token ids (a prompt of `--prompt-tokens` ids from the model's tokenizer; no BOS, no
+text). In each process: load, warm-up (one prefill + `--warmup-tokens` decode steps, not counted),
+`--prefill-reps` timed prefills of the whole prompt as one step (median reported; the KV cache is cleared
+in between), then `--decode-tokens` greedy decode steps after the last prefill, each timed alone
+(`time.perf_counter` around step + argmax). decode tok/s = tokens / sum of their step times.
+
+Memory: VmHWM (peak RSS over the process's life: imports, loading/quantizing, running), and VmRSS /
+RssAnon / RssFile after loading and at the end. "weight bytes" is what the engine holds as model weights:
+Lanner, the unique storages of the decoder's parameters and buffers (quantized Linear buffers plus the
+fp32 embedding and norms; KV cache not included); llama.cpp, `llama_model_size` (all tensors of the GGUF).
+
+Profile (`--profile`, default on): in the Lanner int8 and int4 processes, after the measurement,
+`torch.profiler` records `--profile-steps` decode steps and the markdown gets where a step's time goes
+(WOQ matmuls, the fp32 head or other matmuls, attention, everything else), plus the largest ops.
+
+Output: `<results-dir>/decode-<model>.{json,md,png}` with machine info (bench/loadgen.py), every setting,
+each engine's numbers and token ids, and ratios against llama.cpp in the same run:
+int8 vs Q8_0, int4 vs Q4_0 (and fp32 vs Q8_0 for scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO_ROOT = BENCH.parent
+for p in (str(REPO_ROOT), str(BENCH)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+ENGINES = ("lanner-fp32", "lanner-int8", "lanner-int4", "llama.cpp-q8_0", "llama.cpp-q4_0")
+PAIRS = (("lanner-int8", "llama.cpp-q8_0"), ("lanner-int4", "llama.cpp-q4_0"), ("lanner-fp32", "llama.cpp-q8_0"))
+# the issue's targets: decode tok/s ratio at least, prefill ratio at most, RSS / weight bytes at most
+TARGETS = {"lanner-int8": {"decode_vs": 0.95}, "lanner-int4": {"decode_vs": 1.0}}
+PREFILL_TARGET = 1.0
+RSS_TARGET = 1.15
+
+
+# =========================================================================== child side
+
+
+def proc_status() -> dict[str, int]:
+    """VmHWM, VmRSS, RssAnon, RssFile of this process, in bytes."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def _timed_decode(step, first_token: int, n: int) -> tuple[list[float], list[int]]:
+    """Run `n` greedy steps from `first_token`; step(tok) -> next token. Per-step seconds and tokens fed."""
+    times, fed = [], []
+    tok = first_token
+    for _ in range(n):
+        fed.append(tok)
+        t0 = time.perf_counter()
+        tok = step(tok)
+        times.append(time.perf_counter() - t0)
+    fed.append(tok)
+    return times, fed
+
+
+def child_lanner(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any]:
+    if args.lanner_root:  # import `app` from that checkout (e.g. a clean worktree of a commit)
+        sys.path.insert(0, str(Path(args.lanner_root).resolve()))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from app.models.base import StepInput
+    from app.models.loader import inspect_model_dir
+    from app.models.runner import load_runner
+
+    mode = args.child.split("-", 1)[1].replace("fp32", "none")
+    mem_imports = proc_status()
+    t0 = time.perf_counter()
+    info = inspect_model_dir(Path(args.model_dir))
+    max_len = len(prompt) + args.decode_tokens + args.warmup_tokens + 8
+    runner = load_runner(info, max_model_len=max_len, max_num_seqs=1, quantize=mode)
+    load_s = time.perf_counter() - t0
+    mem_loaded = proc_status()
+    seen: set[int] = set()
+    weight_bytes = 0
+    for t in [*runner.model.parameters(), *runner.model.buffers()]:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            weight_bytes += t.untyped_storage().nbytes()
+    kv_bytes = sum(t.numel() * t.element_size() for t in runner.kv.k + runner.kv.v)
+
+    seq = [0]
+
+    def prefill() -> int:
+        seq[0] += 1
+        logits = runner.step([StepInput(seq[0], list(prompt), 0)])
+        return int(logits[-1].argmax())
+
+    def make_step():
+        pos = [len(prompt)]
+
+        def step(tok: int) -> int:
+            logits = runner.step([StepInput(seq[0], [tok], pos[0])])
+            pos[0] += 1
+            return int(logits[-1].argmax())
+        return step
+
+    # warm-up
+    tok = prefill()
+    _timed_decode(make_step(), tok, args.warmup_tokens)
+    runner.free(seq[0])
+    prefill_times = []
+    for i in range(args.prefill_reps):
+        t0 = time.perf_counter()
+        tok = prefill()
+        prefill_times.append(time.perf_counter() - t0)
+        if i < args.prefill_reps - 1:
+            runner.free(seq[0])
+    times, fed = _timed_decode(make_step(), tok, args.decode_tokens)
+    result = {"load_s": load_s, "prefill_s": prefill_times, "decode_step_s": times, "tokens": fed,
+              "weight_bytes": weight_bytes, "kv_cache_bytes": kv_bytes,
+              "quant": runner.quant_report.summary(), "quant_linear_bytes": runner.quant_report.bytes_after,
+              "threads": torch.get_num_threads(), "mem_after_imports": mem_imports,
+              "mem_after_load": mem_loaded, "mem_end": proc_status()}
+    if args.profile and mode != "none":
+        runner.free(seq[0])
+        tok = prefill()  # a fresh sequence: the profiled steps run at the measured positions
+        result["profile"] = profile_decode(make_step(), tok, args.profile_steps)
+        result["mem_end_incl_profile"] = proc_status()
+    return result
+
+
+# ops of the decode step, bucketed for the profile table (first match wins)
+PROFILE_BUCKETS = (
+    ("WOQ matmuls (int8/int4 packed kernels)", ("_weight_int8pack_mm", "_weight_int4pack_mm")),
+    ("fp32 matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("attention (SDPA)", ("scaled_dot_product", "_flash_attention", "aten::_efficient_attention")),
+    ("bf16/fp32 casts", ("aten::to", "aten::_to_copy", "aten::copy_")),
+    ("argmax (sampling)", ("aten::argmax",)),
+)
+
+
+def profile_decode(step, first_token: int, n: int) -> dict[str, Any]:
+    """torch.profiler over `n` decode steps: self CPU time per op, bucketed; wall time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        _timed_decode(step, first_token, n)
+        wall = time.perf_counter() - t0
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total_self = sum(e.self_cpu_time_total for e in events) / 1e6
+    buckets: dict[str, float] = {name: 0.0 for name, _ in PROFILE_BUCKETS}
+    buckets["other ops"] = 0.0
+    for e in events:
+        for name, keys in PROFILE_BUCKETS:
+            if any(k in e.key for k in keys):
+                buckets[name] += e.self_cpu_time_total / 1e6
+                break
+        else:
+            buckets["other ops"] += e.self_cpu_time_total / 1e6
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    return {"steps": n, "wall_s": wall, "ops_self_s": total_self,
+            "buckets_s": buckets, "outside_ops_s": max(wall - total_self, 0.0),
+            "top_ops": [{"op": e.key, "calls": e.count, "self_s": e.self_cpu_time_total / 1e6} for e in top]}
+
+
+def child_llamacpp(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any]:
+    import ctypes
+
+    import numpy as np
+
+    mem_imports_0 = proc_status()
+    import llama_cpp
+
+    mem_imports = proc_status()
+    t0 = time.perf_counter()
+    n_ctx = len(prompt) + args.decode_tokens + args.warmup_tokens + 8
+    llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=args.threads,
+                          n_threads_batch=args.threads, logits_all=False, verbose=False, seed=0)
+    load_s = time.perf_counter() - t0
+    mem_loaded = proc_status()
+    n_vocab = llm.n_vocab()
+    ctx = llm._ctx.ctx
+
+    def argmax_last() -> int:
+        ptr = llama_cpp.llama_get_logits_ith(ctx, -1)
+        return int(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)).argmax())
+
+    def prefill() -> int:
+        llm.reset()  # n_tokens = 0; eval() then drops the whole KV cache of the sequence
+        llm.eval(prompt)
+        return argmax_last()
+
+    def step(tok: int) -> int:
+        llm.eval([tok])
+        return argmax_last()
+
+    tok = prefill()
+    _timed_decode(step, tok, args.warmup_tokens)
+    prefill_times = []
+    for _ in range(args.prefill_reps):
+        t0 = time.perf_counter()
+        tok = prefill()
+        prefill_times.append(time.perf_counter() - t0)
+    times, fed = _timed_decode(step, tok, args.decode_tokens)
+    return {"load_s": load_s, "prefill_s": prefill_times, "decode_step_s": times, "tokens": fed,
+            "weight_bytes": int(llama_cpp.llama_model_size(llm.model)),
+            "n_params": int(llama_cpp.llama_model_n_params(llm.model)),
+            "gguf_file_bytes": Path(args.gguf).stat().st_size, "gguf": args.gguf,
+            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace"),
+            "llama_cpp_python": llama_cpp.__version__, "threads": args.threads,
+            "mem_before_import": mem_imports_0, "mem_after_imports": mem_imports,
+            "mem_after_load": mem_loaded, "mem_end": proc_status()}
+
+
+def child_main(args: argparse.Namespace) -> int:
+    prompt = json.loads(Path(args.prompt_file).read_text())
+    result = child_lanner(args, prompt) if args.child.startswith("lanner") else child_llamacpp(args, prompt)
+    result["engine"] = args.child
+    if args.child.startswith("lanner"):
+        import app
+
+        result["app_path"] = str(Path(app.__file__).resolve().parent)
+    result["pid"] = os.getpid()
+    Path(args.child_out).write_text(json.dumps(result))
+    return 0
+
+
+# =========================================================================== parent side
+
+
+def prompt_ids(model_dir: Path, n: int) -> list[int]:
+    """`n` token ids of varied English text, from the model's own tokenizer (no special tokens)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    words = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
+             "under pale autumn light and every river remembers the sound of distant mountains").split()
+    ids: list[int] = []
+    i = 0
+    while len(ids) < n:
+        ids += tok.encode(" ".join(words[(i + k * 7) % len(words)] for k in range(len(words))),
+                          add_special_tokens=False).ids
+        i += 1
+    return ids[:n]
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    steps = raw["decode_step_s"]
+    ms = sorted(s * 1000 for s in steps)
+    mem = raw["mem_end"]
+    peak = mem["VmHWM"]  # taken before the (optional) profile, which runs after the measurement
+    return {
+        "decode_tok_s": len(steps) / sum(steps),
+        "ms_per_token_p50": statistics.median(ms),
+        "ms_per_token_p90": ms[int(0.9 * (len(ms) - 1))],
+        "prefill_s": statistics.median(raw["prefill_s"]),
+        "prefill_s_min": min(raw["prefill_s"]),
+        "load_s": raw["load_s"],
+        "peak_rss_bytes": peak,
+        "rss_after_load_bytes": raw["mem_after_load"]["VmRSS"],
+        "rss_end_bytes": mem["VmRSS"],
+        "rss_anon_end_bytes": mem.get("RssAnon"),
+        "rss_file_end_bytes": mem.get("RssFile"),
+        "rss_after_imports_bytes": raw["mem_after_imports"]["VmRSS"],
+        "weight_bytes": raw["weight_bytes"],
+        "peak_rss_over_weights": peak / raw["weight_bytes"],
+        "rss_end_over_weights": mem["VmRSS"] / raw["weight_bytes"],
+    }
+
+
+def run_child(engine: str, args: argparse.Namespace, prompt_file: Path, gguf: Path | None) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        out = Path(fh.name)
+    cmd = [sys.executable, __file__, "--child", engine, "--child-out", str(out), "--prompt-file", str(prompt_file),
+           "--model-dir", str(args.model_dir), "--threads", str(args.threads),
+           "--decode-tokens", str(args.decode_tokens), "--warmup-tokens", str(args.warmup_tokens),
+           "--prefill-reps", str(args.prefill_reps), "--profile-steps", str(args.profile_steps)]
+    if args.lanner_root:
+        cmd += ["--lanner-root", str(args.lanner_root)]
+    if gguf:
+        cmd += ["--gguf", str(gguf)]
+    if args.profile:
+        cmd += ["--profile"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    print(f"[{time.strftime('%H:%M:%S')}] {engine} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env)
+    raw = json.loads(out.read_text())
+    out.unlink()
+    raw["summary"] = summarize(raw)
+    s = raw["summary"]
+    print(f"[{time.strftime('%H:%M:%S')}] {engine}: {s['decode_tok_s']:.2f} tok/s, p50 {s['ms_per_token_p50']:.1f} ms, "
+          f"prefill {s['prefill_s']:.3f} s, peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB, weights "
+          f"{s['weight_bytes'] / 2**20:.0f} MiB ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    return raw
+
+
+def ratios(engines: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for ours, theirs in PAIRS:
+        if ours not in engines or theirs not in engines:
+            continue
+        a, b = engines[ours]["summary"], engines[theirs]["summary"]
+        out.append({"lanner": ours, "llama_cpp": theirs,
+                    "decode": a["decode_tok_s"] / b["decode_tok_s"],
+                    "prefill": a["prefill_s"] / b["prefill_s"],
+                    "peak_rss": a["peak_rss_bytes"] / b["peak_rss_bytes"],
+                    "weights": a["weight_bytes"] / b["weight_bytes"],
+                    "decode_target": TARGETS.get(ours, {}).get("decode_vs")})
+    return out
+
+
+def agreement(engines: dict[str, Any], ref: str = "lanner-fp32") -> dict[str, int]:
+    """How many leading generated tokens each engine shares with `ref` (same weights -> same greedy text)."""
+    if ref not in engines:
+        return {}
+    base = engines[ref]["tokens"]
+    out = {}
+    for name, raw in engines.items():
+        n = 0
+        for a, b in zip(base, raw["tokens"]):
+            if a != b:
+                break
+            n += 1
+        out[name] = n
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _mib(b: float | None) -> str:
+    return "—" if b is None else f"{b / 2**20:,.0f}"
+
+
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m, s, engines = result["machine"], result["settings"], result["engines"]
+    isa = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in m.get("isa", {}).items())
+    lines = [
+        f"# Single-stream decode: Lanner vs llama.cpp — `{s['model']}`", "",
+        f"- CPU: {m.get('cpu_model')} — {m.get('logical_cpus')} logical CPUs ({m.get('usable_cpus')} usable), {isa}",
+        f"- RAM {m.get('mem_total_gib', 0):.1f} GiB; torch {m.get('torch')}, llama-cpp-python "
+        f"{s.get('llama_cpp_python')}, python {m.get('python')}; git {m.get('git_commit')}; started {result['started_at']}",
+        f"- prompt {s['prompt_tokens']} token ids (same ids for every engine), then {s['decode_tokens']} greedy "
+        f"decode steps timed one by one; warm-up prefill + {s['warmup_tokens']} steps first; prefill = median of "
+        f"{s['prefill_reps']}; {s['threads']} threads; each engine in its own fresh process, one after the other",
+    ]
+    if s.get("lanner_commit"):
+        dirty = s.get("lanner_dirty_files") or []
+        lines.append(f"- Lanner code: `app/` of {s['lanner_root']} at {s['lanner_commit'][:12]}"
+                     + (f" with uncommitted changes in {len(dirty)} file(s) of app/" if dirty else " (clean)"))
+    if s.get("note"):
+        lines.append(f"- {s['note']}")
+    llama_sys = next((e.get("system_info") for e in engines.values() if e.get("system_info")), None)
+    if llama_sys:
+        lines.append(f"- llama.cpp system info: `{llama_sys.strip()}`")
+    lines += ["", "| engine | decode tok/s | ms/token p50 | ms/token p90 | "
+                  f"prefill-{s['prompt_tokens']} s | peak RSS MiB | "
+                  "RSS at end MiB | RSS after imports MiB | weight MiB | peak RSS / weights | "
+                  "(end − imports) / weights | load s | tokens = fp32's |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    agree = result.get("agreement", {})
+    for name, raw in engines.items():
+        x = raw["summary"]
+        lines.append(f"| {name} | {x['decode_tok_s']:.2f} | {x['ms_per_token_p50']:.1f} | {x['ms_per_token_p90']:.1f} | "
+                     f"{x['prefill_s']:.3f} | {_mib(x['peak_rss_bytes'])} | {_mib(x['rss_end_bytes'])} | "
+                     f"{_mib(x['rss_after_imports_bytes'])} | {_mib(x['weight_bytes'])} | "
+                     f"{x['peak_rss_over_weights']:.2f} | "
+                     f"{(x['rss_end_bytes'] - x['rss_after_imports_bytes']) / x['weight_bytes']:.2f} | "
+                     f"{x['load_s']:.1f} | "
+                     f"{agree.get(name, '—')}/{s['decode_tokens'] + 1} |")
+    rs = result["ratios"]
+    if rs:
+        lines += ["", "Ratios, same run (Lanner / llama.cpp; decode: higher is better, prefill and RSS: lower):", "",
+                  "| pair | decode × | target | prefill × | target ≤1.0 | peak RSS × | weight bytes × | "
+                  "Lanner peak RSS / its weights | target ≤1.15 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rs:
+            x = engines[r["lanner"]]["summary"]
+            tgt = r["decode_target"]
+            dec_t = f"≥{tgt:.2f} {_verdict(r['decode'] >= tgt)}" if tgt else "—"
+            pre_t = _verdict(r["prefill"] <= PREFILL_TARGET) if tgt else "—"
+            rss_t = _verdict(x["peak_rss_over_weights"] <= RSS_TARGET) if tgt else "—"
+            lines.append(f"| {r['lanner']} vs {r['llama_cpp']} | {r['decode']:.2f} | {dec_t} | {r['prefill']:.2f} | "
+                         f"{pre_t} | {r['peak_rss']:.2f} | {r['weights']:.2f} | {x['peak_rss_over_weights']:.2f} | {rss_t} |")
+    for name, raw in engines.items():
+        prof = raw.get("profile")
+        if not prof:
+            continue
+        n = prof["steps"]
+        wall_ms = prof["wall_s"] / n * 1000
+        lines += ["", f"### Where a `{name}` decode step goes (torch.profiler, {n} steps, {wall_ms:.1f} ms/step "
+                      "under the profiler)", "",
+                  "| part | ms/step | share |", "|---|---|---|"]
+        parts = list(prof["buckets_s"].items()) + [("outside ATen ops (Python, module calls, profiler)",
+                                                     prof["outside_ops_s"])]
+        for part, sec in parts:
+            lines.append(f"| {part} | {sec / n * 1000:.2f} | {sec / prof['wall_s'] * 100:.0f}% |")
+        lines += ["", "Largest ops by self time: " + ", ".join(
+            f"`{o['op']}` {o['self_s'] / n * 1000:.2f} ms ({o['calls'] // n}/step)" for o in prof["top_ops"][:8])]
+    lines += ["", "Weight bytes: Lanner = unique storages of the decoder's parameters and buffers (quantized Linear "
+                  "buffers + fp32 embedding + norms); llama.cpp = `llama_model_size` (all GGUF tensors). "
+                  "Peak RSS = VmHWM of the engine's own process (imports + load/quantize + run)."]
+    for name, raw in engines.items():
+        if raw.get("quant"):
+            lines.append(f"- {name}: {raw['quant']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = result["engines"]
+    names = list(engines)
+    colors = ["C0" if n.startswith("lanner") else "C1" for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    panels = (("decode_tok_s", "tokens/s", "single-stream decode (higher is better)", 1, "%.1f"),
+              ("prefill_s", "s", f"prefill of {result['settings']['prompt_tokens']} tokens (lower is better)", 1,
+               "%.3f"),
+              ("peak_rss_bytes", "MiB", "peak RSS (bars) vs weight bytes (dots)", 2**20, "%.0f"))
+    for ax, (key, unit, title, div, fmt) in zip(axes, panels):
+        vals = [engines[n]["summary"][key] / div for n in names]
+        bars = ax.bar(range(len(names)), vals, color=colors)
+        ax.bar_label(bars, fmt=fmt, fontsize=8)
+        if key == "peak_rss_bytes":
+            ax.plot(range(len(names)), [engines[n]["summary"]["weight_bytes"] / div for n in names], "kD",
+                    label="weight bytes")
+            ax.plot(range(len(names)), [engines[n]["summary"]["weight_bytes"] * RSS_TARGET / div for n in names],
+                    "r_", markersize=20, label=f"{RSS_TARGET}× weights")
+            ax.legend(fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"Lanner vs llama.cpp, same weights, same run — {result['settings']['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _git(root: Path, *cmd: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def parent_main(args: argparse.Namespace) -> int:
+    import importlib.metadata
+
+    from gguf_convert import GGUF_CACHE, ensure_ggufs
+    from loadgen import machine_info
+    from make_models import DEFAULT_OUT, ensure_model
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown:
+        raise SystemExit(f"unknown engine(s) {unknown}; choose from {', '.join(ENGINES)}")
+    if args.model_dir is None:
+        model_dir, built = ensure_model(args.model, args.models_dir or DEFAULT_OUT, falcon_layers=args.falcon_layers)
+        if built:
+            print(f"built {model_dir}", file=sys.stderr)
+    else:
+        model_dir = Path(args.model_dir).expanduser()
+    args.model_dir = model_dir
+    quant = [e.split("-", 1)[1] for e in engines if e.startswith("llama.cpp")]
+    ggufs = ensure_ggufs(model_dir, quant, args.gguf_dir or GGUF_CACHE) if quant else {}
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    prompt = prompt_ids(model_dir, args.prompt_tokens)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(prompt, fh)
+        prompt_file = Path(fh.name)
+    try:
+        version = importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    results: dict[str, Any] = {}
+    try:
+        for e in engines:
+            gguf = ggufs.get(e.split("-", 1)[1]) if e.startswith("llama.cpp") else None
+            results[e] = run_child(e, args, prompt_file, gguf)
+    finally:
+        prompt_file.unlink(missing_ok=True)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    lanner_root = Path(args.lanner_root or REPO_ROOT).resolve()
+    result = {
+        "started_at": started, "machine": machine_info(),
+        "settings": {"model": model_dir.name, "model_dir": str(model_dir), "prompt_tokens": args.prompt_tokens,
+                     "decode_tokens": args.decode_tokens, "warmup_tokens": args.warmup_tokens,
+                     "prefill_reps": args.prefill_reps, "threads": args.threads, "llama_cpp_python": version,
+                     "num_layers": cfg.get("num_hidden_layers"), "note": args.note,
+                     "lanner_root": str(lanner_root), "lanner_commit": _git(lanner_root, "rev-parse", "HEAD"),
+                     "lanner_dirty_files": _git(lanner_root, "status", "--porcelain", "--", "app").splitlines(),
+                     "ggufs": {k: str(v) for k, v in ggufs.items()}},
+        "engines": results, "ratios": ratios(results), "agreement": agreement(results),
+    }
+    out_dir = Path(args.results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"decode-{model_dir.name}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    md = markdown(result)
+    stem.with_suffix(".md").write_text(md)
+    plot(result, stem.with_suffix(".png"))
+    print(md)
+    print(f"wrote {stem}.{{json,md,png}}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tinyllama-1.1b", help="bench model name (bench/make_models.py)")
+    parser.add_argument("--falcon-layers", type=int, default=8, help="layers of falcon-7b-layout (make_models)")
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="where bench models are built (default ~/.cache/lanner/bench-models)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="any Llama/Falcon HF directory instead")
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--warmup-tokens", type=int, default=8)
+    parser.add_argument("--prefill-reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.profiler of the Lanner int8/int4 decode step (after the measurement)")
+    parser.add_argument("--profile-steps", type=int, default=8)
+    parser.add_argument("--gguf-dir", type=Path, default=None, help="GGUF cache (default ~/.cache/lanner/gguf)")
+    parser.add_argument("--results-dir", type=Path, default=BENCH / "results" / "decode")
+    parser.add_argument("--note", default="", help="a line for the report (e.g. what else ran)")
+    parser.add_argument("--lanner-root", type=Path, default=None,
+                        help="checkout whose `app` package the Lanner runs import (default: this repo), e.g. "
+                             "`git worktree add /tmp/lanner-head HEAD` to measure a commit, not a working tree")
+    # child-process arguments
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-file", help=argparse.SUPPRESS)
+    parser.add_argument("--gguf", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child_main(args)
+    if args.profile_steps > args.decode_tokens:
+        parser.error("--profile-steps must be at most --decode-tokens")
+    return parent_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
