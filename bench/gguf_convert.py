@@ -131,8 +131,9 @@ def _run_converter_in_process(tree: Path, argv: list[str]) -> None:
 def _source_marker(model_dir: Path, version: str) -> dict[str, object]:
     st = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in sorted(Path(model_dir).glob("*.safetensors"))]
     recipe = Path(model_dir) / "lanner_bench.json"
-    return {"model_dir": str(model_dir), "safetensors": st, "llama_cpp_python": version,
-            "recipe": json.loads(recipe.read_text()) if recipe.is_file() else None}
+    marker = {"model_dir": str(model_dir), "safetensors": st, "llama_cpp_python": version,
+              "recipe": json.loads(recipe.read_text()) if recipe.is_file() else None}
+    return json.loads(json.dumps(marker))  # as read back from the side file (lists, not tuples)
 
 
 def _is_current(path: Path, marker: dict[str, object]) -> bool:
