@@ -42,3 +42,10 @@ def chat_ids(model_dir: Path | str, messages: list[dict]) -> list[int]:
     tok, _ = load(str(model_dir))
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tok.encode(text, add_special_tokens=False)
+
+
+def log_softmax_rows(model_dir: Path | str, ids: list[int]) -> torch.Tensor:
+    """log_softmax of transformers' logits at every position of `ids`: row t scores token t + 1."""
+    _, model = load(str(model_dir))
+    with torch.inference_mode():
+        return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)

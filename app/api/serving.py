@@ -27,7 +27,7 @@ from app.api.errors import (
 from app.api.limits import Ticket
 from app.engine.client import EngineDeadError
 from app.engine.registry import ModelHandle, ModelRegistry
-from app.engine.types import Delta, FinishReason, SamplingParams
+from app.engine.types import Delta, FinishReason, Logprob, SamplingParams
 
 
 def get_model(registry: ModelRegistry, model_id: str) -> ModelHandle:
@@ -74,6 +74,8 @@ class ChoiceResult:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    logprobs: list[Logprob] | None = None  # one per sampled token, when asked for
+    prompt_logprobs: list[Logprob] | None = None  # prompt tokens 2..P, when asked for (echo)
 
 
 @dataclass
@@ -207,6 +209,10 @@ async def collect_jobs(req: Admitted) -> list[ChoiceResult]:
         parts[index].append(delta.text)
         res = results[index]
         res.num_output_tokens = delta.num_output_tokens
+        if delta.logprobs is not None:
+            res.logprobs = (res.logprobs or []) + delta.logprobs
+        if delta.prompt_logprobs is not None:
+            res.prompt_logprobs = delta.prompt_logprobs
         if delta.finish_reason is not None:
             res.finish_reason = delta.finish_reason.value
     for index, res in results.items():

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from sse_starlette import EventSourceResponse
 
 from app.api.errors import APIError, count_failure, error_body
+from app.api.logprobs import chat_logprobs, completion_logprobs, prompt_entries, token_strings
 from app.api.serving import Admitted, stream_jobs, usage
 
 DONE = "[DONE]"
@@ -45,8 +46,16 @@ async def stream_choices(
     model: str,
     include_usage: bool,
     fingerprint: str,
+    logprobs: bool = False,
+    echo: list[str] | None = None,
 ) -> AsyncIterator[str]:
+    """`logprobs`: attach each delta's token logprobs; `echo` (completions): each prompt's text, sent
+    ahead of its choices' first tokens (with the prompt tokens' logprobs when `logprobs`)."""
     obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
+    strings = token_strings(req.handle.tokenizer) if logprobs else None
+    jobs = {job.index: job for job in req.jobs}
+    n = len(req.jobs) // max(1, len(prompts))
+    offsets: dict[int, int] = {}  # completions: text offset of a choice's next token
     base: dict[str, Any] = {"id": response_id, "object": obj, "created": created, "model": model,
                             "system_fingerprint": fingerprint}
 
@@ -66,11 +75,23 @@ async def stream_choices(
             output_tokens[index] = delta.num_output_tokens
             finish = delta.finish_reason.value if delta.finish_reason is not None else None
             if kind == "completion":
-                if delta.text or finish:
-                    yield chunk({"index": index, "text": delta.text, "logprobs": None, "finish_reason": finish})
+                text, entries = delta.text, [(lp.token_id, lp) for lp in delta.logprobs or ()]
+                if echo is not None and index not in offsets:
+                    text = echo[index // n] + text
+                    if logprobs:
+                        entries = prompt_entries(jobs[index].prompt_ids, delta.prompt_logprobs) + entries
+                lp_obj = None
+                if logprobs:
+                    lp_obj = completion_logprobs(strings, entries, offsets.get(index, 0))
+                    offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp_obj["tokens"])
+                else:
+                    offsets.setdefault(index, 0)
+                if text or finish or entries:
+                    yield chunk({"index": index, "text": text, "logprobs": lp_obj, "finish_reason": finish})
                 continue
-            if delta.text:
-                yield chunk({"index": index, "delta": {"content": delta.text}, "logprobs": None,
+            if delta.text or (logprobs and delta.logprobs):
+                lp_obj = {"content": chat_logprobs(strings, delta.logprobs or ()), "refusal": None} if logprobs else None
+                yield chunk({"index": index, "delta": {"content": delta.text}, "logprobs": lp_obj,
                              "finish_reason": None})
             if finish:
                 yield chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish})

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 
 import torch
 
-from app.engine.types import SamplingParams
+from app.engine.types import Logprob, SamplingParams
 
 # Temperatures below this are treated as greedy (dividing by them would overflow fp32).
 _GREEDY_TEMPERATURE = 1e-5
@@ -335,3 +335,26 @@ def _inverse_cdf(x: torch.Tensor, uniforms: list[float]) -> torch.Tensor:
     target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
     pos = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [R]
     return pos.clamp_(max=x.shape[1] - 1)
+
+
+# OpenAI reports -9999.0 for tokens the model gives no probability at all (JSON has no -inf).
+MIN_LOGPROB = -9999.0
+
+
+def logprobs_of(logits: torch.Tensor, targets: Sequence[int], num_top: Sequence[int]) -> list[Logprob]:
+    """Log-probabilities of `targets[i]` under softmax(logits[i]), with the num_top[i] best alternatives.
+
+    logits: [R, V] raw model logits (fp32); R == len(targets) == len(num_top). Computed from the raw
+    logits, before penalties, temperature and filters, as vLLM and OpenAI report them."""
+    if logits.dim() != 2 or logits.shape[0] != len(targets) or len(targets) != len(num_top):
+        raise ValueError(f"logits shape {tuple(logits.shape)} does not match {len(targets)} targets")
+    if not targets:
+        return []
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(targets, dtype=torch.long).unsqueeze(1)).squeeze(1)
+    chosen = chosen.clamp(min=MIN_LOGPROB).tolist()
+    k = min(max(num_top), lp.shape[1])
+    top_vals, top_ids = (torch.topk(lp, k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long()))
+    top_vals, top_ids = top_vals.clamp(min=MIN_LOGPROB).tolist(), top_ids.tolist()
+    return [Logprob(int(t), c, tuple(zip(ids[:n], vals[:n])))
+            for t, c, ids, vals, n in zip(targets, chosen, top_ids, top_vals, num_top)]

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from app.engine.types import FinishReason, SamplingParams
+from app.engine.types import FinishReason, Logprob, SamplingParams
 
 if TYPE_CHECKING:
     from app.engine.detokenizer import IncrementalDetokenizer
@@ -31,6 +31,7 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens already in the KV cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
+    prompt_logprobs: list[Logprob] = field(default_factory=list)  # filled chunk by chunk (echo + logprobs)
     # engine-side timestamps (time.monotonic) for metrics
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None

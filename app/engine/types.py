@@ -29,10 +29,22 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
     ignore_eos: bool = False
+    logprobs: int | None = None  # log-probability of each sampled token, plus this many alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """A token's log-probability under the model (raw logits: before penalties, temperature and filters),
+    with the `top` most likely tokens of the same position as (token id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -45,6 +57,8 @@ class Delta:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # cumulative
     stats: FinishedStats | None = None  # on the last delta: the sequence's engine timings
+    logprobs: list[Logprob] | None = None  # one per token of token_ids, when the request asked for them
+    prompt_logprobs: list[Logprob] | None = None  # on the first token's delta: prompt tokens 2..P
 
     @property
     def is_finished(self) -> bool:

@@ -6,7 +6,8 @@ Each iteration reads like the algorithm:
     1. apply new requests and aborts from the inbox (block when there is nothing to do);
     2. schedule: spend the step's token budget on decodes, prompt chunks and newcomers;
     3. run one model step for the whole batch;
-    4. sample a token for every sequence whose prompt is complete, each with its own parameters/generator;
+    4. sample a token for every sequence whose prompt is complete, each with its own parameters/generator
+       (and score it, and for echo its prompt tokens, when the request asked for logprobs);
     5. postprocess: stop rules, incremental detokenization, one Delta per sequence; retire the finished;
        hand all of the step's Deltas to `emit_batch` at once, with the step's `StepStats` (plain data that
        the API process turns into metrics).
@@ -26,11 +27,13 @@ from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from app.engine.detokenizer import IncrementalDetokenizer
-from app.engine.sampler import SamplingState, sample
+from app.engine.sampler import SamplingState, logprobs_of, sample
 from app.engine.scheduler import Scheduler
 from app.engine.sequence import Sequence
-from app.engine.types import Delta, FinishedStats, FinishReason, SamplingParams, StepStats
+from app.engine.types import Delta, FinishedStats, FinishReason, Logprob, SamplingParams, StepStats
 from app.models.base import ModelRunner, StepInput
 
 log = logging.getLogger("lanner.engine")
@@ -170,13 +173,21 @@ class EngineCore:
                 c.seq.first_scheduled_time = t0
             if c.seq.num_computed_tokens < c.seq.num_prompt_tokens:
                 num_prompt += c.num_tokens
-        inputs = [StepInput(c.seq.seq_id, c.seq.uncomputed_token_ids()[: c.num_tokens], c.seq.num_computed_tokens)
+        inputs = [StepInput(c.seq.seq_id, c.seq.uncomputed_token_ids()[: c.num_tokens], c.seq.num_computed_tokens,
+                            all_logits=c.seq.params.prompt_logprobs is not None
+                            and c.seq.num_computed_tokens < c.seq.num_prompt_tokens)
                   for c in chunks]
         ready = [i for i, c in enumerate(chunks) if c.completes_prompt]
         try:
-            logits = self.runner.step(inputs)  # [B, V]
-            tokens = sample(logits[ready] if len(ready) < len(chunks) else logits,
-                            [chunks[i].seq.sampling for i in ready]) if ready else []
+            logits = self.runner.step(inputs)  # rows per input: 1, or all fed positions (prompt logprobs)
+            if any(inp.all_logits for inp in inputs):
+                self._prompt_logprobs(chunks, inputs, logits)
+                ends = list(itertools.accumulate(inp.num_logit_rows for inp in inputs))
+                logits = logits[[e - 1 for e in ends]]  # [B, V]: each input's last position
+            ready_logits = logits[ready] if len(ready) < len(chunks) else logits
+            states = [chunks[i].seq.sampling for i in ready]
+            tokens = sample(ready_logits, states) if ready else []
+            logprobs = self._logprobs(ready_logits, [chunks[i].seq for i in ready], tokens)
         except Exception as exc:
             log.exception("engine step failed; failing %d sequence(s)", len(chunks))
             for c in chunks:
@@ -188,20 +199,46 @@ class EngineCore:
             c.seq.num_computed_tokens += c.num_tokens
         now = time.monotonic()
         itl = []
-        for i, token in zip(ready, tokens):
+        for j, (i, token) in enumerate(zip(ready, tokens)):
             seq = chunks[i].seq
             if seq.first_token_time is None:
                 seq.first_token_time = now
             else:
                 itl.append(now - seq.last_token_time)
             seq.last_token_time = now
-            self._postprocess(seq, token)
+            self._postprocess(seq, token, logprobs.get(j))
         self._flush(self._stats(
             batch_size=len(chunks), num_batched_tokens=sum(c.num_tokens for c in chunks),
             num_prompt_tokens=num_prompt, num_generation_tokens=len(tokens),
             step_s=time.monotonic() - t0, inter_token_s=itl))
 
-    def _postprocess(self, seq: Sequence, token: int) -> None:
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> dict[int, Logprob]:
+        """Logprob of each sampled token whose request asked for them, by position in `seqs`."""
+        rows = [j for j, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        if not rows:
+            return {}
+        found = logprobs_of(logits[rows], [tokens[j] for j in rows], [seqs[j].params.logprobs for j in rows])
+        return dict(zip(rows, found))
+
+    @staticmethod
+    def _prompt_logprobs(chunks: list, inputs: list[StepInput], logits: torch.Tensor) -> None:
+        """Score the prompt tokens that the all-logits rows of this step predict (a row at position p
+        predicts token p + 1; the prompt's last position predicts the first sampled token instead)."""
+        start = 0
+        for c, inp in zip(chunks, inputs):
+            n_rows = inp.num_logit_rows
+            if inp.all_logits:
+                seq = c.seq
+                first = inp.start_pos  # position of the first row
+                targets = seq.prompt_ids[first + 1: min(first + n_rows, seq.num_prompt_tokens - 1) + 1]
+                if targets:
+                    seq.prompt_logprobs.extend(logprobs_of(
+                        logits[start: start + len(targets)], targets,
+                        [seq.params.prompt_logprobs] * len(targets)))
+            start += n_rows
+
+    def _postprocess(self, seq: Sequence, token: int, logprob: Logprob | None = None) -> None:
         seq.output_ids.append(token)
         seq.sampling.append(token)
         params = seq.params
@@ -223,8 +260,11 @@ class EngineCore:
             text += seq.detokenizer.flush()  # held-back text at EOS/length; "" after a stop string
             self._finish(seq, reason)
             stats = self._finished[-1]
-        self._outputs.append((seq.request_id, Delta(text, [token], reason, seq.num_prompt_tokens,
-                                                    seq.num_output_tokens, stats)))
+        delta = Delta(text, [token], reason, seq.num_prompt_tokens, seq.num_output_tokens, stats,
+                      logprobs=None if logprob is None else [logprob])
+        if seq.params.prompt_logprobs is not None and seq.num_output_tokens == 1:
+            delta.prompt_logprobs = seq.prompt_logprobs
+        self._outputs.append((seq.request_id, delta))
 
 
 class ThreadEngine:

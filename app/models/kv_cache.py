@@ -58,7 +58,7 @@ class BatchMeta:
     positions: torch.Tensor  # [T] long: absolute position of each fed token
     cos: torch.Tensor  # [T, 1, head_dim] rope cos at `positions`
     sin: torch.Tensor  # [T, 1, head_dim] rope sin at `positions`, first half negated (see llama.apply_rope)
-    logit_rows: torch.Tensor  # [B] long: flat row of each input's last token, in the caller's input order
+    logit_rows: torch.Tensor  # [R] long: flat rows whose logits are returned (each input's last token, or all)
     num_decode: int  # the first num_decode rows are single-token inputs, sorted by slot
     decode_lo: int  # range mode: the decode rows read slots [decode_lo, decode_lo + decode_range)
     decode_range: int

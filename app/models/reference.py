@@ -23,7 +23,7 @@ class ReferenceRunner:
 
     @torch.inference_mode()
     def step(self, inputs: list[StepInput]) -> torch.Tensor:
-        # returns logits: [B, V] fp32
+        # returns logits: fp32, inp.num_logit_rows rows per input
         rows = []
         for inp in inputs:
             cache = self._caches.get(inp.seq_id)
@@ -34,9 +34,9 @@ class ReferenceRunner:
             ids = torch.tensor([inp.token_ids], dtype=torch.long)
             pos = torch.arange(inp.start_pos, inp.start_pos + len(inp.token_ids)).unsqueeze(0)
             out = self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
-                             logits_to_keep=1)
-            rows.append(out.logits[0, -1].float())
-        return torch.stack(rows)
+                             logits_to_keep=inp.num_logit_rows)
+            rows.append(out.logits[0, -inp.num_logit_rows:].float())
+        return torch.cat(rows)
 
     def free(self, seq_id: int) -> None:
         self._caches.pop(seq_id, None)

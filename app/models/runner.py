@@ -159,7 +159,7 @@ class BatchedRunner:
 
     @torch.inference_mode()
     def step(self, inputs: list[StepInput]) -> torch.Tensor:
-        # returns logits: [B, V] fp32, row i = last fed token of inputs[i]
+        # returns logits fp32: inputs[i].num_logit_rows rows per input in input order (the last fed token's)
         if not inputs:
             raise ValueError("step() needs at least one input")
         slots = self._slots_for(inputs)
@@ -169,18 +169,19 @@ class BatchedRunner:
         positions: list[int] = []
         slot_ids: list[int] = []
         rows: list[tuple[int, int, int]] = []
-        last_row = [0] * len(inputs)
+        out_rows: list[range] = [range(0)] * len(inputs)  # flat rows whose logits input i gets
         for i in decode + prefill:
             inp, slot = inputs[i], slots[i]
             n, start = len(inp.token_ids), inp.start_pos
+            out_rows[i] = range(len(ids) + n - inp.num_logit_rows, len(ids) + n)
             ids.extend(inp.token_ids)
             positions.extend(range(start, start + n))
             slot_ids.extend([slot] * n)
             rows.append((slot, start, n))
-            last_row[i] = len(ids) - 1
         pos = torch.tensor(positions)
+        logit_rows = torch.tensor([r for rs in out_rows for r in rs])
         meta = self.kv.plan(rows, cos=self._cos[pos].unsqueeze(1), sin=self._sin[pos].unsqueeze(1),
-                            logit_rows=torch.tensor(last_row), positions=pos, slot_ids=torch.tensor(slot_ids))
+                            logit_rows=logit_rows, positions=pos, slot_ids=torch.tensor(slot_ids))
         logits = self.model(torch.tensor(ids), meta, self.kv)
         for inp in inputs:
             self._num_cached[inp.seq_id] = inp.start_pos + len(inp.token_ids)

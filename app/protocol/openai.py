@@ -127,7 +127,18 @@ class _SamplingFields(_Request):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             min_tokens=min(self.min_tokens or 0, max_tokens),
             ignore_eos=bool(self.ignore_eos),
+            logprobs=self.num_logprobs,
+            prompt_logprobs=self.num_prompt_logprobs,
         )
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives to report per sampled token (None: no logprobs)."""
+        return None
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return None
 
 
 PromptType = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
@@ -149,12 +160,16 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt must not be empty")
         return v
 
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
+
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
-        if self.echo:
-            raise _unsupported("echo")
-        if self.logprobs is not None:
-            raise _unsupported("logprobs")
         if self.suffix:
             raise _unsupported("suffix")
         if self.best_of is not None and self.best_of != (self.n or 1):
@@ -203,12 +218,14 @@ class ChatCompletionRequest(_SamplingFields):
     # Refused: templates come from the model directory only (a request-supplied Jinja template is code).
     chat_template: Any = None
 
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     @model_validator(mode="after")
     def _unsupported(self) -> ChatCompletionRequest:
-        if self.logprobs:
-            raise _unsupported("logprobs")
-        if self.top_logprobs:
-            raise _unsupported("top_logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: only allowed when logprobs is true")
         if self.chat_template is not None:
             raise ValueError("chat_template: request-supplied chat templates are refused; the model's own "
                              "template is used")
@@ -247,10 +264,21 @@ class UsageInfo(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """Legacy completions logprobs: parallel lists, one entry per token (echoed prompt tokens first; the
+    first prompt token has no logprob). `top_logprobs` maps token text to logprob: the `logprobs` best
+    tokens plus the chosen one, as vLLM reports them."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -270,10 +298,25 @@ class AssistantMessage(BaseModel):
     refusal: None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 
 import pytest
+import torch
 
 from tests import reference as ref
 
@@ -199,3 +200,84 @@ def test_health_and_ready_are_open(server):
     assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{server.base_url}/ready").json()
     assert ready == {"status": "ready", "models": {"demo-llama": "ready", "demo-falcon": "ready"}}
+
+
+# ------------------------------------------------------------------ logprobs and echo
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_logprobs_and_echo_match_reference(client, model_dirs, stream):
+    """What lm-eval-harness's loglikelihood requests send: echo + logprobs, greedy, 1 token. Every prompt
+    token after the first, and the generated one, carry transformers' log_softmax; top_logprobs holds the
+    best alternatives (plus the chosen token) keyed by token text; text_offset walks the echoed text."""
+    model = "demo-llama"
+    prompt_ids = ref.encode(model_dirs[model], PROMPT)
+    kw = dict(model=model, prompt=prompt_ids, max_tokens=1, temperature=0, logprobs=2, echo=True)
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True) if c.choices]
+        text = "".join(c.text for c in chunks)
+        lp = {k: sum((getattr(c.logprobs, k) for c in chunks if c.logprobs), []) for k in
+              ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, lp = choice.text, choice.logprobs.model_dump()
+    tok, _ = ref.load(model_dirs[model])
+    generated = ref.greedy_ids(model_dirs[model], prompt_ids, 1)
+    all_ids = prompt_ids + generated
+    rows = ref.log_softmax_rows(model_dirs[model], all_ids)
+    assert text == tok.decode(prompt_ids) + tok.decode(generated)
+    assert lp["tokens"] == [tok.decode([t]) for t in all_ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for k, t in enumerate(all_ids[1:]):
+        assert lp["token_logprobs"][k + 1] == pytest.approx(rows[k][t].item(), abs=1e-4)
+        best = torch.topk(rows[k], 2)
+        want = {tok.decode([i]): v for i, v in zip(best.indices.tolist(), best.values.tolist())}
+        want.setdefault(tok.decode([t]), rows[k][t].item())
+        assert lp["top_logprobs"][k + 1] == pytest.approx(want, abs=1e-4)
+    # the generated (greedy) token is the best one: lm-eval's is_greedy check
+    assert lp["token_logprobs"][-1] == pytest.approx(max(lp["top_logprobs"][-1].values()))
+    assert lp["text_offset"] == [sum(len(s) for s in lp["tokens"][:k]) for k in range(len(all_ids))]
+
+
+def test_completion_logprobs_without_echo(client, model_dirs):
+    model = "demo-falcon"
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=0,
+                                    extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    prompt_ids = ref.encode(model_dirs[model], PROMPT)
+    ids = ref.greedy_ids(model_dirs[model], prompt_ids, 5)
+    rows = ref.log_softmax_rows(model_dirs[model], prompt_ids + ids)
+    assert len(lp.tokens) == len(lp.token_logprobs) == 5 and "".join(lp.tokens) == out.choices[0].text
+    for k, t in enumerate(ids):
+        assert lp.token_logprobs[k] == pytest.approx(rows[len(prompt_ids) - 1 + k][t].item(), abs=1e-4)
+        assert list(lp.top_logprobs[k]) == [lp.tokens[k]]  # logprobs=0: only the chosen token
+    assert lp.text_offset[0] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprobs_match_reference(client, model_dirs, stream):
+    model = "demo-llama"
+    messages = [{"role": "user", "content": "Dis quelque chose en 日本語"}]
+    kw = dict(model=model, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    if stream:
+        chunks = [c.choices[0] for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+        text = "".join(c.delta.content or "" for c in chunks)
+        content = [e for c in chunks if c.logprobs for e in c.logprobs.content]
+    else:
+        choice = client.chat.completions.create(**kw).choices[0]
+        text, content = choice.message.content, choice.logprobs.content
+    prompt_ids = ref.chat_ids(model_dirs[model], messages)
+    ids = ref.greedy_ids(model_dirs[model], prompt_ids, 6)
+    rows = ref.log_softmax_rows(model_dirs[model], prompt_ids + ids)
+    tok, _ = ref.load(model_dirs[model])
+    assert len(content) == len(ids)
+    for k, (t, entry) in enumerate(zip(ids, content)):
+        row = rows[len(prompt_ids) - 1 + k]
+        assert entry.token == tok.decode([t]) and entry.logprob == pytest.approx(row[t].item(), abs=1e-4)
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token or "\ufffd" in entry.token
+        best = torch.topk(row, 3)
+        assert [a.token for a in entry.top_logprobs] == [tok.decode([i]) for i in best.indices.tolist()]
+        assert [a.logprob for a in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+    # the bytes are the tokens' real bytes: joined, they decode to the text even across split characters
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="replace") == tok.decode(ids)
+    assert text == tok.decode(ids, skip_special_tokens=True)

@@ -308,3 +308,17 @@ def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError):
         sample(torch.zeros(2, 5), [_state(5)])
     assert sample(torch.zeros(0, 5), []) == []
+
+
+def test_logprobs_of_small_rows():
+    from app.engine.sampler import MIN_LOGPROB, logprobs_of
+
+    logits = torch.tensor([[0.0, math.log(3.0), -math.inf], [2.0, 2.0, 2.0]])
+    a, b = logprobs_of(logits, [0, 2], [2, 0])
+    assert a.token_id == 0 and a.logprob == pytest.approx(math.log(0.25))
+    assert [t for t, _ in a.top] == [1, 0] and a.top[0][1] == pytest.approx(math.log(0.75))
+    assert b.logprob == pytest.approx(-math.log(3.0)) and b.top == ()
+    c, = logprobs_of(logits[:1], [2], [3])  # impossible token: finite floor, as OpenAI reports it
+    assert c.logprob == MIN_LOGPROB and [t for t, _ in c.top] == [1, 0, 2] and c.top[2][1] == MIN_LOGPROB
+    with pytest.raises(ValueError):
+        logprobs_of(logits, [0], [1])

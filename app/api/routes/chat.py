@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from app import __version__
 from app.api.deps import RegistryDep, SettingsDep
 from app.api.errors import InvalidRequestError
+from app.api.logprobs import chat_logprobs, token_strings
 from app.api.serving import (
     Deadlines,
     admit,
@@ -123,11 +124,14 @@ async def create_chat_completion(body: ChatCompletionRequest, registry: Registry
     if body.stream:
         return sse_response(stream_choices(
             "chat", req, prompts, response_id=response_id, created=created,
-            model=body.model, include_usage=body.include_usage, fingerprint=fingerprint))
+            model=body.model, include_usage=body.include_usage, fingerprint=fingerprint,
+            logprobs=bool(body.logprobs)))
     results = await collect_jobs(req)
+    strings = token_strings(handle.tokenizer)
     return ChatCompletionResponse(
         id=response_id, created=created, model=body.model, system_fingerprint=fingerprint,
-        choices=[ChatChoice(index=r.index, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
+        choices=[ChatChoice(index=r.index, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
+                            logprobs={"content": chat_logprobs(strings, r.logprobs or [])} if body.logprobs else None)
                  for r in results],
         usage=usage(prompts, sum(r.num_output_tokens for r in results)),
     )

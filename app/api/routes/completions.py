@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from app import __version__
 from app.api.deps import RegistryDep, SettingsDep
 from app.api.errors import InvalidRequestError
+from app.api.logprobs import completion_logprobs, prompt_entries, token_strings
 from app.api.serving import (
     Deadlines,
     admit,
@@ -53,13 +54,34 @@ async def create_completion(body: CompletionRequest, registry: RegistryDep, sett
     req = admit(handle, jobs, deadlines)
     response_id, created = new_id("cmpl"), now()
     fingerprint = f"lanner-{__version__}"
+    echo = await run_in_threadpool(echo_texts, handle, body.prompt, prompts) if body.echo else None
+    with_logprobs = body.logprobs is not None
     if body.stream:
         return sse_response(stream_choices(
             "completion", req, prompts, response_id=response_id, created=created,
-            model=body.model, include_usage=body.include_usage, fingerprint=fingerprint))
+            model=body.model, include_usage=body.include_usage, fingerprint=fingerprint,
+            logprobs=with_logprobs, echo=echo))
     results = await collect_jobs(req)
+    n = body.n or 1
+    choices = []
+    for r in results:
+        text, entries = r.text, [(lp.token_id, lp) for lp in r.logprobs or ()]
+        if echo is not None:
+            text = echo[r.index // n] + text
+            if with_logprobs:
+                entries = prompt_entries(prompts[r.index // n], r.prompt_logprobs) + entries
+        lp_obj = completion_logprobs(token_strings(handle.tokenizer), entries) if with_logprobs else None
+        choices.append(CompletionChoice(index=r.index, text=text, logprobs=lp_obj, finish_reason=r.finish_reason))
     return CompletionResponse(
-        id=response_id, created=created, model=body.model, system_fingerprint=fingerprint,
-        choices=[CompletionChoice(index=r.index, text=r.text, finish_reason=r.finish_reason) for r in results],
+        id=response_id, created=created, model=body.model, system_fingerprint=fingerprint, choices=choices,
         usage=usage(prompts, sum(r.num_output_tokens for r in results)),
     )
+
+
+def echo_texts(handle: ModelHandle, prompt: str | list, prompts: list[list[int]]) -> list[str]:
+    """The text `echo` puts before each prompt's completions: the prompt as sent, or its token ids decoded."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    return [handle.tokenizer.decode(ids) for ids in prompts]
