@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     request_timeout: float = Field(default=1800.0, gt=0)  # seconds a request may take in all
     otlp_traces_endpoint: str | None = None  # e.g. http://otel-collector:4318/v1/traces; tracing off when unset
     drain_timeout: float = Field(default=30.0, ge=0)  # on SIGTERM, seconds in-flight requests get to finish
+    # Idle keep-alive connections are closed after this. Longer than clients' and proxies' own idle expiry
+    # (httpx 5 s, nginx upstream 60 s), so they close first: a server closing a connection at the moment a
+    # client reuses it loses that request (the client sees "server disconnected", no status).
+    keep_alive_timeout: float = Field(default=75.0, gt=0)
 
     _split_api_keys = field_validator("api_keys", mode="before")(_split_keys)
     _split_roots = field_validator("model_roots", mode="before")(_split_keys)

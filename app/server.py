@@ -54,7 +54,11 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                          timeout_graceful_shutdown=5, h11_max_incomplete_event_size=settings.max_header_bytes,
+                          timeout_keep_alive=max(1, round(settings.keep_alive_timeout)))
+
+
 def run(app: FastAPI, settings: Settings) -> None:
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=5, h11_max_incomplete_event_size=settings.max_header_bytes)
-    DrainingServer(config, app, settings.drain_timeout).run()
+    DrainingServer(uvicorn_config(app, settings), app, settings.drain_timeout).run()

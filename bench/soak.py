@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections import Counter
 import json
 import os
 import random
@@ -79,8 +80,8 @@ async def one_request(c: httpx.AsyncClient, model: str, max_tokens: int) -> tupl
                         tokens = event["usage"]["completion_tokens"]
             ok = done and tokens == max_tokens
             return ("completed" if ok else "failed"), time.monotonic() - t0, 200
-    except httpx.HTTPError:
-        return "failed", time.monotonic() - t0, None
+    except httpx.HTTPError as exc:
+        return "failed", time.monotonic() - t0, type(exc).__name__
 
 
 async def calibrate(base: str, model: str, clients: int, seconds: float, max_tokens: int) -> float:
@@ -143,6 +144,7 @@ def verdicts(result: dict, duration: float) -> dict:
     return {
         "requests": len(recs), "completed": len(completed), "rejected": len(rejected), "failed": len(failed),
         "rejection_statuses": sorted({r["status"] for r in rejected}),
+        "failure_kinds": {str(k): n for k, n in Counter(r["status"] for r in failed).items()},
         "rss_first_minute_mib": base_rss / 2**20, "rss_end_mib": rss[-1][1] / 2**20, "rss_growth": growth,
         "p99_by_minute_s": p99_by_minute,
         "checks": {
@@ -168,6 +170,9 @@ def write(summary: dict, result: dict, info: dict, out: Path) -> None:
              f"{summary['rss_end_mib']:.0f} MiB | {summary['rss_growth'] * 100:+.2f}% |", "",
              "p99 latency of completed requests per minute (s): " + ", ".join(
                  f"{p:.2f}" if p else "-" for p in summary["p99_by_minute_s"]), ""]
+    if summary["failure_kinds"]:
+        lines += ["Failed requests by HTTP status or client exception: " + ", ".join(
+            f"{k}: {n}" for k, n in summary["failure_kinds"].items()), ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in summary["checks"].items()]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     import matplotlib

@@ -74,3 +74,17 @@ def test_cgroup_quota_bounds_threads(tmp_path):
         f.write_text(text + "\n")
         assert cgroup_cpu_limit(str(f)) == want
     assert cgroup_cpu_limit(str(tmp_path / "missing")) is None
+
+
+def test_server_keeps_idle_connections_longer_than_clients(monkeypatch):
+    """The server must not be the side that closes an idle keep-alive connection first: httpx (the OpenAI
+    SDK's transport) expires idle connections after 5 s and nginx upstreams after 60 s; a server closing at
+    the same moment a client reuses the connection loses that request (seen in the soak before this)."""
+    from app.server import uvicorn_config
+
+    monkeypatch.delenv("LANNER_KEEP_ALIVE_TIMEOUT", raising=False)
+    settings = load_settings()
+    config = uvicorn_config(create_app(settings), settings)
+    assert config.timeout_keep_alive > max(httpx.Limits().keepalive_expiry, 60)
+    monkeypatch.setenv("LANNER_KEEP_ALIVE_TIMEOUT", "120")
+    assert uvicorn_config(create_app(settings), load_settings()).timeout_keep_alive == 120
