@@ -14,7 +14,9 @@ peak RSS is that process's VmHWM (/proc/self/status) and nothing else runs in it
 * Lanner: `load_runner(..., quantize=none|int8|int4)`, one KV slot; greedy decoding through
   `BatchedRunner.step` (argmax of the returned logits).
 * llama.cpp: `llama_cpp.Llama(n_threads=T, n_threads_batch=T, n_batch=512)` with `Llama.eval` (one
-  `llama_decode` per call), greedy = argmax of `llama_get_logits_ith(ctx, -1)`.
+  `llama_decode` per call), greedy = argmax of `llama_get_logits_ith(ctx, -1)`. Q8_0 and Q4_0 are the
+  targets; `llama.cpp-f32` (the unquantized GGUF) checks that both engines compute the same model: its
+  greedy tokens should equal Lanner fp32's.
 
 Both get the same token ids (a prompt of `--prompt-tokens` ids from the model's tokenizer; no BOS, no
 text). In each process: load, warm-up (one prefill + `--warmup-tokens` decode steps, not counted),
@@ -28,8 +30,9 @@ Lanner, the unique storages of the decoder's parameters and buffers (quantized L
 fp32 embedding and norms; KV cache not included); llama.cpp, `llama_model_size` (all tensors of the GGUF).
 
 Profile (`--profile`, default on): in the Lanner int8 and int4 processes, after the measurement,
-`torch.profiler` records `--profile-steps` decode steps and the markdown gets where a step's time goes
-(WOQ matmuls, the fp32 head or other matmuls, attention, everything else), plus the largest ops.
+`torch.profiler` records one prefill and `--profile-steps` decode steps, and the markdown gets where the
+time goes (WOQ matmuls, fp32 matmuls, attention, casts, everything else, time outside ATen ops), plus the
+largest ops.
 
 Output: `<results-dir>/decode-<model>.{json,md,png}` with machine info (bench/loadgen.py), every setting,
 each engine's numbers and token ids, and ratios against llama.cpp in the same run:
@@ -56,7 +59,7 @@ for p in (str(REPO_ROOT), str(BENCH)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-ENGINES = ("lanner-fp32", "lanner-int8", "lanner-int4", "llama.cpp-q8_0", "llama.cpp-q4_0")
+ENGINES = ("lanner-fp32", "lanner-int8", "lanner-int4", "llama.cpp-q8_0", "llama.cpp-q4_0", "llama.cpp-f32")
 PAIRS = (("lanner-int8", "llama.cpp-q8_0"), ("lanner-int4", "llama.cpp-q4_0"), ("lanner-fp32", "llama.cpp-q8_0"))
 # the issue's targets: decode tok/s ratio at least, prefill ratio at most, RSS / weight bytes at most
 TARGETS = {"lanner-int8": {"decode_vs": 0.95}, "lanner-int4": {"decode_vs": 1.0}}
@@ -152,8 +155,12 @@ def child_lanner(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any]:
               "mem_after_load": mem_loaded, "mem_end": proc_status()}
     if args.profile and mode != "none":
         runner.free(seq[0])
-        tok = prefill()  # a fresh sequence: the profiled steps run at the measured positions
-        result["profile"] = profile_decode(make_step(), tok, args.profile_steps)
+        out: list[int] = []
+        # a fresh sequence: one profiled prefill, then decode steps at the measured positions
+        result["profile_prefill"] = profile_calls(lambda: out.append(prefill()), 1)
+        step = make_step()
+        result["profile"] = profile_calls(lambda: _timed_decode(step, out[0], args.profile_steps),
+                                          args.profile_steps)
         result["mem_end_incl_profile"] = proc_status()
     return result
 
@@ -168,13 +175,13 @@ PROFILE_BUCKETS = (
 )
 
 
-def profile_decode(step, first_token: int, n: int) -> dict[str, Any]:
-    """torch.profiler over `n` decode steps: self CPU time per op, bucketed; wall time per step."""
+def profile_calls(work, n: int) -> dict[str, Any]:
+    """torch.profiler over `work()` (n steps): self CPU time per op, bucketed; wall time."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
-        _timed_decode(step, first_token, n)
+        work()
         wall = time.perf_counter() - t0
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total_self = sum(e.self_cpu_time_total for e in events) / 1e6
@@ -367,6 +374,20 @@ def _verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
 
+def profile_lines(name: str, what: str, prof: dict[str, Any]) -> list[str]:
+    n = prof["steps"]
+    lines = ["", f"### Where a `{name}` {what} goes (torch.profiler, {n} step(s), "
+                 f"{prof['wall_s'] / n * 1000:.1f} ms/step under the profiler)", "",
+             "| part | ms/step | share |", "|---|---|---|"]
+    parts = list(prof["buckets_s"].items()) + [("outside ATen ops (Python, module calls, profiler)",
+                                                 prof["outside_ops_s"])]
+    for part, sec in parts:
+        lines.append(f"| {part} | {sec / n * 1000:.2f} | {sec / prof['wall_s'] * 100:.0f}% |")
+    lines += ["", "Largest ops by self time: " + ", ".join(
+        f"`{o['op']}` {o['self_s'] / n * 1000:.2f} ms ({o['calls'] // n}/step)" for o in prof["top_ops"][:8])]
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     m, s, engines = result["machine"], result["settings"], result["engines"]
     isa = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in m.get("isa", {}).items())
@@ -391,7 +412,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "| engine | decode tok/s | ms/token p50 | ms/token p90 | "
                   f"prefill-{s['prompt_tokens']} s | peak RSS MiB | "
                   "RSS at end MiB | RSS after imports MiB | weight MiB | peak RSS / weights | "
-                  "(end − imports) / weights | load s | tokens = fp32's |",
+                  "(end − imports) / weights | load s | leading tokens = lanner-fp32's |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     agree = result.get("agreement", {})
     for name, raw in engines.items():
@@ -418,20 +439,14 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {r['lanner']} vs {r['llama_cpp']} | {r['decode']:.2f} | {dec_t} | {r['prefill']:.2f} | "
                          f"{pre_t} | {r['peak_rss']:.2f} | {r['weights']:.2f} | {x['peak_rss_over_weights']:.2f} | {rss_t} |")
     for name, raw in engines.items():
-        prof = raw.get("profile")
-        if not prof:
-            continue
-        n = prof["steps"]
-        wall_ms = prof["wall_s"] / n * 1000
-        lines += ["", f"### Where a `{name}` decode step goes (torch.profiler, {n} steps, {wall_ms:.1f} ms/step "
-                      "under the profiler)", "",
-                  "| part | ms/step | share |", "|---|---|---|"]
-        parts = list(prof["buckets_s"].items()) + [("outside ATen ops (Python, module calls, profiler)",
-                                                     prof["outside_ops_s"])]
-        for part, sec in parts:
-            lines.append(f"| {part} | {sec / n * 1000:.2f} | {sec / prof['wall_s'] * 100:.0f}% |")
-        lines += ["", "Largest ops by self time: " + ", ".join(
-            f"`{o['op']}` {o['self_s'] / n * 1000:.2f} ms ({o['calls'] // n}/step)" for o in prof["top_ops"][:8])]
+        for key, what in (("profile", "decode step"), ("profile_prefill", f"{s['prompt_tokens']}-token prefill")):
+            if raw.get(key):
+                lines += profile_lines(name, what, raw[key])
+    lines += ["", "Leading tokens = lanner-fp32's: how many of the greedy tokens (the one after the prompt, then "
+                  "each decoded one) equal Lanner fp32's before the first difference. llama.cpp-f32 runs the same "
+                  "weights unquantized, so it shows whether both engines compute the same model; the quantized runs "
+                  "part from it after a few tokens on these random-weight models (quantization error adds up over "
+                  "the layers, see app/quant/woq.py on logit cosine), whichever engine quantizes."]
     lines += ["", "Weight bytes: Lanner = unique storages of the decoder's parameters and buffers (quantized Linear "
                   "buffers + fp32 embedding + norms); llama.cpp = `llama_model_size` (all GGUF tensors). "
                   "Peak RSS = VmHWM of the engine's own process (imports + load/quantize + run)."]
@@ -533,13 +548,13 @@ def parent_main(args: argparse.Namespace) -> int:
     }
     out_dir = Path(args.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"decode-{model_dir.name}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem = f"decode-{model_dir.name}"  # not Path.with_suffix: "tinyllama-1.1b" has a dot
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result)
-    stem.with_suffix(".md").write_text(md)
-    plot(result, stem.with_suffix(".png"))
+    (out_dir / f"{stem}.md").write_text(md)
+    plot(result, out_dir / f"{stem}.png")
     print(md)
-    print(f"wrote {stem}.{{json,md,png}}", file=sys.stderr)
+    print(f"wrote {out_dir / stem}.{{json,md,png}}", file=sys.stderr)
     return 0
 
 
