@@ -158,7 +158,11 @@ def verdicts(result: dict, duration: float) -> dict:
 
 def write(summary: dict, result: dict, info: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"machine": info, "summary": summary, **result}, indent=1))
+    # one compact row per request, [arrival s, outcome, seconds, status], keeps the file under 1 MB
+    rows = [[round(r["t"], 3), r["outcome"], round(r["seconds"], 3), r["status"]] for r in result["records"]]
+    out.with_suffix(".json").write_text(json.dumps(
+        {"machine": info, "summary": summary, "rss": result["rss"],
+         "records_columns": ["t", "outcome", "seconds", "status"], "records": rows}, separators=(",", ":")))
     lines = [f"# Soak: {info['config']['overload']}x capacity for {info['config']['duration_s']:.0f} s", "",
              f"Model `{info['config']['model']}`, capacity {info['config']['capacity_rps']:.2f} req/s, "
              f"offered {info['config']['rate_rps']:.2f} req/s, {info['config']['max_tokens']} tokens each. "
