@@ -28,6 +28,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-id", default=env("LANNER_MODEL_ID"),
                    help="the id clients use for --model (default: the source's last part)")
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default=env("LANNER_QUANTIZE"))
+    p.add_argument("--woq-backend", choices=["native", "torchao", "ipex"], default=env("LANNER_WOQ_BACKEND"),
+                   help="who runs the quantized layers of --model: native ATen kernels (default), torchao or "
+                        "ipex (optional installs; LANNER_WOQ_BACKEND)")
     p.add_argument("--cpus", default=env("LANNER_CPUS"), help='cores for --model, e.g. "0-1"')
     p.add_argument("--max-num-seqs", type=int, default=env("LANNER_MAX_NUM_SEQS"),
                    help="max concurrent sequences for --model")
@@ -52,7 +55,7 @@ def _cli_models(args: argparse.Namespace) -> list | None:
     local = looks_like_local_path(args.model) or Path(args.model).expanduser().is_dir()
     model_id = args.model_id or (Path(args.model.rstrip("/")).name if local else args.model)
     spec: dict = {"id": model_id, "source": args.model}
-    for key in ("quantize", "cpus", "max_num_seqs"):
+    for key in ("quantize", "woq_backend", "cpus", "max_num_seqs"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
     return [ModelSpec(**spec)]

@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 QuantMode = Literal["none", "int8", "int4"]
+WoqBackendName = Literal["native", "torchao", "ipex"]  # = app.quant.woq.WoqBackendName (no torch import here)
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-/]{0,127}$")
 
 
@@ -55,6 +56,8 @@ class ModelSpec(BaseModel):
     id: str
     source: str
     quantize: QuantMode = "none"
+    # who runs the quantized layers: native (ATen kernels), torchao or ipex (optional; app/quant/backends)
+    woq_backend: WoqBackendName = "native"
     cpus: str | None = None  # e.g. "0-1"; default: every core this process may use
     num_threads: int | None = None  # default: one per pinned core
     max_model_len: int | None = None  # default: the model's max_position_embeddings

@@ -44,6 +44,7 @@ class WorkerConfig:
     kv_cache_bytes: int | None
     log_level: str = "INFO"
     quantize: str = "none"  # none | int8 | int4 (weight-only, app/quant/woq.py)
+    woq_backend: str = "native"  # native | torchao | ipex (app/quant/backends)
 
 
 def cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
@@ -87,13 +88,19 @@ def worker_main(cfg: WorkerConfig, commands: Connection, outputs: Connection) ->
         torch.set_num_threads(threads)
         core = _build_core(cfg, emit=lambda batch, stats: _send_outputs(outputs, batch, stats))
     except Exception as exc:
-        log.exception("loading failed")
+        from app.models.loader import ModelLoadError
+
+        if isinstance(exc, ModelLoadError):  # a diagnosed problem (e.g. a WOQ backend missing): no traceback
+            log.error("loading failed: %s", exc)
+        else:
+            log.exception("loading failed")
         outputs.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     report = getattr(core.runner, "quant_report", None)
     outputs.send(("ready", {"pid": os.getpid(), "cpus": cpus, "num_threads": threads,
                             "max_num_seqs": core.runner.max_num_seqs, "runner": type(core.runner).__name__,
-                            "quantization": report.mode if report else cfg.quantize, "backend": "native",
+                            "quantization": report.mode if report else cfg.quantize,
+                            "backend": report.backend if report else "transformers",
                             "kernel": report.kernel if report else "transformers",
                             "isa": report.isa if report else ""}))
     threading.Thread(target=_pump_commands, args=(commands, core), daemon=True, name="lanner-commands").start()
@@ -124,23 +131,26 @@ def _build_core(cfg: WorkerConfig, emit: Callable[[list, Any], None]) -> Any:
     info = inspect_model_dir(cfg.model_path)
     tokenizer = load_tokenizer(info.path)
     runner = build_runner(cfg.runner, info, cfg.max_model_len, cfg.max_num_seqs, cfg.kv_cache_bytes,
-                          cfg.quantize)
+                          cfg.quantize, cfg.woq_backend)
     return EngineCore(runner, tokenizer, info.eos_token_ids, emit_batch=emit,
                       max_num_batched_tokens=cfg.max_num_batched_tokens)
 
 
 def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv_cache_bytes: int | None,
-                 quantize: str = "none") -> Any:
+                 quantize: str = "none", woq_backend: str = "native") -> Any:
     if kind == "reference":
         if quantize != "none":
             raise ValueError(f"quantize={quantize!r} needs runner: batched (the reference runner is fp32)")
+        if woq_backend != "native":
+            log.warning("woq_backend=%s has no effect with runner: reference (fp32)", woq_backend)
         from app.models.loader import load_hf_model
         from app.models.reference import ReferenceRunner
 
         return ReferenceRunner(load_hf_model(info), max_model_len, max_num_seqs)
     from app.models.runner import load_runner
 
-    return load_runner(info, max_model_len, max_num_seqs, kv_cache_bytes, quantize=quantize)
+    return load_runner(info, max_model_len, max_num_seqs, kv_cache_bytes, quantize=quantize,
+                       woq_backend=woq_backend)
 
 
 class ProcessEngine:

@@ -136,6 +136,7 @@ class ModelRegistry:
             kv_cache_bytes=int(spec.kv_cache_gb * 2**30) if spec.kv_cache_gb else None,
             log_level=self.settings.log_level.upper(),
             quantize=spec.quantize,
+            woq_backend=spec.woq_backend,
         ))
         engine.start()
         handle.admission.slots = engine.info.get("max_num_seqs", handle.admission.slots)  # after the KV budget

@@ -23,6 +23,7 @@ they are read, one decoder layer at a time, so the fp32 model is never held; a p
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -37,7 +38,10 @@ from app.models.kv_cache import KVCache
 from app.models.llama import LlamaDecoder, UnsupportedModelError, llama_state_dict, rope_inv_freq, rope_tables
 from app.models.loader import ModelInfo, ModelLoadError
 from app.quant.checkpoint import is_quantized_dir, load_and_quantize, load_quantized
-from app.quant.woq import QuantReport, check_mode
+from app.quant.backends import WoqBackendUnavailable
+from app.quant.woq import QuantReport, check_backend, check_mode
+
+log = logging.getLogger("lanner.models")
 
 DECODERS = MappingProxyType({
     "llama": (LlamaDecoder, llama_state_dict),
@@ -189,21 +193,28 @@ class BatchedRunner:
 
 
 def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
-                kv_cache_bytes: int | None = None, quantize: str = "none") -> BatchedRunner:
+                kv_cache_bytes: int | None = None, quantize: str = "none",
+                woq_backend: str = "native") -> BatchedRunner:
     """A BatchedRunner for a checked model directory, weights read from its safetensors files.
 
     `quantize` (none|int8|int4, from the model's config) builds every Linear as its weight-only-quantized
     module (app/quant/woq.py), quantizing layer by layer as the weights are read; a pre-quantized
     directory is loaded as stored, and then `quantize` must be none (take the checkpoint's mode) or equal
-    to its mode.  The report is kept on the runner as `quant_report`.
+    to its mode.  `woq_backend` (native|torchao|ipex, app/quant/backends) decides whose modules run the
+    quantized layers; an optional backend that cannot run here is a ModelLoadError saying what to install.
+    The report is kept on the runner as `quant_report`.
     """
     try:
         check_mode(quantize)
+        check_backend(woq_backend)
         if is_quantized_dir(info.path):
-            model, report = load_quantized(info, quantize)
+            model, report = load_quantized(info, quantize, backend=woq_backend)
         elif quantize != "none":
-            model, report = load_and_quantize(info, quantize)  # type: ignore[arg-type]
+            model, report = load_and_quantize(info, quantize, backend=woq_backend)  # type: ignore[arg-type]
         else:
+            if woq_backend != "native":
+                log.warning("woq_backend=%s has no effect: %s is not quantized (quantize: none)", woq_backend,
+                            info.path)
             model = build_decoder(info.arch, info.config, SafetensorsWeights(info.path))
             report = QuantReport("none")
         runner = BatchedRunner(model, max_model_len, max_num_seqs, kv_cache_bytes)
@@ -211,6 +222,8 @@ def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
         return runner
     except UnsupportedModelError as exc:
         raise ModelLoadError(f"Model in {info.path} cannot be served: {exc}") from exc
+    except WoqBackendUnavailable as exc:
+        raise ModelLoadError(str(exc)) from exc
     except ValueError as exc:  # e.g. a KV budget too small for one sequence
         raise ModelLoadError(str(exc)) from exc
     except KeyError as exc:

@@ -328,10 +328,10 @@ class _Assembler:
     """Builds a decoder from parts: WOQ modules from the quantized Linears, unquantized tensors assigned
     into a model created on the meta device (no throw-away allocation)."""
 
-    def __init__(self, info: ModelInfo, mode: str, kernel: str) -> None:
+    def __init__(self, info: ModelInfo, mode: str, kernel: str, backend: str = "native") -> None:
         self.info = info
+        self.plan = kernel_plan(mode, kernel, backend=backend)  # checks the backend before any weight is read
         self.model = meta_decoder(info)
-        self.plan = kernel_plan(mode, kernel)
         self.report = ReportBuilder(mode, self.plan)
 
     def __call__(self, part: Part) -> None:
@@ -359,10 +359,11 @@ class _Assembler:
 
 
 def load_and_quantize(info: ModelInfo, mode: Literal["int8", "int4"], *, group_size: int | None = None,
-                      kernel: str = "auto") -> tuple[nn.Module, QuantReport]:
-    """The decoder of an fp32 (or bf16/fp16) checkpoint, quantized while it is read, part by part."""
+                      kernel: str = "auto", backend: str = "native") -> tuple[nn.Module, QuantReport]:
+    """The decoder of an fp32 (or bf16/fp16) checkpoint, quantized while it is read, part by part; its
+    Linears become `backend`'s WOQ modules (app/quant/backends)."""
     check_mode(mode)
-    assembler = _Assembler(info, mode, kernel)
+    assembler = _Assembler(info, mode, kernel, backend)
     stream_quantized_parts(info, mode, assembler, group_size=group_size)
     return assembler.finish()
 
@@ -434,9 +435,10 @@ def _stored_weight(name: str, entry: Mapping[str, Any], weights: SourceScope,
     return qw
 
 
-def load_quantized(info: ModelInfo, quantize: str = "none", *,
-                   kernel: str = "auto") -> tuple[nn.Module, QuantReport]:
-    """The decoder of a pre-quantized directory, built from its stored tensors (no fp32, no re-quantizing).
+def load_quantized(info: ModelInfo, quantize: str = "none", *, kernel: str = "auto",
+                   backend: str = "native") -> tuple[nn.Module, QuantReport]:
+    """The decoder of a pre-quantized directory, built from its stored tensors (no fp32, no re-quantizing)
+    as `backend`'s WOQ modules (the stored tensors are portable: any backend loads them).
 
     `quantize` is the configured mode: "none" takes the checkpoint's, anything else must equal it."""
     manifest = read_manifest(info.path)
@@ -450,7 +452,7 @@ def load_quantized(info: ModelInfo, quantize: str = "none", *,
         raise ModelLoadError(f"Pre-quantized model in {info.path} was made for arch "
                              f"{manifest.get('arch')!r}, "
                              f"but its config.json describes {info.arch!r}.")
-    assembler = _Assembler(info, mode, kernel)
+    assembler = _Assembler(info, mode, kernel, backend)
     shapes = linear_shapes(assembler.model)
     modules: dict[str, Any] = manifest["modules"]
     if set(modules) != set(shapes):

@@ -5,7 +5,10 @@ Algorithm
 `quantize_model(model, mode)` replaces every `nn.Linear` (the output head too, unless
 `include_head=False`) by an `Int8Linear` or `Int4Linear`, one module at a time so each fp32 weight can be
 freed as soon as its quantized copy exists. The mode comes from configuration (`ModelSpec.quantize`),
-never from a file name; "none" is a no-op.
+never from a file name; "none" is a no-op.  Which library runs the quantized layers is the model's
+`woq_backend` (`ModelSpec.woq_backend`): "native" (default) is this module's Int8Linear / Int4Linear;
+"torchao" and "ipex" (optional, imported only when chosen) build their own modules from the same portable
+`QuantizedWeight` through `build_module` (app/quant/backends, docs/quantization.md).
 
 * int8: symmetric, per output channel.  w[n, k] ~= q[n, k] * s[n],  q in [-128, 127],
   s[n] = max_k |w[n, k]| / 127 rounded to bf16 (the packed kernel takes bf16 scales with bf16
@@ -70,7 +73,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -78,9 +81,13 @@ from torch import nn
 
 from app.quant.isa import CpuIsa, detect_isa
 
+if TYPE_CHECKING:
+    from app.quant.backends import WoqBackend
+
 log = logging.getLogger("lanner.quant")
 
 QuantMode = Literal["none", "int8", "int4"]
+WoqBackendName = Literal["native", "torchao", "ipex"]  # who runs the WOQ matmuls (app/quant/backends)
 KernelChoice = Literal["auto", "packed", "dequant"]
 KERNEL_ENV = "LANNER_WOQ_KERNEL"
 
@@ -542,6 +549,7 @@ class QuantReport:
     group_sizes: tuple[int, ...] = ()  # int4 group sizes used
     head: str = "fp32"  # what the output head became: fp32 | int8 | int4
     fallbacks: tuple[str, ...] = field(default=())  # "module: reason" for layers not quantized as asked
+    backend: str = "native"  # the WOQ backend whose modules run the layers (app/quant/backends)
 
     def summary(self) -> str:
         if self.mode == "none":
@@ -549,7 +557,7 @@ class QuantReport:
         mb = 1 / 2**20
         text = (f"quantize={self.mode}: {self.num_swapped} Linear modules, "
                 f"{self.bytes_before * mb:.1f} MiB -> {self.bytes_after * mb:.1f} MiB; "
-                f"kernel: {self.kernel}; "
+                f"backend: {self.backend}; kernel: {self.kernel}; "
                 f"cpu: {self.isa}")
         if self.group_sizes:
             text += f"; group sizes {list(self.group_sizes)}"
@@ -573,6 +581,11 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"quantize must be one of {', '.join(get_args(QuantMode))}, got {mode!r}")
 
 
+def check_backend(backend: str) -> None:
+    if backend not in get_args(WoqBackendName):
+        raise ValueError(f"woq_backend must be one of {', '.join(get_args(WoqBackendName))}, got {backend!r}")
+
+
 def linear_plan(name: str, in_features: int, mode: Literal["int8", "int4"], group_size: int | None = None,
                 int4_head: Literal["int8", "int4"] = "int8"
                 ) -> tuple[Literal["int8", "int4"], int | None, str | None]:
@@ -589,15 +602,22 @@ def linear_plan(name: str, in_features: int, mode: Literal["int8", "int4"], grou
 
 @dataclass(frozen=True)
 class KernelPlan:
-    """The kernel paths of one model's WOQ modules: decided once per load from the ISA and overrides."""
+    """The kernel paths of one model's WOQ modules: decided once per load from the ISA and overrides.
+
+    `backend` names the library that runs them (app/quant/backends); for any but "native", `impl` is that
+    backend's module builder and the native fields (choice, crossover, layout) are unused."""
 
     isa: CpuIsa
     choice: KernelChoice
     crossover: Mapping[str, int]  # mode -> rows M from which dequant+sgemm is used
     layout: Int4Layout | None  # ATen's int4 packing on this CPU (for the int4 dequant path)
     notes: tuple[str, ...] = ()
+    backend: str = "native"
+    impl: WoqBackend | None = None
 
     def describe(self, used: Iterable[str]) -> str:
+        if self.impl is not None:
+            return self.impl.describe(used)
         used = set(used)
         path = "; ".join(f"{m}: {describe_path(m, self.crossover[m])}" for m in ("int4", "int8") if m in used)
         if self.choice != "auto":
@@ -605,8 +625,16 @@ class KernelPlan:
         return path + "".join(f"; {n}" for n in self.notes)
 
 
-def kernel_plan(mode: str, kernel: str = "auto", isa: CpuIsa | None = None) -> KernelPlan:
+def kernel_plan(mode: str, kernel: str = "auto", isa: CpuIsa | None = None,
+                backend: str = "native") -> KernelPlan:
+    """The plan for one model: the backend's (checked and imported here, WoqBackendUnavailable if it
+    cannot run), or for "native" the ATen kernel paths chosen from the ISA and the kernel override."""
     isa = isa or detect_isa()
+    if backend != "native":
+        from app.quant.backends import load_backend
+
+        impl = load_backend(backend, mode, isa)
+        return KernelPlan(isa, "auto", MappingProxyType({}), None, (), backend, impl)
     choice = resolve_kernel(kernel)
     crossover = {m: crossover_rows(m, isa, choice) for m in ("int8", "int4")}
     layout, notes = None, []
@@ -618,8 +646,11 @@ def kernel_plan(mode: str, kernel: str = "auto", isa: CpuIsa | None = None) -> K
     return KernelPlan(isa, choice, MappingProxyType(crossover), layout, tuple(notes))
 
 
-def build_module(qw: QuantizedWeight, plan: KernelPlan) -> Int8Linear | Int4Linear:
-    """The WOQ module for a portable quantized weight (the one constructor both load paths use)."""
+def build_module(qw: QuantizedWeight, plan: KernelPlan) -> nn.Module:
+    """The WOQ module for a portable quantized weight (the one constructor both load paths use): an
+    Int8Linear / Int4Linear on the native backend, else the plan's backend's module."""
+    if plan.impl is not None:
+        return plan.impl.build(qw)
     if qw.mode == "int8":
         return Int8Linear.from_quantized(qw, plan.crossover["int8"])
     return Int4Linear.from_quantized(qw, plan.crossover["int4"], plan.layout)
@@ -639,7 +670,8 @@ class ReportBuilder:
     def add(self, name: str, qw: QuantizedWeight, module: nn.Module, fallback: str | None = None) -> None:
         self.swapped += 1
         self.before += qw.fp32_nbytes
-        self.after += sum(b.numel() * b.element_size() for b in module.buffers())
+        self.after += (self.plan.impl.nbytes(module, qw) if self.plan.impl is not None
+                       else sum(b.numel() * b.element_size() for b in module.buffers()))
         self.used.add(qw.mode)
         if qw.group_size is not None:
             self.groups.add(qw.group_size)
@@ -652,7 +684,7 @@ class ReportBuilder:
         report = QuantReport(mode=self.mode, num_swapped=self.swapped, bytes_before=self.before,
                              bytes_after=self.after, kernel=self.plan.describe(self.used),
                              isa=self.plan.isa.describe(), group_sizes=tuple(sorted(self.groups)),
-                             head=self.head, fallbacks=tuple(self.fallbacks))
+                             head=self.head, fallbacks=tuple(self.fallbacks), backend=self.plan.backend)
         log.info("%s", report.summary())
         return report
 
@@ -660,17 +692,21 @@ class ReportBuilder:
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: QuantMode, *, group_size: int | None = None, kernel: str = "auto",
                    include_head: bool = True, int4_head: Literal["int8", "int4"] = "int8",
-                   isa: CpuIsa | None = None) -> QuantReport:
+                   isa: CpuIsa | None = None, backend: str = "native") -> QuantReport:
     """Swap every nn.Linear of `model` (in place) for its WOQ module; see the module comment.
+
+    `backend` (native | torchao | ipex, app/quant/backends) decides whose modules those are; the quantized
+    values are the same on every backend.
 
     The output head (`lm_head`) is quantized too unless include_head=False; in int4 mode it is int8 by
     default (`int4_head`), as llama.cpp keeps Q4_0 models' output matrix at 6 bits: the head's error
     lands on the logits directly, and it is a small share of the weights.
     """
     check_mode(mode)
+    check_backend(backend)
     if mode == "none":
         return QuantReport(mode="none")
-    plan = kernel_plan(mode, kernel, isa)
+    plan = kernel_plan(mode, kernel, isa, backend)
     report = ReportBuilder(mode, plan)
     for name in _linear_names(model, include_head):
         linear = model.get_submodule(name)
@@ -691,6 +727,7 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 __all__ = [
     "CROSSOVER_M", "KERNEL_ENV", "Int4Layout", "Int4Linear", "Int8Linear", "KernelPlan", "QuantReport",
+    "WoqBackendName", "check_backend",
     "QuantizedWeight", "ReportBuilder", "build_module", "crossover_rows", "dequantize_int4",
     "dequantize_int8",
     "kernel_plan", "linear_plan", "pack_nibbles", "pick_group_size", "probe_int4_layout", "quantize_int4",
