@@ -273,7 +273,7 @@ def markdown(report: dict[str, Any]) -> str:
                 head = (f"| {model} | {task} | {t['docs']} | {t['requests']} | " if j == 0 else "| | | | | ")
                 tail = (f"{fmt(t['max_abs_diff'], '.2e')} | {fmt(t['mean_abs_diff'], '.2e')} | "
                         f"{t['is_greedy_mismatches']} / {t['prediction_mismatches']} |" if j == 0 else "| | |")
-                lines.append(f"{head}{name} | {fmt(v['api'], '.4f')} | {fmt(v['hf'], '.4f')} | {tail}")
+                lines.append(f"{head}{name} | {fmt(v['api'], '.7g')} | {fmt(v['hf'], '.7g')} | {tail}")
     lines += ["", "Run times (s): " + ", ".join(
         f"{model} api {m['seconds']['api']:.0f} / hf {m['seconds']['hf']:.0f}" for model, m in report["models"].items())]
     lines += ["", "Commands:", ""]
