@@ -23,18 +23,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoTokenizer,
-    FalconConfig,
-    FalconForCausalLM,
-    LlamaForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoTokenizer, FalconConfig, PretrainedConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # config.json model_type -> Lanner architecture family.
 SUPPORTED_ARCHITECTURES: Mapping[str, str] = MappingProxyType({
@@ -44,9 +39,12 @@ SUPPORTED_ARCHITECTURES: Mapping[str, str] = MappingProxyType({
     "RefinedWebModel": "falcon",  # old falcon-7b style configs
 })
 
-MODEL_CLASSES: Mapping[str, type[PreTrainedModel]] = MappingProxyType({
-    "llama": LlamaForCausalLM,
-    "falcon": FalconForCausalLM,
+# Lanner architecture family -> transformers' model class (reference runner and tests only). Imported
+# when needed: transformers' modeling modules pull in its quantizers (and torchao when installed), about
+# 100 MiB of resident memory in every process that never runs them.
+MODEL_CLASS_NAMES: Mapping[str, str] = MappingProxyType({
+    "llama": "LlamaForCausalLM",
+    "falcon": "FalconForCausalLM",
 })
 
 HUB_ALLOW_PATTERNS: tuple[str, ...] = (
@@ -289,7 +287,9 @@ def load_hf_model(info: ModelInfo, dtype: torch.dtype = torch.float32) -> PreTra
     if (info.path / MANIFEST_FILE).is_file():  # its tensors are Lanner's int8/int4 layout, not transformers'
         raise ModelLoadError(f"Model in {info.path} is a Lanner pre-quantized checkpoint; only the batched "
                              "runner can serve it (runner: batched).")
-    model_cls = MODEL_CLASSES[info.arch]
+    import transformers
+
+    model_cls = getattr(transformers, MODEL_CLASS_NAMES[info.arch])
     try:
         model = model_cls.from_pretrained(
             info.path, config=info.config, dtype=dtype, trust_remote_code=False
