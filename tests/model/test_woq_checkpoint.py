@@ -322,27 +322,35 @@ def peak_rss() -> int:
 CHILD_QUANTIZE = PEAK_RSS + """
 import json, sys
 import torch
-import app.quant.checkpoint  # with app.models.loader: transformers, part of the baseline
 from app.cli import main
-from app.quant.woq import quantize_weight
 
-quantize_weight(torch.randn(512, 512), "int4", 32)  # warm-up: torch thread pool, allocator arenas
+
+def quantize(src, out):
+    try:
+        main(["quantize", src, "--bits", sys.argv[2], "--out", out])
+    except SystemExit as exc:
+        assert exc.code == 0, exc.code
+
+
+# warm-up on the tiny demo model: every import the command makes (transformers' config classes pull in
+# its image/video utils lazily), torch's thread pool and allocator arenas are in the baseline
+quantize(sys.argv[4], sys.argv[3] + "-warmup")
 baseline = peak_rss()
-try:
-    main(["quantize", sys.argv[1], "--bits", sys.argv[2], "--out", sys.argv[3]])
-except SystemExit as exc:
-    assert exc.code == 0, exc.code
+quantize(sys.argv[1], sys.argv[3])
 print(json.dumps({"baseline": baseline, "peak": peak_rss()}))
 """
 
 CHILD_SERVE = PEAK_RSS + """
 import json, sys
 import torch
+import gc
 from app.models.loader import inspect_model_dir
 from app.models.runner import load_runner
-from app.quant.woq import quantize_weight
 
-quantize_weight(torch.randn(512, 512), "int4", 32)  # warm-up: torch thread pool, allocator arenas
+# warm-up on the tiny demo model: imports, torch's thread pool and allocator arenas are in the baseline
+warm = load_runner(inspect_model_dir(sys.argv[3]), 64, 1, quantize=sys.argv[2])
+del warm
+gc.collect()
 info = inspect_model_dir(sys.argv[1])
 baseline = peak_rss()
 runner = load_runner(info, 64, 1, quantize=sys.argv[2])
@@ -393,11 +401,11 @@ def run_child(script: str, *args: str) -> dict:
 
 
 @pytest.mark.parametrize("bits", [8, pytest.param(4, marks=pytest.mark.slow)])  # int4: ~15 s more
-def test_quantize_peak_rss(bits, tmp_path, random_llama):
+def test_quantize_peak_rss(bits, tmp_path, random_llama, demo_models_dir):
     """`lanner quantize` never holds the model: its peak RSS stays within
         baseline + size of the quantized file + one decoder layer's fp32 weights,
-    baseline being the child's own peak RSS (VmHWM) after importing torch, transformers and Lanner and
-    one small quantization (thread pool, allocator).  What the process really holds at once is one
+    baseline being the child's own peak RSS (VmHWM) after the same command on the tiny demo model
+    (imports, thread pool, allocator).  What the process really holds at once is one
     source matrix (its mapped fp32 pages, at most 8 MB here: fused Linears are quantized part by part)
     and the quantizer's temporaries (4 MB blocks); quantized tensors go straight to spool files.
     Holding the fp32 model (178 MB), or keeping the source mapped while it is read, would break the
@@ -405,7 +413,7 @@ def test_quantize_peak_rss(bits, tmp_path, random_llama):
     baseline."""
     src, layer_fp32, total_fp32 = random_llama
     out = tmp_path / "out"
-    stats = run_child(CHILD_QUANTIZE, str(src), str(bits), str(out))
+    stats = run_child(CHILD_QUANTIZE, str(src), str(bits), str(out), str(demo_models_dir / "demo-llama"))
     quantized = (out / WEIGHTS_FILE).stat().st_size
     assert total_fp32 > quantized + layer_fp32  # the bound is below the fp32 model: the test can fail
     over = stats["peak"] - stats["baseline"]
@@ -415,14 +423,14 @@ def test_quantize_peak_rss(bits, tmp_path, random_llama):
     assert over <= quantized + layer_fp32, stats
 
 
-def test_serve_quantize_at_load_peak_rss(random_llama):
+def test_serve_quantize_at_load_peak_rss(random_llama, demo_models_dir):
     """Serving an fp32 checkpoint with quantize: int8 never holds the fp32 model either: peak RSS stays
     within baseline + the quantized model's tensors + one layer's fp32 weights (measured: +62 MB, 47 MB
     of them the model; loading all fp32 weights first, as before, would take 178 MB).  int4 is left out:
     on a model this small glibc's retained heap blocks (not pinned in a server, see `trim_heap`) push it
     past 31 + 34 MB (measured +83-95 MB), though still far below the fp32 model."""
     src, layer_fp32, total_fp32 = random_llama
-    stats = run_child(CHILD_SERVE, str(src), "int8")
+    stats = run_child(CHILD_SERVE, str(src), "int8", str(demo_models_dir / "demo-llama"))
     over = stats["peak"] - stats["baseline"]
     print(f"\nserve int8: peak {stats['peak'] / MB:.0f} MiB = baseline {stats['baseline'] / MB:.0f} "
           f"+ {over / MB:.0f}; model {stats['held'] / MB:.0f}, layer {layer_fp32 / MB:.0f}")
