@@ -83,6 +83,19 @@ def prompt_entries(prompt_ids: Sequence[int], scored: Sequence[Logprob] | None) 
     return [(t, None if i == 0 or i - 1 >= len(scored) else scored[i - 1]) for i, t in enumerate(prompt_ids)]
 
 
+def completion_piece(text: str, logprobs: Sequence[Logprob] | None, *, echo: str | None = None,
+                     prompt_ids: Sequence[int] = (), prompt_logprobs: Sequence[Logprob] | None = None,
+                     with_logprobs: bool = False) -> tuple[str, list[tuple[int, Logprob | None]]]:
+    """A completion choice's text and logprob entries for some generated tokens; `echo` (the prompt's
+    text) goes first, with the prompt tokens' entries when `with_logprobs`."""
+    entries: list[tuple[int, Logprob | None]] = [(lp.token_id, lp) for lp in logprobs or ()]
+    if echo is not None:
+        text = echo + text
+        if with_logprobs:
+            entries = prompt_entries(prompt_ids, prompt_logprobs) + entries
+    return text, entries
+
+
 def completion_logprobs(strings: TokenStrings, entries: Sequence[tuple[int, Logprob | None]],
                         offset: int = 0) -> dict[str, list]:
     """Legacy completions `logprobs` for `entries`; text offsets count from `offset` (the length of the

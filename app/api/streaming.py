@@ -16,7 +16,7 @@ from typing import Any, Literal
 from sse_starlette import EventSourceResponse
 
 from app.api.errors import APIError, count_failure, error_body
-from app.api.logprobs import chat_logprobs, completion_logprobs, prompt_entries, token_strings
+from app.api.logprobs import chat_logprobs, completion_logprobs, completion_piece, token_strings
 from app.api.serving import Admitted, stream_jobs, usage
 
 DONE = "[DONE]"
@@ -75,11 +75,11 @@ async def stream_choices(
             output_tokens[index] = delta.num_output_tokens
             finish = delta.finish_reason.value if delta.finish_reason is not None else None
             if kind == "completion":
-                text, entries = delta.text, [(lp.token_id, lp) for lp in delta.logprobs or ()]
-                if echo is not None and index not in offsets:
-                    text = echo[index // n] + text
-                    if logprobs:
-                        entries = prompt_entries(jobs[index].prompt_ids, delta.prompt_logprobs) + entries
+                first = index not in offsets
+                text, entries = completion_piece(
+                    delta.text, delta.logprobs, echo=echo[index // n] if echo is not None and first else None,
+                    prompt_ids=jobs[index].prompt_ids, prompt_logprobs=delta.prompt_logprobs,
+                    with_logprobs=logprobs)
                 lp_obj = None
                 if logprobs:
                     lp_obj = completion_logprobs(strings, entries, offsets.get(index, 0))

@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from app import __version__
 from app.api.deps import RegistryDep, SettingsDep
 from app.api.errors import InvalidRequestError
-from app.api.logprobs import completion_logprobs, prompt_entries, token_strings
+from app.api.logprobs import completion_logprobs, completion_piece, token_strings
 from app.api.serving import (
     Deadlines,
     admit,
@@ -65,11 +65,9 @@ async def create_completion(body: CompletionRequest, registry: RegistryDep, sett
     n = body.n or 1
     choices = []
     for r in results:
-        text, entries = r.text, [(lp.token_id, lp) for lp in r.logprobs or ()]
-        if echo is not None:
-            text = echo[r.index // n] + text
-            if with_logprobs:
-                entries = prompt_entries(prompts[r.index // n], r.prompt_logprobs) + entries
+        text, entries = completion_piece(
+            r.text, r.logprobs, echo=echo[r.index // n] if echo is not None else None,
+            prompt_ids=prompts[r.index // n], prompt_logprobs=r.prompt_logprobs, with_logprobs=with_logprobs)
         lp_obj = completion_logprobs(token_strings(handle.tokenizer), entries) if with_logprobs else None
         choices.append(CompletionChoice(index=r.index, text=text, logprobs=lp_obj, finish_reason=r.finish_reason))
     return CompletionResponse(
