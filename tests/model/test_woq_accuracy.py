@@ -112,6 +112,12 @@ def compare(ref: torch.Tensor, ours: torch.Tensor) -> dict[str, float]:
             "top1_in_ref_top2": (ref.topk(2, dim=-1).indices == top1[:, None]).any(-1).float().mean().item()}
 
 
+def bound_failures(name: str, mode: str, stats: dict[str, float]) -> list[str]:
+    """The accuracy bounds (`BOUNDS`, plus `DEMO_TOP1` on the demo models) that `stats` miss."""
+    bounds = dict(BOUNDS[mode], **(DEMO_TOP1[mode] if name in DEMO_MODEL_IDS else {}))
+    return [f"{name}: {k}={stats[k]:.4f} < {bound}" for k, bound in bounds.items() if stats[k] < bound]
+
+
 @pytest.fixture(scope="module")
 def fp32_results(model_dirs) -> dict:
     """name -> (prompts, fp32 logit rows, fp32 greedy tokens)."""
@@ -137,9 +143,7 @@ def test_quantized_logits_close_to_fp32(mode, model_dirs, fp32_results, monkeypa
         stats = compare(ref, ours)
         agree.append((ref.argmax(-1) == ours.argmax(-1)).float())
         lines.append(f"{mode} {name:24s} " + " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
-        bounds = dict(BOUNDS[mode], **(DEMO_TOP1[mode] if name in DEMO_MODEL_IDS else {}))
-        failures += [f"{name}: {k}={stats[k]:.4f} < {bound}"
-                     for k, bound in bounds.items() if stats[k] < bound]
+        failures += bound_failures(name, mode, stats)
     pooled = torch.cat(agree).mean().item()
     print("\n" + "\n".join(lines) + f"\n{mode} pooled top-1 agreement {pooled:.4f}")
     assert pooled >= POOLED_TOP1[mode], f"pooled top-1 agreement {pooled:.4f}"

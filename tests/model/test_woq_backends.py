@@ -30,10 +30,9 @@ from app.quant.backends import OPTIONAL_BACKENDS, WoqBackendUnavailable
 from app.quant.checkpoint import quantize_checkpoint
 from app.quant.woq import KERNEL_ENV, Int4Linear, Int8Linear, kernel_plan
 from tests.model.test_woq_accuracy import (  # noqa: F401 (model_dirs, fp32_results: fixtures)
-    BOUNDS,
-    DEMO_TOP1,
     MAX_LEN,
     POOLED_TOP1,
+    bound_failures,
     compare,
     fp32_results,
     logit_rows,
@@ -102,9 +101,7 @@ def test_backend_logits_close_to_fp32_and_native(mode, backend, model_dirs, fp32
         agree.append((ref.argmax(-1) == ours.argmax(-1)).float())
         lines.append(f"{backend} {mode} {name:24s} " + " ".join(f"{k}={v:.4f}" for k, v in stats.items())
                      + " | vs native " + " ".join(f"{k}={v:.6f}" for k, v in vs_native.items()))
-        bounds = dict(BOUNDS[mode], **(DEMO_TOP1[mode] if name in DEMO_MODEL_IDS else {}))
-        failures += [f"{name}: {k}={stats[k]:.4f} < {bound}"
-                     for k, bound in bounds.items() if stats[k] < bound]
+        failures += bound_failures(name, mode, stats)
         failures += [f"{name} vs native: {k}={vs_native[k]:.5f} < {bound}"
                      for k, bound in VS_NATIVE.items() if vs_native[k] < bound]
     pooled = torch.cat(agree).mean().item()
