@@ -108,8 +108,9 @@ def printable_token_ids(tok: PreTrainedTokenizerFast) -> list[int]:
 # --------------------------------------------------------------------------- configs
 
 
-def tinyllama_config(tok: PreTrainedTokenizerFast) -> LlamaConfig:
-    return demo.llama_config(tok, vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+def tinyllama_config(tok: PreTrainedTokenizerFast, num_layers: int = 22) -> LlamaConfig:
+    return demo.llama_config(tok, vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                             num_hidden_layers=num_layers,
                              num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=MAX_POSITIONS)
 
 
@@ -204,10 +205,12 @@ def num_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
 
 def write_model_dir(recipe: Recipe, target: Path, progress_factory: Callable[[int], Progress] | None = None
                     ) -> None:
-    """Build one model into a temp dir beside `target`, then move it into place."""
-    spec = demo.LLAMA_TOKENS if recipe.name == "tinyllama-1.1b" else demo.FALCON_TOKENS
+    """Build one model into a temp dir beside `target`, then move it into place.  Recipes named
+    tinyllama-* have TinyLlama-1.1B's layer shape (with recipe.num_layers layers), the others falcon-7b's."""
+    llama = recipe.name.startswith("tinyllama")
+    spec = demo.LLAMA_TOKENS if llama else demo.FALCON_TOKENS
     tok = build_tokenizer(spec)
-    config = tinyllama_config(tok) if recipe.name == "tinyllama-1.1b" else falcon_config(tok, recipe.num_layers)
+    config = tinyllama_config(tok, recipe.num_layers) if llama else falcon_config(tok, recipe.num_layers)
     shapes = parameter_shapes(config)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.", dir=target.parent))

@@ -35,7 +35,6 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from app.models import demo  # noqa: E402
 from app.models.base import StepInput  # noqa: E402
 from app.models.loader import ModelLoadError, inspect_model_dir  # noqa: E402
 from app.models.runner import load_runner  # noqa: E402
@@ -49,31 +48,8 @@ def ensure_model(layers: int, out_dir: Path) -> Path:
     recipe = mm.Recipe(name=f"tinyllama-shape-{layers}l", build_version=mm.BUILD_VERSION,
                        seed=mm.SEEDS["tinyllama-1.1b"], num_layers=layers)
     target = out_dir / recipe.name
-    if mm.is_current(target, recipe):
-        return target
-    import shutil
-    import tempfile
-
-    tok = mm.build_tokenizer(demo.LLAMA_TOKENS)
-    config = demo.llama_config(tok, vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                               num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4,
-                               max_position_embeddings=mm.MAX_POSITIONS)
-    shapes = mm.parameter_shapes(config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.", dir=out_dir))
-    try:
-        config.save_pretrained(tmp)
-        demo.generation_config(tok, demo.LLAMA_TOKENS).save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        weights = mm.generate_weights(config, recipe.seed, mm.printable_token_ids(tok))
-        mm.write_safetensors(tmp / "model.safetensors", shapes, weights)
-        (tmp / mm.MARKER_FILE).write_text(json.dumps(recipe.marker(), indent=2) + "\n", encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if not mm.is_current(target, recipe):
+        mm.write_model_dir(recipe, target)
     return target
 
 
