@@ -79,6 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.quant import kernels
 from app.quant.isa import CpuIsa, detect_isa
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ log = logging.getLogger("lanner.quant")
 
 QuantMode = Literal["none", "int8", "int4"]
 WoqBackendName = Literal["native", "torchao", "ipex"]  # who runs the WOQ matmuls (app/quant/backends)
-KernelChoice = Literal["auto", "packed", "dequant"]
+KernelChoice = Literal["auto", "lanner", "packed", "dequant"]
 KERNEL_ENV = "LANNER_WOQ_KERNEL"
 
 # Rows M at or above which "auto" uses dequant+sgemm on CPUs without native bf16.  Measured with
@@ -98,6 +99,12 @@ KERNEL_ENV = "LANNER_WOQ_KERNEL"
 # dequant 69 ms (fp32: 71 ms); at M=1 packed int8 0.47 ms, dequant 3.9 ms.
 CROSSOVER_M = MappingProxyType({"int8": 40, "int4": 72})
 NEVER = sys.maxsize  # a crossover no batch reaches: packed kernel for every M
+# Modes whose layers Lanner's own kernels run (app/quant/kernels.py), for every M.  Measured per call on
+# the 2-core EPYC (AVX-512), ms, own int8 kernel / dequant from its tiles + MKL sgemm / ATen row-major
+# dequant + sgemm:  2048->11264: M=16 4.5 / 6.6 / 12.7, M=128 33 / 44 / 63, M=256 68 / 83 / 68;
+# 5632->2048: M=16 1.9 / 3.9 / 5.5, M=256 30 / 44 / 38.  At M=1: 0.56 ms (41 GB/s) against ATen's
+# packed 0.87; 32000x2048 head 2.0 ms (32 GB/s) against 4.0.
+OWN_KERNEL_MODES = frozenset({"int8"})
 
 DEFAULT_GROUP_SIZE = 32  # int4 group size unless one is requested (see the module comment)
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
@@ -132,7 +139,9 @@ def crossover_rows(mode: str, isa: CpuIsa, kernel: KernelChoice) -> int:
     return CROSSOVER_M[mode]
 
 
-def describe_path(mode: str, crossover: int) -> str:
+def describe_path(mode: str, crossover: int, own: bool = False) -> str:
+    if own:
+        return f"lanner {mode} tiles (fp32 act) for all M"
     packed = {"int8": "packed int8 (_weight_int8pack_mm, bf16 act)",
               "int4": "packed int4 (_weight_int4pack_mm_for_cpu, bf16 act)"}[mode]
     dequant = f"dequant {mode}->fp32 + sgemm"
@@ -224,6 +233,48 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, crossover_m={self.crossover_m}")
+
+
+class TiledInt8Linear(nn.Module):
+    """Int8 per-channel weights in Lanner's tile layout (app/quant/kernels.py `pack_int8`), run by Lanner's
+    own kernel for every M: it streams the tiles at the memory bandwidth for decode and, register-blocked,
+    beats dequant + MKL sgemm up to M=256 too (see OWN_KERNEL_MODES); activations stay fp32."""
+
+    def __init__(self, tiles: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 out_features: int) -> None:
+        # tiles: [T, K, 16] int8, scales: [16 T] fp32 (zero past out_features), bias: [N] | None
+        super().__init__()
+        self.out_features, self.in_features = out_features, tiles.shape[1]
+        self.register_buffer("weight", tiles.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight) -> TiledInt8Linear:
+        assert qw.mode == "int8"
+        tiles, scales = kernels.pack_int8(qw.qweight, qw.scales)
+        return cls(tiles, scales, qw.bias, qw.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        # -> [N, K] fp32
+        n = self.out_features
+        return dequantize_int8(kernels.unpack_int8(self.weight, n), self.scales[:n])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N] fp32
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        y = kernels.int8_mm(x2, self.weight, self.scales, self.out_features)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.view(*lead, self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 # --------------------------------------------------------------------------- int4
@@ -614,12 +665,14 @@ class KernelPlan:
     notes: tuple[str, ...] = ()
     backend: str = "native"
     impl: WoqBackend | None = None
+    own: frozenset[str] = frozenset()  # modes run by Lanner's own kernels (app/quant/kernels.py)
 
     def describe(self, used: Iterable[str]) -> str:
         if self.impl is not None:
             return self.impl.describe(used)
         used = set(used)
-        path = "; ".join(f"{m}: {describe_path(m, self.crossover[m])}" for m in ("int4", "int8") if m in used)
+        path = "; ".join(f"{m}: {describe_path(m, self.crossover[m], m in self.own)}"
+                         for m in ("int4", "int8") if m in used)
         if self.choice != "auto":
             path += f" (forced kernel={self.choice})"
         return path + "".join(f"; {n}" for n in self.notes)
@@ -628,7 +681,8 @@ class KernelPlan:
 def kernel_plan(mode: str, kernel: str = "auto", isa: CpuIsa | None = None,
                 backend: str = "native") -> KernelPlan:
     """The plan for one model: the backend's (checked and imported here, WoqBackendUnavailable if it
-    cannot run), or for "native" the ATen kernel paths chosen from the ISA and the kernel override."""
+    cannot run), or for "native" the kernel paths chosen from the ISA and the kernel override: Lanner's
+    own kernels where they are built ("auto", "lanner"; "lanner" raises if they cannot be), else ATen's."""
     isa = isa or detect_isa()
     if backend != "native":
         from app.quant.backends import load_backend
@@ -636,14 +690,22 @@ def kernel_plan(mode: str, kernel: str = "auto", isa: CpuIsa | None = None,
         impl = load_backend(backend, mode, isa)
         return KernelPlan(isa, "auto", MappingProxyType({}), None, (), backend, impl)
     choice = resolve_kernel(kernel)
-    crossover = {m: crossover_rows(m, isa, choice) for m in ("int8", "int4")}
-    layout, notes = None, []
+    crossover = {m: crossover_rows(m, isa, "auto" if choice == "lanner" else choice) for m in ("int8", "int4")}
+    layout, notes, own = None, [], set()
+    if choice in ("auto", "lanner"):
+        built = kernels.load()
+        if built.ok:
+            own = set(OWN_KERNEL_MODES)
+        elif choice == "lanner":
+            raise ValueError(f"kernel=lanner: Lanner's own kernels are unavailable ({built.detail})")
+        else:
+            notes.append(f"own kernels unavailable ({built.detail})")
     if mode == "int4" and crossover["int4"] != NEVER:
         layout = probe_int4_layout()
         if layout is None:
             notes.append("int4 dequant path off: ATen's int4 packing layout is unknown on this CPU")
             crossover["int4"] = NEVER
-    return KernelPlan(isa, choice, MappingProxyType(crossover), layout, tuple(notes))
+    return KernelPlan(isa, choice, MappingProxyType(crossover), layout, tuple(notes), own=frozenset(own))
 
 
 def build_module(qw: QuantizedWeight, plan: KernelPlan) -> nn.Module:
@@ -651,6 +713,8 @@ def build_module(qw: QuantizedWeight, plan: KernelPlan) -> nn.Module:
     Int8Linear / Int4Linear on the native backend, else the plan's backend's module."""
     if plan.impl is not None:
         return plan.impl.build(qw)
+    if qw.mode in plan.own:
+        return TiledInt8Linear.from_quantized(qw)
     if qw.mode == "int8":
         return Int8Linear.from_quantized(qw, plan.crossover["int8"])
     return Int4Linear.from_quantized(qw, plan.crossover["int4"], plan.layout)
@@ -726,7 +790,8 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 __all__ = [
-    "CROSSOVER_M", "KERNEL_ENV", "Int4Layout", "Int4Linear", "Int8Linear", "KernelPlan", "QuantReport",
+    "CROSSOVER_M", "KERNEL_ENV", "OWN_KERNEL_MODES", "Int4Layout", "Int4Linear", "Int8Linear", "KernelPlan",
+    "QuantReport", "TiledInt8Linear",
     "WoqBackendName", "check_backend",
     "QuantizedWeight", "ReportBuilder", "build_module", "crossover_rows", "dequantize_int4",
     "dequantize_int8",

@@ -302,6 +302,7 @@ def test_dockerfile_runtime_settings():
     final = stages[-1]
     runs = " ".join(stage_values(final, "RUN"))
     assert re.search(r"useradd\b.*--uid 1000\b.*\blanner\b", runs), runs
+    assert re.search(r"apt-get install\b.*\bg\+\+", runs), "the image needs a compiler for the WOQ kernels"
     user = stage_values(final, "USER")
     assert user and user[-1].split(":")[0] in ("1000", "lanner"), user
     env = env_pairs(" ".join(stage_values(final, "ENV")))
@@ -449,3 +450,8 @@ def test_dockerfile_builder_stage_builds_a_working_venv(tmp_path: Path):
                        cwd=tmp_path, timeout=120)
     app_file, cuda = r.stdout.split()
     assert Path(app_file).is_relative_to(venv) and cuda == "None", r.stdout
+    # the kernel source is packaged, and builds from the installed package (the image has g++)
+    r = subprocess.run([str(venv / "bin" / "python"), "-m", "app.quant.kernels"], capture_output=True, text=True,
+                       cwd=tmp_path, env={**compose_env(), "LANNER_KERNEL_CACHE": str(tmp_path / "kernels")},
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("ok: "), (r.stdout, r.stderr)

@@ -32,10 +32,10 @@ is how much the random model amplifies noise: the peaked heads (logit std 10) an
 benchmark with real weights.
 
 The demo models have hidden size 64, so every int4 group is 32 wide (demo-llama's down_proj, K=176, has no
-valid group size and stays int8).  Prefill rows go through the dequant+sgemm path when the prompt has
->= CROSSOVER_M tokens and through the packed kernels otherwise; decode rows always use the packed
-kernels. `test_both_paths_agree` forces each path with LANNER_WOQ_KERNEL so both are covered regardless
-of prompt lengths.
+valid group size and stays int8).  int8 layers run Lanner's own kernel for every M when it builds
+(app/quant/kernels.py; the default here); int4 prefill rows go through the dequant+sgemm path when the
+prompt has >= CROSSOVER_M tokens and through the packed kernels otherwise.  `test_both_paths_agree`
+forces each path with LANNER_WOQ_KERNEL so all of them are covered regardless of prompt lengths.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ from app.models.base import StepInput
 from app.models.demo import DEMO_MODEL_IDS
 from app.models.loader import inspect_model_dir, load_tokenizer
 from app.models.runner import load_runner
-from app.quant.woq import KERNEL_ENV, Int4Linear, Int8Linear
+from app.quant import kernels
+from app.quant.woq import KERNEL_ENV, Int4Linear, Int8Linear, TiledInt8Linear
 from tests.model.test_parity import save_parity_models
 
 MAX_LEN = 256
@@ -152,17 +153,21 @@ def test_quantized_logits_close_to_fp32(mode, model_dirs, fp32_results, monkeypa
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_both_paths_agree(mode, model_dirs, monkeypatch):
-    """Packed kernels and dequant+sgemm give the same logits (up to bf16 activation rounding)."""
+    """Packed kernels and dequant+sgemm give the same logits (up to bf16 activation rounding); Lanner's own
+    int8 kernel (fp32 activations, like dequant+sgemm) gives them to fp32 rounding."""
     info = inspect_model_dir(model_dirs["demo-llama"])
     prompts = prompt_ids(load_tokenizer(info.path), info.config.vocab_size)
     results, forced = {}, None
-    for path in ("dequant", "packed"):  # packed is teacher-forced on dequant's greedy tokens
+    paths = ("dequant", "packed", "lanner") if kernels.available() else ("dequant", "packed")
+    for path in paths:  # the others are teacher-forced on dequant's greedy tokens
         monkeypatch.setenv(KERNEL_ENV, path)
         runner = load_runner(info, MAX_LEN, 1, quantize=mode)
         assert f"forced kernel={path}" in runner.quant_report.kernel
         results[path], forced = logit_rows(runner, prompts, forced)
     stats = compare(results["dequant"], results["packed"])
     assert stats["min_cos"] > 0.999 and stats["top1"] >= 0.95, stats
+    if "lanner" in results and mode == "int8":
+        torch.testing.assert_close(results["lanner"], results["dequant"], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -178,7 +183,8 @@ def test_server_path_greedy_decode(mode, model_dirs, monkeypatch):
         runner = build_runner(cfg.runner, info, cfg.max_model_len, cfg.max_num_seqs, cfg.kv_cache_bytes,
                               cfg.quantize)
         kinds = {type(m) for m in runner.model.modules()}
-        assert torch.nn.Linear not in kinds and (Int4Linear if mode == "int4" else Int8Linear) in kinds
+        int8_kind = TiledInt8Linear if kernels.available() else Int8Linear
+        assert torch.nn.Linear not in kinds and (Int4Linear if mode == "int4" else int8_kind) in kinds
         prompts = prompt_ids(load_tokenizer(info.path), info.config.vocab_size)[:4]
         logits = runner.step([StepInput(s, p, 0) for s, p in enumerate(prompts)])
         lengths = [len(p) for p in prompts]
