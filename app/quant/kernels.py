@@ -163,6 +163,38 @@ def int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, n: int) 
     return torch.ops.lanner.int8_mm(x, tiles, scales, n)
 
 
+def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The portable int4 form (qweight uint8 [N, K/2], byte j = q[2j] | q[2j+1] << 4; scales/zeros [N, K/G])
+    -> nibble tiles uint8 [T, K, 8] (byte j of tile t at k: row 16t+j low, row 16t+j+8 high) and
+    scales/zeros bf16 [T, K/G, 2, 16]; rows past N are zero."""
+    n, half = qweight.shape
+    k, groups = 2 * half, scales.shape[1]
+    tiles = -(-n // TILE)
+    q = torch.zeros(tiles * TILE, k, dtype=torch.uint8)
+    q[:n, 0::2] = qweight & 0x0F
+    q[:n, 1::2] = qweight >> 4
+    qt = q.view(tiles, TILE, k).transpose(1, 2)  # [T, K, 16]
+    nib = (qt[..., :TILE // 2] | (qt[..., TILE // 2:] << 4)).contiguous()
+    sz = torch.zeros(tiles * TILE, groups, 2, dtype=torch.bfloat16)
+    sz[:n, :, 0] = scales.to(torch.bfloat16)
+    sz[:n, :, 1] = zeros.to(torch.bfloat16)
+    return nib, sz.view(tiles, TILE, groups, 2).permute(0, 2, 3, 1).contiguous()
+
+
+def unpack_int4(nib: torch.Tensor, sz: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pack_int4's tiles -> (q uint8 [n, K] values 0..15, scales fp32 [n, K/G], zeros fp32 [n, K/G])."""
+    tiles, k, _ = nib.shape
+    q = torch.cat((nib & 0x0F, nib >> 4), dim=-1).transpose(1, 2).reshape(tiles * TILE, k)[:n]
+    s = sz.permute(0, 3, 1, 2).reshape(tiles * TILE, -1, 2)[:n].float()
+    return q, s[..., 0].contiguous(), s[..., 1].contiguous()
+
+
+def int4_mm(x: torch.Tensor, nib: torch.Tensor, sz: torch.Tensor, group: int, n: int) -> torch.Tensor:
+    """x fp32 [M, K] @ (the int4 weight in `nib`, `sz`)^T -> [M, n] fp32."""
+    return torch.ops.lanner.int4_mm(x, nib, sz, group, n)
+
+
 if __name__ == "__main__":  # `python -m app.quant.kernels`: build now and say where (Dockerfile, CI)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = load()

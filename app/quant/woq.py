@@ -100,11 +100,13 @@ KERNEL_ENV = "LANNER_WOQ_KERNEL"
 CROSSOVER_M = MappingProxyType({"int8": 40, "int4": 72})
 NEVER = sys.maxsize  # a crossover no batch reaches: packed kernel for every M
 # Modes whose layers Lanner's own kernels run (app/quant/kernels.py), for every M.  Measured per call on
-# the 2-core EPYC (AVX-512), ms, own int8 kernel / dequant from its tiles + MKL sgemm / ATen row-major
+# the 2-core EPYC (AVX-512), ms.  int8, own kernel / dequant from its tiles + MKL sgemm / ATen row-major
 # dequant + sgemm:  2048->11264: M=16 4.5 / 6.6 / 12.7, M=128 33 / 44 / 63, M=256 68 / 83 / 68;
 # 5632->2048: M=16 1.9 / 3.9 / 5.5, M=256 30 / 44 / 38.  At M=1: 0.56 ms (41 GB/s) against ATen's
-# packed 0.87; 32000x2048 head 2.0 ms (32 GB/s) against 4.0.
-OWN_KERNEL_MODES = frozenset({"int8"})
+# packed 0.87; 32000x2048 head 2.0 ms (32 GB/s) against 4.0.  int4 (group 32), own / ATen packed /
+# dequant from the tiles: 2048->11264 M=1 0.49 / 0.70, M=16 4.4 / 4.6 / 23, M=128 40 / 36 / 63;
+# 5632->2048 M=1 0.30 / 0.34, M=128 17 / 18 / 32.
+OWN_KERNEL_MODES = frozenset({"int8", "int4"})
 
 DEFAULT_GROUP_SIZE = 32  # int4 group size unless one is requested (see the module comment)
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
@@ -586,6 +588,48 @@ class Int4Linear(nn.Module):
                 f"group_size={self.group_size}, bias={self.bias is not None}, crossover_m={self.crossover_m}")
 
 
+class TiledInt4Linear(nn.Module):
+    """Group-wise int4 weights in Lanner's tile layout (app/quant/kernels.py `pack_int4`), run by Lanner's
+    own kernel for every M (see OWN_KERNEL_MODES); activations stay fp32."""
+
+    def __init__(self, nib: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                 group_size: int) -> None:
+        # nib: [T, K, 8] uint8, sz: [T, K/G, 2, 16] bf16 (scales, zeros), bias: [N] | None
+        super().__init__()
+        self.out_features, self.in_features, self.group_size = out_features, nib.shape[1], group_size
+        self.register_buffer("weight", nib.contiguous())
+        self.register_buffer("scales_and_zeros", sz.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight) -> TiledInt4Linear:
+        assert qw.mode == "int4" and qw.zeros is not None and qw.group_size is not None
+        nib, sz = kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
+        return cls(nib, sz, qw.bias, qw.out_features, qw.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        # -> [N, K] fp32
+        q, s, z = kernels.unpack_int4(self.weight, self.scales_and_zeros, self.out_features)
+        return dequantize_int4(q, s, z, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N] fp32
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        y = kernels.int4_mm(x2, self.weight, self.scales_and_zeros, self.group_size, self.out_features)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.view(*lead, self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
 # --------------------------------------------------------------------------- the swap
 
 
@@ -700,7 +744,7 @@ def kernel_plan(mode: str, kernel: str = "auto", isa: CpuIsa | None = None,
             raise ValueError(f"kernel=lanner: Lanner's own kernels are unavailable ({built.detail})")
         else:
             notes.append(f"own kernels unavailable ({built.detail})")
-    if mode == "int4" and crossover["int4"] != NEVER:
+    if mode == "int4" and "int4" not in own and crossover["int4"] != NEVER:
         layout = probe_int4_layout()
         if layout is None:
             notes.append("int4 dequant path off: ATen's int4 packing layout is unknown on this CPU")
@@ -709,12 +753,13 @@ def kernel_plan(mode: str, kernel: str = "auto", isa: CpuIsa | None = None,
 
 
 def build_module(qw: QuantizedWeight, plan: KernelPlan) -> nn.Module:
-    """The WOQ module for a portable quantized weight (the one constructor both load paths use): an
-    Int8Linear / Int4Linear on the native backend, else the plan's backend's module."""
+    """The WOQ module for a portable quantized weight (the one constructor both load paths use): on the
+    native backend a TiledInt8Linear / TiledInt4Linear (Lanner's kernels) or Int8Linear / Int4Linear
+    (ATen's), else the plan's backend's module."""
     if plan.impl is not None:
         return plan.impl.build(qw)
     if qw.mode in plan.own:
-        return TiledInt8Linear.from_quantized(qw)
+        return TiledInt8Linear.from_quantized(qw) if qw.mode == "int8" else TiledInt4Linear.from_quantized(qw)
     if qw.mode == "int8":
         return Int8Linear.from_quantized(qw, plan.crossover["int8"])
     return Int4Linear.from_quantized(qw, plan.crossover["int4"], plan.layout)
@@ -791,7 +836,7 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 __all__ = [
     "CROSSOVER_M", "KERNEL_ENV", "OWN_KERNEL_MODES", "Int4Layout", "Int4Linear", "Int8Linear", "KernelPlan",
-    "QuantReport", "TiledInt8Linear",
+    "QuantReport", "TiledInt4Linear", "TiledInt8Linear",
     "WoqBackendName", "check_backend",
     "QuantizedWeight", "ReportBuilder", "build_module", "crossover_rows", "dequantize_int4",
     "dequantize_int8",

@@ -32,10 +32,10 @@ is how much the random model amplifies noise: the peaked heads (logit std 10) an
 benchmark with real weights.
 
 The demo models have hidden size 64, so every int4 group is 32 wide (demo-llama's down_proj, K=176, has no
-valid group size and stays int8).  int8 layers run Lanner's own kernel for every M when it builds
-(app/quant/kernels.py; the default here); int4 prefill rows go through the dequant+sgemm path when the
-prompt has >= CROSSOVER_M tokens and through the packed kernels otherwise.  `test_both_paths_agree`
-forces each path with LANNER_WOQ_KERNEL so all of them are covered regardless of prompt lengths.
+valid group size and stays int8).  int8 and int4 layers run Lanner's own kernels for every M when they
+build (app/quant/kernels.py; the default here); with ATen's kernels, prefill rows go through the
+dequant+sgemm path when the prompt has >= CROSSOVER_M tokens and through the packed kernels otherwise.
+`test_both_paths_agree` forces each path with LANNER_WOQ_KERNEL so all of them are covered.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from app.models.demo import DEMO_MODEL_IDS
 from app.models.loader import inspect_model_dir, load_tokenizer
 from app.models.runner import load_runner
 from app.quant import kernels
-from app.quant.woq import KERNEL_ENV, Int4Linear, Int8Linear, TiledInt8Linear
+from app.quant.woq import KERNEL_ENV, Int4Linear, Int8Linear, TiledInt4Linear, TiledInt8Linear
 from tests.model.test_parity import save_parity_models
 
 MAX_LEN = 256
@@ -166,7 +166,7 @@ def test_both_paths_agree(mode, model_dirs, monkeypatch):
         results[path], forced = logit_rows(runner, prompts, forced)
     stats = compare(results["dequant"], results["packed"])
     assert stats["min_cos"] > 0.999 and stats["top1"] >= 0.95, stats
-    if "lanner" in results and mode == "int8":
+    if "lanner" in results:
         torch.testing.assert_close(results["lanner"], results["dequant"], rtol=1e-4, atol=1e-4)
 
 
@@ -183,8 +183,9 @@ def test_server_path_greedy_decode(mode, model_dirs, monkeypatch):
         runner = build_runner(cfg.runner, info, cfg.max_model_len, cfg.max_num_seqs, cfg.kv_cache_bytes,
                               cfg.quantize)
         kinds = {type(m) for m in runner.model.modules()}
-        int8_kind = TiledInt8Linear if kernels.available() else Int8Linear
-        assert torch.nn.Linear not in kinds and (Int4Linear if mode == "int4" else int8_kind) in kinds
+        own = kernels.available()  # Lanner's kernels where they build, else ATen's
+        kind = {"int8": TiledInt8Linear if own else Int8Linear, "int4": TiledInt4Linear if own else Int4Linear}
+        assert torch.nn.Linear not in kinds and kind[mode] in kinds
         prompts = prompt_ids(load_tokenizer(info.path), info.config.vocab_size)[:4]
         logits = runner.step([StepInput(s, p, 0) for s, p in enumerate(prompts)])
         lengths = [len(p) for p in prompts]

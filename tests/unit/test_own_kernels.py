@@ -15,11 +15,14 @@ import torch.nn.functional as F
 from app.quant import kernels
 from app.quant.woq import (
     KERNEL_ENV,
+    Int4Linear,
     Int8Linear,
+    TiledInt4Linear,
     TiledInt8Linear,
     build_module,
     kernel_plan,
     quantize_weight,
+    unpack_nibbles,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,6 +93,61 @@ def test_rows_do_not_depend_on_batch_or_threads():
     assert torch.equal(single, batch)
 
 
+def random_int4(n: int, k: int, group: int, seed: int = 0):
+    """A portable int4 weight (app/quant/woq.py QuantizedWeight) of random values."""
+    return quantize_weight(torch.randn(n, k, generator=gen(seed)) * 0.05, "int4", group)
+
+
+def test_int4_pack_layout_and_roundtrip():
+    qw = random_int4(37, 64, 32)
+    nib, sz = kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
+    assert nib.shape == (3, 64, 8) and sz.shape == (3, 2, 2, 16) and sz.dtype == torch.bfloat16
+    q = unpack_nibbles(qw.qweight)
+    assert torch.equal(nib[1, 5] & 0x0F, q[16:24, 5]) and torch.equal(nib[1, 5] >> 4, q[24:32, 5])
+    assert torch.equal(sz[2, 1, 0, :5].float(), qw.scales[32:, 1]) and torch.equal(sz[2, 1, 1, :5].float(), qw.zeros[32:, 1])
+    assert not nib[2, :, 5:8].any() and not (nib[2] >> 4).any() and not sz[2, :, :, 5:].float().any()
+    q2, s2, z2 = kernels.unpack_int4(nib, sz, 37)
+    assert torch.equal(q2, q) and torch.equal(s2, qw.scales.float()) and torch.equal(z2, qw.zeros.float())
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [1, 16, 17, 100])
+@pytest.mark.parametrize("k,group", [(32, 32), (64, 32), (256, 64), (4544, 32), (512, 128), (512, 256)])
+def test_int4_mm_matches_float64_reference(n, k, group):
+    qw = random_int4(n, k, group, seed=n + k)
+    nib, sz = kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
+    w = qw.dequantize().double()
+    for m in (1, 2, 3, 5, 6, 7, 13):
+        x = torch.randn(m, k, generator=gen(m))
+        y = kernels.int4_mm(x, nib, sz, group, n)
+        ref = x.double() @ w.t()
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        bound = 2e-6 * (x.double().abs() @ w.abs().t()).max().item() + 1e-6
+        assert (y.double() - ref).abs().max().item() < bound, (m, n, k, group)
+
+
+@needs_kernels
+def test_int4_batch_rows_do_not_depend_on_the_batch():
+    """Rows of a batch (M >= 2) are bit-identical whatever the batch and thread count; a single row
+    (decode of one stream) takes the group-accumulator path, equal to ~1e-6."""
+    qw = random_int4(300, 512, 32, seed=5)
+    nib, sz = kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
+    x = torch.randn(13, 512, generator=gen(6))
+    batch = kernels.int4_mm(x, nib, sz, 32, 300)
+    for j in range(2, 13):
+        assert torch.equal(kernels.int4_mm(x[:j].contiguous(), nib, sz, 32, 300), batch[:j])
+        assert torch.equal(kernels.int4_mm(x[j - 2:j].contiguous(), nib, sz, 32, 300), batch[j - 2:j])
+    single = kernels.int4_mm(x[:1].contiguous(), nib, sz, 32, 300)
+    torch.testing.assert_close(single[0], batch[0], rtol=1e-5, atol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(kernels.int4_mm(x, nib, sz, 32, 300), batch)
+        assert torch.equal(kernels.int4_mm(x[:1].contiguous(), nib, sz, 32, 300), single)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @needs_kernels
 def test_int8_mm_rejects_bad_inputs():
     q, s = random_int8(32, 64)
@@ -100,15 +158,22 @@ def test_int8_mm_rejects_bad_inputs():
         kernels.int8_mm(torch.randn(2, 64, dtype=torch.float64), tiles, scales, 32)
     with pytest.raises(RuntimeError, match="n does not match"):
         kernels.int8_mm(torch.randn(2, 64), tiles, scales, 40)
+    qw = random_int4(32, 64, 32)
+    nib, sz = kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
+    with pytest.raises(RuntimeError, match="group size must divide"):
+        kernels.int4_mm(torch.randn(2, 64), nib, sz, 48, 32)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        kernels.int4_mm(torch.randn(2, 64), nib, sz, 64, 32)
 
 
 @needs_kernels
 @pytest.mark.parametrize("bias", [False, True])
-def test_tiled_module_matches_dequantized_reference(bias):
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_tiled_module_matches_dequantized_reference(mode, bias):
     torch.manual_seed(0)
     lin = torch.nn.Linear(192, 100, bias=bias)
-    qw = quantize_weight(lin.weight.detach(), "int8", bias=lin.bias)
-    mod = TiledInt8Linear.from_quantized(qw)
+    qw = quantize_weight(lin.weight.detach(), mode, 64 if mode == "int4" else None, bias=lin.bias)
+    mod = (TiledInt8Linear if mode == "int8" else TiledInt4Linear).from_quantized(qw)
     w = qw.dequantize()
     assert torch.equal(mod.dequantize(), w)
     for lead in ((1,), (8,), (300,), (2, 3)):
@@ -119,15 +184,18 @@ def test_tiled_module_matches_dequantized_reference(bias):
 
 
 @needs_kernels
-def test_plan_uses_own_kernels_for_int8(monkeypatch):
+def test_plan_uses_own_kernels(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV, raising=False)
-    plan = kernel_plan("int8")
-    assert plan.own == {"int8"}
+    plan = kernel_plan("int4")
+    assert plan.own == {"int8", "int4"} and plan.layout is None  # ATen's int4 layout is not needed
     assert isinstance(build_module(quantize_weight(torch.randn(32, 64), "int8"), plan), TiledInt8Linear)
-    assert "lanner int8 tiles" in plan.describe(["int8"])
-    forced = kernel_plan("int8", "packed")  # ATen's kernels stay selectable
+    assert isinstance(build_module(random_int4(32, 64, 32), plan), TiledInt4Linear)
+    assert plan.describe(["int8", "int4"]) == ("int4: lanner int4 tiles (fp32 act) for all M; "
+                                               "int8: lanner int8 tiles (fp32 act) for all M")
+    forced = kernel_plan("int4", "packed")  # ATen's kernels stay selectable
     assert not forced.own
     assert isinstance(build_module(quantize_weight(torch.randn(32, 64), "int8"), forced), Int8Linear)
+    assert isinstance(build_module(random_int4(32, 64, 32), forced), Int4Linear)
 
 
 def test_unavailable_kernels_fall_back_to_aten(monkeypatch):

@@ -15,6 +15,7 @@ from app.quant.woq import (
     NEVER,
     Int4Linear,
     Int8Linear,
+    TiledInt4Linear,
     TiledInt8Linear,
     crossover_rows,
     dequantize_int4,
@@ -227,24 +228,25 @@ def test_quantize_model_swaps_exactly_the_linears(mode, monkeypatch):
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     assert isinstance(model.layers[0]["norm"], nn.LayerNorm) and isinstance(model.embed_tokens, nn.Embedding)
     assert report.bytes_before == fp32_bytes and 0 < report.bytes_after < fp32_bytes / 2
-    int8_kind = TiledInt8Linear if kernels.available() else Int8Linear  # Lanner's own kernel where it builds
-    kind = Int4Linear if mode == "int4" else int8_kind
+    own = kernels.available()  # Lanner's own kernels where they build
+    int8_kind = TiledInt8Linear if own else Int8Linear
+    kind = (TiledInt4Linear if own else Int4Linear) if mode == "int4" else int8_kind
     assert isinstance(model.lm_head, int8_kind) and isinstance(model.layers[1]["qkv_proj"], kind)
     assert report.head == "int8"  # int4 mode keeps the head at int8 by default
     assert isinstance(model.odd, int8_kind)  # int4 falls back for K=48, and says so
     assert bool(report.fallbacks) == (mode == "int4")
     assert all(f.startswith("odd:") for f in report.fallbacks)
-    int8_path = "int8: lanner int8 tiles (fp32 act) for all M" if kernels.available() else f"M<{CROSSOVER_M['int8']}"
-    assert int8_path in report.kernel and "AVX2" in report.isa
-    if mode == "int4":
-        assert f"M<{CROSSOVER_M['int4']}" in report.kernel
+    expected = {m: f"{m}: lanner {m} tiles (fp32 act) for all M" if own else f"M<{CROSSOVER_M[m]}"
+                for m in ("int8", "int4")}
+    assert expected["int8"] in report.kernel and "AVX2" in report.isa
+    assert (expected["int4"] in report.kernel) == (mode == "int4")
     assert report.summary().startswith(f"quantize={mode}: 6 Linear modules")
 
 
 def test_int4_head_can_be_int4():
     model = Toy()
     report = quantize_model(model, "int4", int4_head="int4", isa=AVX2)
-    assert isinstance(model.lm_head, Int4Linear) and report.head == "int4"
+    assert isinstance(model.lm_head, (Int4Linear, TiledInt4Linear)) and report.head == "int4"
 
 
 def test_quantize_model_head_optional_and_none_is_noop():
