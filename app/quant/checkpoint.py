@@ -29,8 +29,9 @@ copied unchanged) whose `model.safetensors` holds Lanner's decoder state dict (f
     <module>.zeros     bf16 [N, K/G] (int4 only; w = (q - 8) * scale + zero)
     <module>.bias      fp32 [N] (when the layer has one)
 and the other tensors (norms, embedding) under their state-dict names, unchanged in value (stored as
-bf16/fp16 when that is lossless, else fp32).  The int4 layout is plain and CPU-independent: ATen's
-ISA-dependent packing is made at load, so a checkpoint made on AVX2 loads on AVX-512/AMX.
+bf16/fp16 when that is lossless, else fp32).  The layouts are plain and CPU-independent: the kernels'
+own layouts (Lanner's tiles of 16 rows, or ATen's ISA-dependent int4 packing) are made at load, so a
+checkpoint made on AVX2 loads on AVX-512/AMX.
 `lanner_quant.json` (the manifest, which is what marks a checkpoint -- never the file name) records the
 format name/version and FORMAT_HASH (a hash of FORMAT_SPEC, the format description above), the Lanner
 and torch versions, mode, group sizes, each module's kind and shape, the source, and the CPU it was made
@@ -336,7 +337,7 @@ class _Assembler:
 
     def __call__(self, part: Part) -> None:
         for name, qw in part.linears.items():
-            if qw.mode == "int8":  # Int8Linear keeps these tensors: they must not live in the mapping
+            if qw.mode == "int8":  # ATen's Int8Linear keeps these tensors: they must not live in the mapping
                 qw = replace(qw, qweight=part.detach(qw.qweight), scales=part.detach(qw.scales))
             qw = replace(qw, bias=None if qw.bias is None else part.detach(qw.bias))
             module = build_module(qw, self.plan)

@@ -136,46 +136,47 @@ def available() -> bool:
 # --------------------------------------------------------------------------- weight layouts
 
 
+BLOCK = 32  # activation quantization block along K (kBlock); K is padded to a multiple of it
+QUAD = 4  # k per weight group of the dot-product instructions
+
+
+def padded_k(k: int) -> int:
+    return -(-k // BLOCK) * BLOCK
+
+
 def pack_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q int8 [N, K], scales [N] -> tiles int8 [ceil(N/16), K, 16] (tiles[t, k, j] = q[16t + j, k]) and
-    scales fp32 [16 ceil(N/16)]; rows past N are zero."""
+    """q int8 [N, K], scales [N] -> tiles int8 [T, Kp/4, 16, 4] (tiles[t, k/4, j, k%4] = q[16t + j, k],
+    T = ceil(N/16), Kp = K rounded up to 32) and scales fp32 [16 T]; rows and k past the matrix are zero,
+    and -128 becomes -127 (the AVX2 kernel's sign trick cannot negate -128; see woq_kernels.cpp)."""
     n, k = q.shape
-    tiles = -(-n // TILE)
-    out = torch.zeros(tiles, k, TILE, dtype=torch.int8)
-    full = n // TILE
-    if full:
-        out[:full].copy_(q[:full * TILE].view(full, TILE, k).transpose(1, 2))
-    if n > full * TILE:
-        out[full, :, :n - full * TILE].copy_(q[full * TILE:].t())
+    tiles, kp = -(-n // TILE), padded_k(k)
+    full = torch.zeros(tiles * TILE, kp, dtype=torch.int8)
+    full[:n, :k] = q.clamp(min=-127)
+    out = full.view(tiles, TILE, kp // QUAD, QUAD).permute(0, 2, 1, 3).contiguous()
     s = torch.zeros(tiles * TILE)
     s[:n] = scales.float()
     return out, s
 
 
-def unpack_int8(tiles: torch.Tensor, n: int) -> torch.Tensor:
-    """pack_int8's tiles -> q int8 [n, K]."""
-    t, k, _ = tiles.shape
-    return tiles.transpose(1, 2).reshape(t * TILE, k)[:n]
-
-
-def int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
-    """x fp32 [M, K] @ (the int8 weight in `tiles` * scales)^T -> [M, n] fp32."""
-    return torch.ops.lanner.int8_mm(x, tiles, scales, n)
+def unpack_int8(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """pack_int8's tiles -> q int8 [n, k]."""
+    t, quads = tiles.shape[:2]
+    return tiles.permute(0, 2, 1, 3).reshape(t * TILE, quads * QUAD)[:n, :k]
 
 
 def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The portable int4 form (qweight uint8 [N, K/2], byte j = q[2j] | q[2j+1] << 4; scales/zeros [N, K/G])
-    -> nibble tiles uint8 [T, K, 8] (byte j of tile t at k: row 16t+j low, row 16t+j+8 high) and
-    scales/zeros bf16 [T, K/G, 2, 16]; rows past N are zero."""
+    -> nibble tiles uint8 [T, K/4, 8, 4] (nib[t, k/4, j, k%4] = q[16t+j, k] | q[16t+j+8, k] << 4) and
+    scales/zeros bf16 [T, K/G, 2, 16]; rows past N are zero.  K is a multiple of G, itself of 32."""
     n, half = qweight.shape
     k, groups = 2 * half, scales.shape[1]
     tiles = -(-n // TILE)
     q = torch.zeros(tiles * TILE, k, dtype=torch.uint8)
     q[:n, 0::2] = qweight & 0x0F
     q[:n, 1::2] = qweight >> 4
-    qt = q.view(tiles, TILE, k).transpose(1, 2)  # [T, K, 16]
-    nib = (qt[..., :TILE // 2] | (qt[..., TILE // 2:] << 4)).contiguous()
+    qt = q.view(tiles, TILE, k // QUAD, QUAD).permute(0, 2, 1, 3)  # [T, K/4, 16, 4]
+    nib = (qt[:, :, :TILE // 2] | (qt[:, :, TILE // 2:] << 4)).contiguous()
     sz = torch.zeros(tiles * TILE, groups, 2, dtype=torch.bfloat16)
     sz[:n, :, 0] = scales.to(torch.bfloat16)
     sz[:n, :, 1] = zeros.to(torch.bfloat16)
@@ -184,14 +185,19 @@ def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 
 def unpack_int4(nib: torch.Tensor, sz: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """pack_int4's tiles -> (q uint8 [n, K] values 0..15, scales fp32 [n, K/G], zeros fp32 [n, K/G])."""
-    tiles, k, _ = nib.shape
-    q = torch.cat((nib & 0x0F, nib >> 4), dim=-1).transpose(1, 2).reshape(tiles * TILE, k)[:n]
+    tiles, quads = nib.shape[:2]
+    q = torch.cat((nib & 0x0F, nib >> 4), dim=2).permute(0, 2, 1, 3).reshape(tiles * TILE, quads * QUAD)[:n]
     s = sz.permute(0, 3, 1, 2).reshape(tiles * TILE, -1, 2)[:n].float()
     return q, s[..., 0].contiguous(), s[..., 1].contiguous()
 
 
+def int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
+    """x fp32 [M, K] @ (the int8 weight in `tiles` * scales)^T -> [M, n] fp32 (x quantized per 32-block)."""
+    return torch.ops.lanner.int8_mm(x, tiles, scales, n)
+
+
 def int4_mm(x: torch.Tensor, nib: torch.Tensor, sz: torch.Tensor, group: int, n: int) -> torch.Tensor:
-    """x fp32 [M, K] @ (the int4 weight in `nib`, `sz`)^T -> [M, n] fp32."""
+    """x fp32 [M, K] @ (the int4 weight in `nib`, `sz`)^T -> [M, n] fp32 (x quantized per 32-block)."""
     return torch.ops.lanner.int4_mm(x, nib, sz, group, n)
 
 

@@ -33,7 +33,16 @@ never from a file name; "none" is a no-op.  Which library runs the quantized lay
   multiple of 16, G in {32, 64, 128, 256}, K a multiple of G.  We pad N to a multiple of 64 with zero rows
   (and slice the output) and fall back to int8 for a layer whose K has no valid group size.
 
-Kernel choice, per call, by the number of activation rows M (tokens in the step):
+Kernels.  By default ("auto", or "lanner" by name) the layers run Lanner's own kernels
+(app/quant/kernels.py, app/quant/csrc/woq_kernels.cpp) for every M: `TiledInt8Linear` / `TiledInt4Linear`
+hold the weights in tiles of 16 output rows, k-major, built at load from the portable form, and keep
+activations fp32.  They are compiled for the running CPU on first use; where that is impossible (no C++
+compiler, LANNER_OWN_KERNELS=0) the model uses ATen's kernels below and the report says why.  Measured
+(2-core EPYC, AVX-512): decode of the TinyLlama-1.1B shape int8 40.7 ms/token against 67-79 ms with ATen's
+packed kernel (llama.cpp Q8_0 on the same weights: 41-44 ms); per-call numbers at OWN_KERNEL_MODES.
+
+ATen's kernels ("packed", "dequant", and "auto" without own kernels), per call, by the number of activation
+rows M (tokens in the step):
 * "packed": `_weight_int8pack_mm(x_bf16, q, s_bf16)` / `_weight_int4pack_mm_for_cpu(x_bf16, ...)`.
   Reads the small weights once: the decode path (memory-bound, M small).  Activations are cast to bf16
   only at the matmul input and the output back to fp32: with fp32 activations the int8 kernel takes a
@@ -57,9 +66,9 @@ int4 83 ms (the int4 kernel is compute-bound at M=1: 0.84 vs 0.47 ms); batch 8 6
 a 128-token prefill 1.96 / 1.95 / 2.32 s (int4 at group 128; group 32: 86 ms at batch 1 in a run where
 int8 took 74).  int4 buys memory (640 MiB of Linear weights at group 32, 554 at 128, int8 989), not speed.
 The request comes from the `kernel` argument, else the LANNER_WOQ_KERNEL environment variable
-(auto|packed|dequant), else "auto".  The choice is logged once per model and carried in `QuantReport`.
+(auto|lanner|packed|dequant), else "auto".  The choice is logged once per model and carried in `QuantReport`.
 
-For the int4 dequant path we unpack ATen's packed nibbles ourselves; that layout depends on the ISA ATen
+For ATen's int4 dequant path we unpack ATen's packed nibbles ourselves; that layout depends on the ISA ATen
 dispatches (blocks of 64 rows on AVX512, 32 on AVX2, pairs of rows in the generic kernel), so it is
 identified at each `quantize_model` call by packing a probe matrix (`probe_int4_layout`); if no known layout
 matches, int4 uses the packed kernel for every M and the report says why.
@@ -243,10 +252,10 @@ class TiledInt8Linear(nn.Module):
     beats dequant + MKL sgemm up to M=256 too (see OWN_KERNEL_MODES); activations stay fp32."""
 
     def __init__(self, tiles: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 out_features: int) -> None:
-        # tiles: [T, K, 16] int8, scales: [16 T] fp32 (zero past out_features), bias: [N] | None
+                 out_features: int, in_features: int) -> None:
+        # tiles: [T, Kp/4, 16, 4] int8, scales: [16 T] fp32 (zero past out_features), bias: [N] | None
         super().__init__()
-        self.out_features, self.in_features = out_features, tiles.shape[1]
+        self.out_features, self.in_features = out_features, in_features
         self.register_buffer("weight", tiles.contiguous())
         self.register_buffer("scales", scales.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
@@ -255,12 +264,12 @@ class TiledInt8Linear(nn.Module):
     def from_quantized(cls, qw: QuantizedWeight) -> TiledInt8Linear:
         assert qw.mode == "int8"
         tiles, scales = kernels.pack_int8(qw.qweight, qw.scales)
-        return cls(tiles, scales, qw.bias, qw.out_features)
+        return cls(tiles, scales, qw.bias, qw.out_features, qw.in_features)
 
     def dequantize(self) -> torch.Tensor:
         # -> [N, K] fp32
         n = self.out_features
-        return dequantize_int8(kernels.unpack_int8(self.weight, n), self.scales[:n])
+        return dequantize_int8(kernels.unpack_int8(self.weight, n, self.in_features), self.scales[:n])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N] fp32
@@ -594,9 +603,9 @@ class TiledInt4Linear(nn.Module):
 
     def __init__(self, nib: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None, out_features: int,
                  group_size: int) -> None:
-        # nib: [T, K, 8] uint8, sz: [T, K/G, 2, 16] bf16 (scales, zeros), bias: [N] | None
+        # nib: [T, K/4, 8, 4] uint8, sz: [T, K/G, 2, 16] bf16 (scales, zeros), bias: [N] | None
         super().__init__()
-        self.out_features, self.in_features, self.group_size = out_features, nib.shape[1], group_size
+        self.out_features, self.in_features, self.group_size = out_features, 4 * nib.shape[1], group_size
         self.register_buffer("weight", nib.contiguous())
         self.register_buffer("scales_and_zeros", sz.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())

@@ -1,28 +1,40 @@
 // Lanner's weight-only-quantized matmul kernels for CPUs (built on first use by app/quant/kernels.py).
 //
-//   lanner::int8_mm(x fp32 [M, K], wt int8 [T, K, 16], scales fp32 [16 T], int n) -> y fp32 [M, n]
-//       y[m, r] = scales[r] * sum_k x[m, k] * q[r, k],  wt[t, k, j] = q[16 t + j, k] (rows >= n are zero)
+//   lanner::int8_mm(x fp32 [M, K], wt int8 [T, Kp/4, 16, 4], scales fp32 [16 T], int n) -> y fp32 [M, n]
+//   lanner::int4_mm(x fp32 [M, K], nib uint8 [T, Kp/4, 8, 4], sz bf16 [T, Kp/G, 2, 16], int group, int n)
 //
-// Decode is memory-bound: a token reads every weight once, so the kernel's job is to stream int8 weights
-// at the memory bandwidth while the core converts them to fp32 and multiplies.  The weights are packed
-// in tiles of 16 output rows, k-major, so a thread's share of the matrix is one sequential stream, and
-// each k gives the 16 weights that multiply one broadcast activation: a tile's outputs accumulate in two
-// 8-wide vectors, with no horizontal sums.  Activations stay fp32 (ATen's packed kernel rounds them to
-// bf16).  A pass over K covers MR activation rows and NT tiles with 8-12 accumulators, so the same code
-// is register-blocked for batches (it beats dequant + MKL sgemm up to M=256 on the dev box).  Threads
-// split the tiles with at::parallel_for (torch's OpenMP pool, sized by torch.set_num_threads).
+// Weights are packed in tiles of 16 output rows; within a tile, k comes in quads and each row's 4 weights
+// of a quad are adjacent: wt[t, k/4, j, k%4] = q[16 t + j, k] (int8; rows and k past the matrix are 0),
+// nib[t, k/4, j, k%4] = q[16 t + j, k] | q[16 t + j + 8, k] << 4 (int4, j < 8).  A thread's share of the
+// matrix is one sequential stream, and one 32-byte load holds 4 k of 8 rows: the layout of the x86
+// integer dot-product instructions (VNNI vpdpbusd: 4 u8 x s8 products summed into each int32 lane).
 //
-// Written with AVX2+FMA intrinsics (every x86-64 CPU Lanner targets: Zen, Xeon) plus a scalar fallback
-// for other CPUs; compiled with -march=native on the machine that runs it.
+// Activations are quantized per row in blocks of 32 (as llama.cpp's Q8 activations): sx = max|x| / 127,
+// xq = round(x / sx) in [-127, 127].  Each block's dot products are exact int32; the float sums are
+//   int8:  y[m, r] = s[r] * sum_b sx[m, b] * dot_b(xq, q[r])
+//   int4:  y[m, r] = sum_b sx[m, b] * (s[r, g] * dot_b(xq, q[r]) + (z[r, g] - 8 s[r, g]) * sum_{k in b} xq[k])
+// with w = (q - 8) * s + z for int4 (g = the weight group of block b; G is a multiple of 32).  The float
+// work is done in the same order on every ISA and for any batch, so a row's result is bit-identical alone
+// or in a batch, on any thread count, and with AVX-512-VNNI, AVX-VNNI, AVX2 or the scalar code.
+//
+// Integer dot of a quad: VNNI `dpbusd(acc, u8, s8)`; int8 weights become u8 by `q ^ 0x80` (= q + 128),
+// so the dot is corrected by 128 * sum(xq) per block.  AVX2 without VNNI: `maddubs` (u8 x s8 -> pairs of
+// int16) + `madd` with ones; its int16 pairs would overflow with u8 weights up to 255, so int8 uses the
+// sign trick there (|xq| as u8, q with xq's sign as s8), which needs q != -128: packing clamps int8 weights
+// to [-127, 127] on every ISA (a -128 is at most a 1/127 change of that one weight).  int4 nibbles are
+// u8 already.  Threads split the tiles with at::parallel_for (torch's OpenMP pool).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -30,121 +42,62 @@
 #else
 #define LANNER_AVX2 0
 #endif
+#if LANNER_AVX2 && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LANNER_VNNI 1
+#define LANNER_DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#elif LANNER_AVX2 && defined(__AVXVNNI__)
+#define LANNER_VNNI 1
+#define LANNER_DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#else
+#define LANNER_VNNI 0
+#endif
 
 namespace {
 
-constexpr int64_t kTile = 16;
+constexpr int64_t kTile = 16;   // output rows per tile
+constexpr int64_t kBlock = 32;  // activation quantization block (k)
 
-// One pass over K for MR activation rows and NT consecutive tiles: out[m * ldo + 16 i + j] =
-// scale[16 i + j] * sum_k x[m * ldx + k] * wt[i * K * 16 + k * 16 + j], for the first n_left outputs.
-// Every output lane sums its products in k order in one accumulator whatever MR and NT are, so a row's
-// result does not depend on the batch it is in (decode is batch-invariant).
-#if LANNER_AVX2
-template <int MR, int NT>
-inline void int8_tile(const float* x, int64_t ldx, int64_t K, const int8_t* wt, const float* scale,
-                      float* out, int64_t ldo, int64_t n_left) {
-  __m256 c[MR][NT][2];
-  for (int m = 0; m < MR; ++m)
-    for (int i = 0; i < NT; ++i) c[m][i][0] = c[m][i][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m256 xb[MR];
-    for (int m = 0; m < MR; ++m) xb[m] = _mm256_broadcast_ss(x + m * ldx + k);
-    for (int i = 0; i < NT; ++i) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wt + (i * K + k) * kTile));
-      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
-      for (int m = 0; m < MR; ++m) {
-        c[m][i][0] = _mm256_fmadd_ps(w0, xb[m], c[m][i][0]);
-        c[m][i][1] = _mm256_fmadd_ps(w1, xb[m], c[m][i][1]);
-      }
-    }
-  }
-  for (int i = 0; i < NT; ++i) {
-    const __m256 s0 = _mm256_loadu_ps(scale + i * kTile), s1 = _mm256_loadu_ps(scale + i * kTile + 8);
-    const int64_t nvalid = std::min<int64_t>(kTile, n_left - i * kTile);
-    for (int m = 0; m < MR; ++m) {
-      alignas(32) float tmp[kTile];
-      float* dst = nvalid == kTile ? out + m * ldo + i * kTile : tmp;
-      _mm256_storeu_ps(dst, _mm256_mul_ps(c[m][i][0], s0));
-      _mm256_storeu_ps(dst + 8, _mm256_mul_ps(c[m][i][1], s1));
-      if (dst == tmp) std::copy(tmp, tmp + nvalid, out + m * ldo + i * kTile);
-    }
-  }
-}
-#else
-template <int MR, int NT>
-inline void int8_tile(const float* x, int64_t ldx, int64_t K, const int8_t* wt, const float* scale,
-                      float* out, int64_t ldo, int64_t n_left) {
-  const int64_t n = std::min<int64_t>(NT * kTile, n_left);
-  for (int m = 0; m < MR; ++m)
-    for (int64_t j = 0; j < n; ++j) {
-      const int8_t* w = wt + (j / kTile) * K * kTile + j % kTile;
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += x[m * ldx + k] * static_cast<float>(w[k * kTile]);
-      out[m * ldo + j] = scale[j] * acc;
-    }
-}
-#endif
+// ------------------------------------------------------------------------------- activations
 
-// MR activation rows (at x) against tiles [t0, t1): NT tiles at a time, 12 accumulators in all (with
-// 2 weight vectors and MR broadcasts that fills AVX2's 16 registers for MR = 2..6).
-template <int MR>
-void int8_rows(const float* x, int64_t K, const int8_t* wt, const float* scale, float* y, int64_t N,
-               int64_t t0, int64_t t1) {
-  constexpr int NT = MR == 1 ? 4 : (MR <= 3 ? 2 : 1);
-  int64_t t = t0;
-  for (; t + NT <= t1; t += NT)
-    int8_tile<MR, NT>(x, K, K, wt + t * K * kTile, scale + t * kTile, y + t * kTile, N, N - t * kTile);
-  for (; t < t1; ++t)
-    int8_tile<MR, 1>(x, K, K, wt + t * K * kTile, scale + t * kTile, y + t * kTile, N, N - t * kTile);
-}
+struct QuantizedRows {
+  at::Tensor q;    // int8 [M, Kp]
+  at::Tensor sx;   // fp32 [M, Kp / 32]
+  at::Tensor sum;  // fp32 [M, Kp / 32]: sum of the block's xq (exact: |sum| <= 32 * 127)
+};
 
-constexpr int kMR = 6;  // activation rows per pass over a tile
-
-// All M activation rows against weight tiles [t0, t1).
-void int8_tiles(const float* x, int64_t M, int64_t K, const int8_t* wt, const float* scale, float* y,
-                int64_t N, int64_t t0, int64_t t1) {
-  int64_t m = 0;
-  for (; m + kMR <= M; m += kMR) int8_rows<kMR>(x + m * K, K, wt, scale, y + m * N, N, t0, t1);
-  const float* xr = x + m * K;
-  float* yr = y + m * N;
-  switch (M - m) {
-    case 5: int8_rows<5>(xr, K, wt, scale, yr, N, t0, t1); break;
-    case 4: int8_rows<4>(xr, K, wt, scale, yr, N, t0, t1); break;
-    case 3: int8_rows<3>(xr, K, wt, scale, yr, N, t0, t1); break;
-    case 2: int8_rows<2>(xr, K, wt, scale, yr, N, t0, t1); break;
-    case 1: int8_rows<1>(xr, K, wt, scale, yr, N, t0, t1); break;
-    default: break;
-  }
-}
-
-// x [M, K] fp32, wt [N_pad / 16, K, 16] int8 (see kTile), scales [N_pad] fp32, n = the real N.
-at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& scales, int64_t n) {
-  TORCH_CHECK(x.dim() == 2 && wt.dim() == 3 && scales.dim() == 1, "int8_mm: x [M, K], wt [T, K, 16], scales [16 T]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && wt.scalar_type() == at::kChar &&
-                  scales.scalar_type() == at::kFloat, "int8_mm: x fp32, wt int8, scales fp32");
-  TORCH_CHECK(x.is_contiguous() && wt.is_contiguous() && scales.is_contiguous(), "int8_mm: contiguous inputs");
-  const int64_t M = x.size(0), K = x.size(1), T = wt.size(0);
-  TORCH_CHECK(wt.size(1) == K && wt.size(2) == kTile && scales.size(0) == T * kTile, "int8_mm: shape mismatch");
-  TORCH_CHECK(n > (T - 1) * kTile && n <= T * kTile, "int8_mm: n does not match the tiles");
-  at::Tensor y = at::empty({M, n}, x.options());
+QuantizedRows quantize_rows(const at::Tensor& x, int64_t Kp) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = Kp / kBlock;
+  QuantizedRows r{at::empty({M, Kp}, x.options().dtype(at::kChar)), at::empty({M, blocks}, x.options()),
+                  at::empty({M, blocks}, x.options())};
   const float* xp = x.data_ptr<float>();
-  const int8_t* wp = wt.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) { int8_tiles(xp, M, K, wp, sp, yp, n, t0, t1); });
-  return y;
+  int8_t* qp = r.q.data_ptr<int8_t>();
+  float* sp = r.sx.data_ptr<float>();
+  float* cp = r.sum.data_ptr<float>();
+  at::parallel_for(0, M * blocks, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t m = i / blocks, k0 = (i % blocks) * kBlock, n = std::max<int64_t>(0, std::min(kBlock, K - k0));
+      const float* src = xp + m * K + k0;
+      float amax = 0.f;
+      for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(src[k]));
+      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t* dst = qp + m * Kp + k0;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < kBlock; ++k) {
+        const int32_t v = k < n ? static_cast<int32_t>(std::nearbyint(src[k] * inv)) : 0;
+        dst[k] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      sp[i] = scale;
+      cp[i] = static_cast<float>(sum);
+    }
+  });
+  return r;
 }
 
-// ----------------------------------------------------------------------------------------------- int4
+// ------------------------------------------------------------------------------- tiles
 //
-//   lanner::int4_mm(x fp32 [M, K], nib uint8 [T, K, 8], sz bf16 [T, K / G, 2, 16], int group, int n)
-//       w[r, k] = (q[r, k] - 8) * s[r, g] + z[r, g],  g = k / G;  nib[t, k, j] = q[16t + j, k] | q[16t + j + 8, k] << 4
-//       sz[t, g, 0, j] = s[16 t + j, g],  sz[t, g, 1, j] = z[16 t + j, g]
-// Each weight is converted and scaled, q * s (exact in fp32), and multiplied into the tile's 16 outputs;
-// at each group's end acc[r] += (z[r, g] - 8 s[r, g]) * sum_{k in g} x[k] (activation sums per group are
-// computed once per call).  Weights stream at half a byte each plus
-// 4 bytes of scale and zero per 16 rows and group.
+// One pass over K for MR activation rows and one tile of 16 outputs.  Per block: exact int32 dot products
+// in two 8-lane vectors (rows 0-7, 8-15), then the float update above.
 
 #if LANNER_AVX2
 inline __m256 load_bf16x8(const uint16_t* p) {
@@ -152,101 +105,120 @@ inline __m256 load_bf16x8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-template <int MR, int NT>
-inline void int4_tile(const float* x, const float* xsum, int64_t ldx, int64_t K, int64_t G,
-                      const uint8_t* nib, const uint16_t* sz, float* out, int64_t ldo, int64_t n_left) {
-  const int64_t groups = K / G;
-  const __m256i low4 = _mm256_set1_epi32(0x0F);
-  const __m256 eight = _mm256_set1_ps(8.f);
-  __m256 acc[MR][NT][2];
-  for (int m = 0; m < MR; ++m)
-    for (int i = 0; i < NT; ++i) acc[m][i][0] = acc[m][i][1] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 sc[NT][2];
-    for (int i = 0; i < NT; ++i) {
-      const uint16_t* p = sz + (i * groups + g) * 32;
-      sc[i][0] = load_bf16x8(p);
-      sc[i][1] = load_bf16x8(p + 8);
-    }
-    for (int64_t k = g * G; k < (g + 1) * G; ++k) {
-      for (int i = 0; i < NT; ++i) {
-        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(nib + (i * K + k) * 8));
-        const __m256i v = _mm256_cvtepu8_epi32(b);
-        // q * s is exact in fp32 (4 bits times bf16's 8), so the scale can go on the weight
-        const __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low4)), sc[i][0]);
-        const __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), sc[i][1]);
-        for (int m = 0; m < MR; ++m) {
-          const __m256 xb = _mm256_broadcast_ss(x + m * ldx + k);
-          acc[m][i][0] = _mm256_fmadd_ps(lo, xb, acc[m][i][0]);
-          acc[m][i][1] = _mm256_fmadd_ps(hi, xb, acc[m][i][1]);
-        }
-      }
-    }
-    for (int i = 0; i < NT; ++i) {
-      const uint16_t* p = sz + (i * groups + g) * 32;
-      const __m256 c0 = _mm256_fnmadd_ps(eight, sc[i][0], load_bf16x8(p + 16));  // z - 8 s
-      const __m256 c1 = _mm256_fnmadd_ps(eight, sc[i][1], load_bf16x8(p + 24));
+inline int32_t load_quad(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+template <int MR>
+inline void int8_tile(const int8_t* xq, const float* sx, const float* xsum, int64_t Kp, const int8_t* wt,
+                      const float* scale, float* out, int64_t ldo, int64_t nvalid) {
+  const int64_t blocks = Kp / kBlock;
+  __m256 fa[MR][2];
+  for (int m = 0; m < MR; ++m) fa[m][0] = fa[m][1] = _mm256_setzero_ps();
+#if LANNER_VNNI
+  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+#else
+  const __m256i ones = _mm256_set1_epi16(1);
+#endif
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i ia[MR][2];
+    for (int m = 0; m < MR; ++m) ia[m][0] = ia[m][1] = _mm256_setzero_si256();
+    for (int64_t k = b * kBlock; k < (b + 1) * kBlock; k += 4) {
+      const int8_t* w = wt + k * kTile;  // the quad's 64 bytes
+      __m256i wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+      __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+#if LANNER_VNNI
+      wa = _mm256_xor_si256(wa, bias);  // q + 128 as u8
+      wb = _mm256_xor_si256(wb, bias);
       for (int m = 0; m < MR; ++m) {
-        const __m256 xs = _mm256_broadcast_ss(xsum + m * groups + g);
-        acc[m][i][0] = _mm256_fmadd_ps(c0, xs, acc[m][i][0]);
-        acc[m][i][1] = _mm256_fmadd_ps(c1, xs, acc[m][i][1]);
+        const __m256i xb = _mm256_set1_epi32(load_quad(xq + m * Kp + k));
+        ia[m][0] = LANNER_DPBUSD(ia[m][0], wa, xb);
+        ia[m][1] = LANNER_DPBUSD(ia[m][1], wb, xb);
       }
+#else
+      for (int m = 0; m < MR; ++m) {
+        const __m256i xb = _mm256_set1_epi32(load_quad(xq + m * Kp + k));
+        const __m256i xa = _mm256_abs_epi8(xb);
+        ia[m][0] = _mm256_add_epi32(ia[m][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(wa, xb)), ones));
+        ia[m][1] = _mm256_add_epi32(ia[m][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(wb, xb)), ones));
+      }
+#endif
+    }
+    for (int m = 0; m < MR; ++m) {
+#if LANNER_VNNI
+      const __m256i corr = _mm256_set1_epi32(128 * static_cast<int32_t>(xsum[m * blocks + b]));
+      ia[m][0] = _mm256_sub_epi32(ia[m][0], corr);
+      ia[m][1] = _mm256_sub_epi32(ia[m][1], corr);
+#endif
+      const __m256 s = _mm256_set1_ps(sx[m * blocks + b]);
+      fa[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[m][0]), s, fa[m][0]);
+      fa[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[m][1]), s, fa[m][1]);
     }
   }
-  for (int i = 0; i < NT; ++i) {
-    const int64_t nvalid = std::min<int64_t>(kTile, n_left - i * kTile);
-    for (int m = 0; m < MR; ++m) {
-      alignas(32) float tmp[kTile];
-      float* dst = nvalid == kTile ? out + m * ldo + i * kTile : tmp;
-      _mm256_storeu_ps(dst, acc[m][i][0]);
-      _mm256_storeu_ps(dst + 8, acc[m][i][1]);
-      if (dst == tmp) std::copy(tmp, tmp + nvalid, out + m * ldo + i * kTile);
-    }
+  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+  for (int m = 0; m < MR; ++m) {
+    alignas(32) float tmp[kTile];
+    float* dst = nvalid == kTile ? out + m * ldo : tmp;
+    _mm256_storeu_ps(dst, _mm256_mul_ps(fa[m][0], s0));
+    _mm256_storeu_ps(dst + 8, _mm256_mul_ps(fa[m][1], s1));
+    if (dst == tmp) std::copy(tmp, tmp + nvalid, out + m * ldo);
   }
 }
-// One activation row (decode): the group's products accumulate unscaled and the scale is applied once per
-// group, which saves a multiply per weight vector (0.54 against 0.68 ms at 2048->11264); rows of a batch
-// use int4_tile above, so a row's rounding differs between M = 1 and M > 1 (by ~1e-6 relative).
-template <int NT>
-inline void int4_tile1(const float* x, const float* xsum, int64_t K, int64_t G, const uint8_t* nib,
-                       const uint16_t* sz, float* out, int64_t n_left) {
-  const int64_t groups = K / G;
-  const __m256i low4 = _mm256_set1_epi32(0x0F);
+
+template <int MR>
+inline void int4_tile(const int8_t* xq, const float* sx, const float* xsum, int64_t Kp, int64_t G,
+                      const uint8_t* nib, const uint16_t* sz, float* out, int64_t ldo, int64_t nvalid) {
+  const int64_t blocks = Kp / kBlock, groups = Kp / G;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256 eight = _mm256_set1_ps(8.f);
-  __m256 acc[NT][2];
-  for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+#if !LANNER_VNNI
+  const __m256i ones = _mm256_set1_epi16(1);
+#endif
+  __m256 fa[MR][2];
+  for (int m = 0; m < MR; ++m) fa[m][0] = fa[m][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 ga[NT][2];
-    for (int i = 0; i < NT; ++i) ga[i][0] = ga[i][1] = _mm256_setzero_ps();
-    for (int64_t k = g * G; k < (g + 1) * G; ++k) {
-      const __m256 xb = _mm256_broadcast_ss(x + k);
-      for (int i = 0; i < NT; ++i) {
-        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(nib + (i * K + k) * 8));
-        const __m256i v = _mm256_cvtepu8_epi32(b);
-        ga[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low4)), xb, ga[i][0]);
-        ga[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), xb, ga[i][1]);
+    const uint16_t* p = sz + g * 32;
+    const __m256 s0 = load_bf16x8(p), s1 = load_bf16x8(p + 8);
+    const __m256 c0 = _mm256_fnmadd_ps(eight, s0, load_bf16x8(p + 16));  // z - 8 s
+    const __m256 c1 = _mm256_fnmadd_ps(eight, s1, load_bf16x8(p + 24));
+    for (int64_t b = g * G / kBlock; b < (g + 1) * G / kBlock; ++b) {
+      __m256i ia[MR][2];
+      for (int m = 0; m < MR; ++m) ia[m][0] = ia[m][1] = _mm256_setzero_si256();
+      for (int64_t k = b * kBlock; k < (b + 1) * kBlock; k += 4) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nib + k * 8));
+        const __m256i wa = _mm256_and_si256(v, low4);                         // rows 0-7
+        const __m256i wb = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);   // rows 8-15
+        for (int m = 0; m < MR; ++m) {
+          const __m256i xb = _mm256_set1_epi32(load_quad(xq + m * Kp + k));
+#if LANNER_VNNI
+          ia[m][0] = LANNER_DPBUSD(ia[m][0], wa, xb);
+          ia[m][1] = LANNER_DPBUSD(ia[m][1], wb, xb);
+#else
+          ia[m][0] = _mm256_add_epi32(ia[m][0], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xb), ones));
+          ia[m][1] = _mm256_add_epi32(ia[m][1], _mm256_madd_epi16(_mm256_maddubs_epi16(wb, xb), ones));
+#endif
+        }
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m256 s = _mm256_set1_ps(sx[m * blocks + b]);
+        const __m256 zs = _mm256_set1_ps(sx[m * blocks + b] * xsum[m * blocks + b]);
+        fa[m][0] = _mm256_fmadd_ps(c0, zs, _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[m][0]), _mm256_mul_ps(s0, s), fa[m][0]));
+        fa[m][1] = _mm256_fmadd_ps(c1, zs, _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[m][1]), _mm256_mul_ps(s1, s), fa[m][1]));
       }
     }
-    const __m256 xs = _mm256_broadcast_ss(xsum + g);
-    for (int i = 0; i < NT; ++i) {
-      const uint16_t* p = sz + (i * groups + g) * 32;
-      const __m256 s0 = load_bf16x8(p), s1 = load_bf16x8(p + 8);
-      const __m256 c0 = _mm256_fnmadd_ps(eight, s0, load_bf16x8(p + 16));  // z - 8 s
-      const __m256 c1 = _mm256_fnmadd_ps(eight, s1, load_bf16x8(p + 24));
-      acc[i][0] = _mm256_fmadd_ps(c0, xs, _mm256_fmadd_ps(ga[i][0], s0, acc[i][0]));
-      acc[i][1] = _mm256_fmadd_ps(c1, xs, _mm256_fmadd_ps(ga[i][1], s1, acc[i][1]));
-    }
   }
-  for (int i = 0; i < NT; ++i) {
-    const int64_t nvalid = std::min<int64_t>(kTile, n_left - i * kTile);
+  for (int m = 0; m < MR; ++m) {
     alignas(32) float tmp[kTile];
-    float* dst = nvalid == kTile ? out + i * kTile : tmp;
-    _mm256_storeu_ps(dst, acc[i][0]);
-    _mm256_storeu_ps(dst + 8, acc[i][1]);
-    if (dst == tmp) std::copy(tmp, tmp + nvalid, out + i * kTile);
+    float* dst = nvalid == kTile ? out + m * ldo : tmp;
+    _mm256_storeu_ps(dst, fa[m][0]);
+    _mm256_storeu_ps(dst + 8, fa[m][1]);
+    if (dst == tmp) std::copy(tmp, tmp + nvalid, out + m * ldo);
   }
 }
 #else
+// Scalar code with the same float operations in the same order (fmaf = one rounding, like the FMAs).
 inline float bf16_to_float(uint16_t h) {
   const uint32_t bits = static_cast<uint32_t>(h) << 16;
   float f;
@@ -254,95 +226,125 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-template <int MR, int NT>
-inline void int4_tile(const float* x, const float* xsum, int64_t ldx, int64_t K, int64_t G,
-                      const uint8_t* nib, const uint16_t* sz, float* out, int64_t ldo, int64_t n_left) {
-  const int64_t groups = K / G, n = std::min<int64_t>(NT * kTile, n_left);
+template <int MR>
+inline void int8_tile(const int8_t* xq, const float* sx, const float* xsum, int64_t Kp, const int8_t* wt,
+                      const float* scale, float* out, int64_t ldo, int64_t nvalid) {
+  const int64_t blocks = Kp / kBlock;
   for (int m = 0; m < MR; ++m)
-    for (int64_t r = 0; r < n; ++r) {
-      const int64_t i = r / kTile, j = r % kTile;
+    for (int64_t j = 0; j < nvalid; ++j) {
       float acc = 0.f;
-      for (int64_t g = 0; g < groups; ++g) {
-        const uint16_t* p = sz + (i * groups + g) * 32;
-        const float s = bf16_to_float(p[j]), c = bf16_to_float(p[16 + j]) - 8.f * s;
-        for (int64_t k = g * G; k < (g + 1) * G; ++k) {
-          const uint8_t b = nib[(i * K + k) * 8 + j % 8];
-          acc += x[m * ldx + k] * (static_cast<float>(j < 8 ? b & 0x0F : b >> 4) * s);
-        }
-        acc += c * xsum[m * groups + g];
+      for (int64_t b = 0; b < blocks; ++b) {
+        int32_t dot = 0;
+        for (int64_t k = b * kBlock; k < (b + 1) * kBlock; ++k)
+          dot += static_cast<int32_t>(xq[m * Kp + k]) * wt[(k / 4) * 64 + j * 4 + k % 4];
+        acc = std::fmaf(static_cast<float>(dot), sx[m * blocks + b], acc);
       }
-      out[m * ldo + r] = acc;
+      out[m * ldo + j] = acc * scale[j];
+    }
+}
+
+template <int MR>
+inline void int4_tile(const int8_t* xq, const float* sx, const float* xsum, int64_t Kp, int64_t G,
+                      const uint8_t* nib, const uint16_t* sz, float* out, int64_t ldo, int64_t nvalid) {
+  const int64_t blocks = Kp / kBlock;
+  for (int m = 0; m < MR; ++m)
+    for (int64_t j = 0; j < nvalid; ++j) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t g = b * kBlock / G;
+        const float s = bf16_to_float(sz[g * 32 + j]);
+        const float c = std::fmaf(-8.f, s, bf16_to_float(sz[g * 32 + 16 + j]));
+        int32_t dot = 0;
+        for (int64_t k = b * kBlock; k < (b + 1) * kBlock; ++k) {
+          const uint8_t byte = nib[(k / 4) * 32 + (j % 8) * 4 + k % 4];
+          dot += static_cast<int32_t>(xq[m * Kp + k]) * (j < 8 ? byte & 0x0F : byte >> 4);
+        }
+        const float sxb = sx[m * blocks + b];
+        acc = std::fmaf(c, sxb * xsum[m * blocks + b], std::fmaf(static_cast<float>(dot), s * sxb, acc));
+      }
+      out[m * ldo + j] = acc;
     }
 }
 #endif
 
-#if !LANNER_AVX2
-template <int NT>
-inline void int4_tile1(const float* x, const float* xsum, int64_t K, int64_t G, const uint8_t* nib,
-                       const uint16_t* sz, float* out, int64_t n_left) {
-  int4_tile<1, NT>(x, xsum, K, K, G, nib, sz, out, 0, n_left);
-}
-#endif
-
-// MR activation rows against tiles [t0, t1), NT tiles at a time (2 MR NT accumulators, 2 NT scales).
-template <int MR>
-void int4_rows(const float* x, const float* xsum, int64_t K, int64_t G, const uint8_t* nib,
-               const uint16_t* sz, float* y, int64_t N, int64_t t0, int64_t t1, bool one_row = false) {
-  constexpr int NT = MR == 1 ? 3 : 1;
-  const int64_t groups = K / G;
-  int64_t t = t0;
-  if (MR == 1 && one_row) {
-    for (; t + 2 <= t1; t += 2)
-      int4_tile1<2>(x, xsum, K, G, nib + t * K * 8, sz + t * groups * 32, y + t * kTile, N - t * kTile);
-    for (; t < t1; ++t)
-      int4_tile1<1>(x, xsum, K, G, nib + t * K * 8, sz + t * groups * 32, y + t * kTile, N - t * kTile);
-    return;
+// Every activation row against tiles [t0, t1): `tile(MR, m, t)` for row blocks of MR <= 4 (4 rows share
+// each loaded weight vector: 16 accumulators, 8 int and 8 float, + 2 weight vectors).  Tiles are the outer
+// loop, so a tile (16 x K bytes) is read from memory once and stays in cache for all the row blocks.
+template <typename Tile>
+void all_rows(int64_t M, int64_t t0, int64_t t1, Tile&& tile) {
+  constexpr int kMR = 4;
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t m = 0;
+    for (; m + kMR <= M; m += kMR) tile(std::integral_constant<int, kMR>{}, m, t);
+    switch (M - m) {
+      case 3: tile(std::integral_constant<int, 3>{}, m, t); break;
+      case 2: tile(std::integral_constant<int, 2>{}, m, t); break;
+      case 1: tile(std::integral_constant<int, 1>{}, m, t); break;
+      default: break;
+    }
   }
-  for (; t + NT <= t1; t += NT)
-    int4_tile<MR, NT>(x, xsum, K, K, G, nib + t * K * 8, sz + t * groups * 32, y + t * kTile, N, N - t * kTile);
-  for (; t < t1; ++t)
-    int4_tile<MR, 1>(x, xsum, K, K, G, nib + t * K * 8, sz + t * groups * 32, y + t * kTile, N, N - t * kTile);
+}
+
+int64_t padded_k(int64_t K) { return (K + kBlock - 1) / kBlock * kBlock; }
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& scales, int64_t n) {
+  TORCH_CHECK(x.dim() == 2 && wt.dim() == 4 && scales.dim() == 1,
+              "int8_mm: x [M, K], wt [T, Kp/4, 16, 4], scales [16 T]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && wt.scalar_type() == at::kChar &&
+                  scales.scalar_type() == at::kFloat, "int8_mm: x fp32, wt int8, scales fp32");
+  TORCH_CHECK(x.is_contiguous() && wt.is_contiguous() && scales.is_contiguous(), "int8_mm: contiguous inputs");
+  const int64_t M = x.size(0), K = x.size(1), T = wt.size(0), Kp = padded_k(K);
+  TORCH_CHECK(wt.size(1) * 4 == Kp && wt.size(2) == kTile && wt.size(3) == 4 && scales.size(0) == T * kTile,
+              "int8_mm: shape mismatch");
+  TORCH_CHECK(n > (T - 1) * kTile && n <= T * kTile, "int8_mm: n does not match the tiles");
+  at::Tensor y = at::empty({M, n}, x.options());
+  if (M == 0) return y;
+  const QuantizedRows xr = quantize_rows(x, Kp);
+  const int8_t* xq = xr.q.data_ptr<int8_t>();
+  const float* sx = xr.sx.data_ptr<float>();
+  const float* xs = xr.sum.data_ptr<float>();
+  const int8_t* wp = wt.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t blocks = Kp / kBlock;
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    all_rows(M, t0, t1, [&](auto mr, int64_t m, int64_t t) {
+      int8_tile<decltype(mr)::value>(xq + m * Kp, sx + m * blocks, xs + m * blocks, Kp, wp + t * Kp * kTile,
+                                     sp + t * kTile, yp + m * n + t * kTile, n,
+                                     std::min<int64_t>(kTile, n - t * kTile));
+    });
+  });
+  return y;
 }
 
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& nib, const at::Tensor& sz, int64_t group, int64_t n) {
-  TORCH_CHECK(x.dim() == 2 && nib.dim() == 3 && sz.dim() == 4,
-              "int4_mm: x [M, K], nib [T, K, 8], sz [T, K/G, 2, 16]");
+  TORCH_CHECK(x.dim() == 2 && nib.dim() == 4 && sz.dim() == 4,
+              "int4_mm: x [M, K], nib [T, K/4, 8, 4], sz [T, K/G, 2, 16]");
   TORCH_CHECK(x.scalar_type() == at::kFloat && nib.scalar_type() == at::kByte &&
                   sz.scalar_type() == at::kBFloat16, "int4_mm: x fp32, nib uint8, sz bf16");
   TORCH_CHECK(x.is_contiguous() && nib.is_contiguous() && sz.is_contiguous(), "int4_mm: contiguous inputs");
   const int64_t M = x.size(0), K = x.size(1), T = nib.size(0);
-  TORCH_CHECK(group > 0 && K % group == 0, "int4_mm: the group size must divide K");
-  TORCH_CHECK(nib.size(1) == K && nib.size(2) == 8 && sz.size(0) == T && sz.size(1) == K / group &&
-                  sz.size(2) == 2 && sz.size(3) == kTile, "int4_mm: shape mismatch");
+  TORCH_CHECK(group > 0 && group % kBlock == 0 && K % group == 0,
+              "int4_mm: the group size must be a multiple of 32 that divides K");
+  TORCH_CHECK(nib.size(1) * 4 == K && nib.size(2) == 8 && nib.size(3) == 4 && sz.size(0) == T &&
+                  sz.size(1) == K / group && sz.size(2) == 2 && sz.size(3) == kTile, "int4_mm: shape mismatch");
   TORCH_CHECK(n > (T - 1) * kTile && n <= T * kTile, "int4_mm: n does not match the tiles");
-  const int64_t groups = K / group;
   at::Tensor y = at::empty({M, n}, x.options());
-  at::Tensor xsum = at::empty({M, groups}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* xs = xsum.data_ptr<float>();
-  for (int64_t i = 0; i < M * groups; ++i) {  // in k order, so a row's sums do not depend on M
-    float s = 0.f;
-    for (int64_t k = 0; k < group; ++k) s += xp[i * group + k];
-    xs[i] = s;
-  }
+  if (M == 0) return y;
+  const QuantizedRows xr = quantize_rows(x, K);
+  const int8_t* xq = xr.q.data_ptr<int8_t>();
+  const float* sx = xr.sx.data_ptr<float>();
+  const float* xs = xr.sum.data_ptr<float>();
   const uint8_t* np = nib.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
+  const int64_t blocks = K / kBlock, groups = K / group;
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    int64_t m = 0;
-    for (; m + 6 <= M; m += 6)
-      int4_rows<6>(xp + m * K, xs + m * groups, K, group, np, sp, yp + m * n, n, t0, t1);
-    const float* xr = xp + m * K;
-    const float* sr = xs + m * groups;
-    float* yr = yp + m * n;
-    switch (M - m) {
-      case 5: int4_rows<5>(xr, sr, K, group, np, sp, yr, n, t0, t1); break;
-      case 4: int4_rows<4>(xr, sr, K, group, np, sp, yr, n, t0, t1); break;
-      case 3: int4_rows<3>(xr, sr, K, group, np, sp, yr, n, t0, t1); break;
-      case 2: int4_rows<2>(xr, sr, K, group, np, sp, yr, n, t0, t1); break;
-      case 1: int4_rows<1>(xr, sr, K, group, np, sp, yr, n, t0, t1, M == 1); break;
-      default: break;
-    }
+    all_rows(M, t0, t1, [&](auto mr, int64_t m, int64_t t) {
+      int4_tile<decltype(mr)::value>(xq + m * K, sx + m * blocks, xs + m * blocks, K, group, np + t * K * 8,
+                                     sp + t * groups * 32, yp + m * n + t * kTile, n,
+                                     std::min<int64_t>(kTile, n - t * kTile));
+    });
   });
   return y;
 }
