@@ -167,7 +167,8 @@ def child_lanner(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any]:
 
 # ops of the decode step, bucketed for the profile table (first match wins)
 PROFILE_BUCKETS = (
-    ("WOQ matmuls (int8/int4 packed kernels)", ("_weight_int8pack_mm", "_weight_int4pack_mm")),
+    ("WOQ matmuls (Lanner's or ATen's int8/int4 kernels)",
+     ("lanner::int8_mm", "lanner::int4_mm", "_weight_int8pack_mm", "_weight_int4pack_mm")),
     ("fp32 matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
     ("attention (SDPA)", ("scaled_dot_product", "_flash_attention", "aten::_efficient_attention")),
     ("bf16/fp32 casts", ("aten::to", "aten::_to_copy", "aten::copy_")),

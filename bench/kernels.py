@@ -1,4 +1,4 @@
-"""Micro-benchmark of one linear layer: fp32 F.linear vs Lanner's Int8Linear / Int4Linear kernel paths.
+"""Micro-benchmark of one linear layer: fp32 F.linear vs Lanner's own kernels vs ATen's WOQ kernel paths.
 
 For each weight shape (default: 2048 -> 5632 and 5632 -> 2048, the TinyLlama-1.1B MLP) and each number
 of activation rows M, time one forward call of:
@@ -9,6 +9,8 @@ of activation rows M, time one forward call of:
     int8 dequant-1  the same, whole weight dequantized at once (is chunking worth it?)
     int4 packed     torch._weight_int4pack_mm_for_cpu, bf16 activations
     int4 dequant    our unpack of ATen's nibbles -> fp32 in chunks, then sgemm
+    int8 lanner     Lanner's own kernel (app/quant/csrc): tiles, integer dot products, Q8 activations
+    int4 lanner     the same for int4 (groups of 32)
 
 and report ms/call (median), effective GB/s of weight bytes read, and for each mode the smallest M at
 which dequant beats packed (the "auto" crossover; app/quant/woq.py CROSSOVER_M holds the value used).
@@ -34,9 +36,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.quant import woq
+from app.quant import kernels, woq
 from app.quant.isa import detect_isa
-from app.quant.woq import NEVER, Int4Linear, Int8Linear, pick_group_size, probe_int4_layout
+from app.quant.woq import (
+    NEVER,
+    Int4Linear,
+    Int8Linear,
+    TiledInt4Linear,
+    TiledInt8Linear,
+    pick_group_size,
+    probe_int4_layout,
+    quantize_weight,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_SHAPES = ((2048, 5632), (5632, 2048))  # (K in, N out)
@@ -75,8 +86,10 @@ def weight_bytes(module: nn.Module) -> int:
     """Bytes a call must read for the weight: the quantized values plus scales/zeros (no bias)."""
     if isinstance(module, Int8Linear):
         return module.weight.numel() + module.scales_bf16.numel() * 2
-    if isinstance(module, Int4Linear):
+    if isinstance(module, (Int4Linear, TiledInt4Linear)):
         return module.weight.numel() + module.scales_and_zeros.numel() * 2
+    if isinstance(module, TiledInt8Linear):
+        return module.weight.numel() + module.scales.numel() * 4
     return module.weight.numel() * 4
 
 
@@ -114,6 +127,11 @@ def bench_shape(k: int, n: int, rows: list[int], iters: int, budget_s: float) ->
         "int4 packed": (int4_packed, weight_bytes(int4_packed)),
         "int4 dequant": (int4_dequant, weight_bytes(int4_packed)),
     }
+    if kernels.load().ok:
+        own8 = TiledInt8Linear.from_quantized(quantize_weight(linear.weight.detach(), "int8"))
+        own4 = TiledInt4Linear.from_quantized(quantize_weight(linear.weight.detach(), "int4", group))
+        variants["int8 lanner"] = (own8, weight_bytes(own8))
+        variants["int4 lanner"] = (own4, weight_bytes(own4))
     table: dict[str, dict[str, float]] = {name: {} for name in variants}
     for m in rows:
         x = torch.randn(m, k, generator=gen)
@@ -139,7 +157,8 @@ def to_markdown(result: dict) -> str:
            f"torch {info['torch']}; {info['isa']}.", "",
            f"ms per call (median of up to {result['iters']} calls), and GB/s of weight bytes read. "
            "packed = ATen's packed kernel with bf16 activations; dequant = our dequantize-to-fp32 (4 MiB row "
-           "chunks) + sgemm; dequant-1 = the whole weight dequantized at once.", ""]
+           "chunks) + sgemm; dequant-1 = the whole weight dequantized at once; lanner = Lanner's own kernel "
+           "(app/quant/csrc/woq_kernels.cpp: integer dot products, activations quantized per 32-block).", ""]
     current = dict(woq.CROSSOVER_M)
     for shape in result["shapes"]:
         k, n, ms = shape["k"], shape["n"], shape["ms"]
@@ -153,6 +172,12 @@ def to_markdown(result: dict) -> str:
                 gbs = shape["weight_bytes"][name] / (t / 1e3) / 1e9
                 cells.append(f"{t:.2f} ({gbs:.0f} GB/s)" if int(m) <= 8 else f"{t:.2f}")
             out.append(f"| {m} | " + " | ".join(cells) + " |")
+        for mode in ("int8", "int4"):  # same-run ratio: ATen's faster path / Lanner's kernel
+            if f"{mode} lanner" in ms:
+                ratios = ", ".join(
+                    f"M={m} {min(ms[f'{mode} packed'][m], ms[f'{mode} dequant'][m]) / ms[f'{mode} lanner'][m]:.1f}x"
+                    for m in rows)
+                out += ["", f"{mode}: Lanner's kernel vs ATen's faster path: {ratios}"]
         q = shape["quantize_seconds"]
         out += ["", f"Dequant faster than packed from M = {shape['dequant_faster_from_m']} "
                 "(of the rows measured); "

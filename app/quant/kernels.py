@@ -1,17 +1,21 @@
 """Lanner's own WOQ kernels (app/quant/csrc/woq_kernels.cpp): built for the running CPU on first use.
 
-Why: ATen's `_weight_int8pack_mm` streams int8 weights at 15-16 GB/s on a 2-core EPYC where llama.cpp
-reads 23-26 GB/s; its row-major layout makes every output row its own memory stream.  Our kernel reads
-weights packed in tiles of 16 output rows, k-major (`pack_int8`), so each thread streams one contiguous
-block; measured at M=1 on the 32000 x 2048 output head, 2.2 ms (30 GB/s) against ATen's 4.0 ms.
+Why: ATen's `_weight_int8pack_mm` streams int8 weights at 15-16 GB/s on the 2-core EPYC where llama.cpp
+reads 23-26 GB/s, and its int8/int4 kernels compute in (emulated or native) bf16, so batches of rows are
+compute-bound.  Lanner's kernels read weights packed in tiles of 16 output rows with k in quads
+(`pack_int8`, `pack_int4`), one sequential stream per thread, and multiply them with integer dot
+products (VNNI `vpdpbusd`, or AVX2 `maddubs`) against activations quantized per row in blocks of 32, the
+scheme of llama.cpp's Q8 activations.  Measured on that machine (2 threads): 32000 x 2048 int8 head at
+M=1 2.1 ms against ATen's 4.2; 2048 -> 11264 at M=16 2.5 ms (int8) / 2.2 ms (int4) against 7.1 / 4.8, at
+M=64 7.2 / 7.9 against 27 / 18 (bench numbers in docs/quantization.md).
 
 Build: one C++ file, compiled with the system C++ compiler against torch's headers (`-O3
--march=native -fopenmp`: the instruction set is the compiler's choice for the machine that runs it,
-so AVX2, AVX-512 or neither are all handled where they are), registered as `torch.ops.lanner.*`, and
-threaded with at::parallel_for (torch's own OpenMP pool, the size `torch.set_num_threads` gave).  The
-shared object is cached under $LANNER_KERNEL_CACHE (default ~/.cache/lanner/kernels) by a hash of the
-source, the flags, the compiler, torch's version and the CPU's flags, so a fresh machine pays the ~7 s
-build once; processes that race for it build under a file lock.  No compiler, a failed build or
+-march=native -fopenmp`: the compiler targets the machine that runs it, so AVX-512-VNNI, AVX-VNNI, AVX2
+or plain C++ are picked where they exist), registered as `torch.ops.lanner.*`, and threaded with
+at::parallel_for (torch's own OpenMP pool, the size `torch.set_num_threads` gave).  The shared object is
+cached under $LANNER_KERNEL_CACHE (default ~/.cache/lanner/kernels) by a hash of the source, the flags,
+the compiler, torch's version and the CPU's flags, so a fresh machine pays the ~7 s build once;
+processes that race for it build under a file lock.  No compiler, a failed build or
 LANNER_OWN_KERNELS=0 leave Lanner on ATen's kernels (the reason is logged and reported).
 """
 

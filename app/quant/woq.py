@@ -35,11 +35,14 @@ never from a file name; "none" is a no-op.  Which library runs the quantized lay
 
 Kernels.  By default ("auto", or "lanner" by name) the layers run Lanner's own kernels
 (app/quant/kernels.py, app/quant/csrc/woq_kernels.cpp) for every M: `TiledInt8Linear` / `TiledInt4Linear`
-hold the weights in tiles of 16 output rows, k-major, built at load from the portable form, and keep
-activations fp32.  They are compiled for the running CPU on first use; where that is impossible (no C++
-compiler, LANNER_OWN_KERNELS=0) the model uses ATen's kernels below and the report says why.  Measured
-(2-core EPYC, AVX-512): decode of the TinyLlama-1.1B shape int8 40.7 ms/token against 67-79 ms with ATen's
-packed kernel (llama.cpp Q8_0 on the same weights: 41-44 ms); per-call numbers at OWN_KERNEL_MODES.
+hold the weights in tiles of 16 output rows with k in quads, built at load from the portable form, and
+multiply them with integer dot products (VNNI or AVX2) against activations quantized per row in blocks of
+32 (llama.cpp's Q8 activation scheme; int8 logits stay within the accuracy bounds of the tests).  They are
+compiled for the running CPU on first use; where that is impossible (no C++ compiler,
+LANNER_OWN_KERNELS=0) the model uses ATen's kernels below and the report says why.  Measured (2-core EPYC,
+AVX-512 VNNI, bench/results/decode/): the TinyLlama-1.1B shape decodes int8 at 1.0-1.1x and int4 at 0.75x
+llama.cpp's Q8_0 / Q4_0 on the same weights (ATen's kernels: 0.6x / 0.5x), and prefills 128 tokens in
+0.6 s (int8) against llama.cpp's 1.5 s; per-call numbers at OWN_KERNEL_MODES.
 
 ATen's kernels ("packed", "dequant", and "auto" without own kernels), per call, by the number of activation
 rows M (tokens in the step):
@@ -109,12 +112,11 @@ KERNEL_ENV = "LANNER_WOQ_KERNEL"
 CROSSOVER_M = MappingProxyType({"int8": 40, "int4": 72})
 NEVER = sys.maxsize  # a crossover no batch reaches: packed kernel for every M
 # Modes whose layers Lanner's own kernels run (app/quant/kernels.py), for every M.  Measured per call on
-# the 2-core EPYC (AVX-512), ms.  int8, own kernel / dequant from its tiles + MKL sgemm / ATen row-major
-# dequant + sgemm:  2048->11264: M=16 4.5 / 6.6 / 12.7, M=128 33 / 44 / 63, M=256 68 / 83 / 68;
-# 5632->2048: M=16 1.9 / 3.9 / 5.5, M=256 30 / 44 / 38.  At M=1: 0.56 ms (41 GB/s) against ATen's
-# packed 0.87; 32000x2048 head 2.0 ms (32 GB/s) against 4.0.  int4 (group 32), own / ATen packed /
-# dequant from the tiles: 2048->11264 M=1 0.49 / 0.70, M=16 4.4 / 4.6 / 23, M=128 40 / 36 / 63;
-# 5632->2048 M=1 0.30 / 0.34, M=128 17 / 18 / 32.
+# the 2-core EPYC (AVX-512 VNNI, 2 threads), ms, own / ATen packed (bf16):
+#   int8 2048->11264: M=1 0.18 / 0.83, M=16 2.5 / 7.1, M=64 7.2 / 27;  5632->2048: M=16 1.1 / 2.6, M=64 3.7 / 9.5
+#   int8 head 32000x2048 (from DRAM): M=1 2.1 / 4.2, M=16 6.2 / 19, M=64 20 / 84
+#   int4 2048->11264: M=1 0.20 / 0.65, M=16 2.2 / 4.8, M=64 7.9 / 18
+# ATen's dequant + MKL sgemm was 39 ms at M=128 on 2048->11264, so no crossover is needed.
 OWN_KERNEL_MODES = frozenset({"int8", "int4"})
 
 DEFAULT_GROUP_SIZE = 32  # int4 group size unless one is requested (see the module comment)
@@ -248,8 +250,8 @@ class Int8Linear(nn.Module):
 
 class TiledInt8Linear(nn.Module):
     """Int8 per-channel weights in Lanner's tile layout (app/quant/kernels.py `pack_int8`), run by Lanner's
-    own kernel for every M: it streams the tiles at the memory bandwidth for decode and, register-blocked,
-    beats dequant + MKL sgemm up to M=256 too (see OWN_KERNEL_MODES); activations stay fp32."""
+    own kernel for every M (see OWN_KERNEL_MODES): integer dot products against activations quantized per
+    32-block; streams the tiles at the memory bandwidth for decode and is compute-light for batches."""
 
     def __init__(self, tiles: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                  out_features: int, in_features: int) -> None:
@@ -599,7 +601,7 @@ class Int4Linear(nn.Module):
 
 class TiledInt4Linear(nn.Module):
     """Group-wise int4 weights in Lanner's tile layout (app/quant/kernels.py `pack_int4`), run by Lanner's
-    own kernel for every M (see OWN_KERNEL_MODES); activations stay fp32."""
+    own kernel for every M (see OWN_KERNEL_MODES), like TiledInt8Linear."""
 
     def __init__(self, nib: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None, out_features: int,
                  group_size: int) -> None:
