@@ -142,6 +142,7 @@ def available() -> bool:
 
 BLOCK = 32  # activation quantization block along K (kBlock); K is padded to a multiple of it
 QUAD = 4  # k per weight group of the dot-product instructions
+PACK_TILES = 256  # tiles (4096 rows) repacked at once: bounds the packing temporaries to a few MiB
 
 
 def padded_k(k: int) -> int:
@@ -154,9 +155,13 @@ def pack_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torc
     and -128 becomes -127 (the AVX2 kernel's sign trick cannot negate -128; see woq_kernels.cpp)."""
     n, k = q.shape
     tiles, kp = -(-n // TILE), padded_k(k)
-    full = torch.zeros(tiles * TILE, kp, dtype=torch.int8)
-    full[:n, :k] = q.clamp(min=-127)
-    out = full.view(tiles, TILE, kp // QUAD, QUAD).permute(0, 2, 1, 3).contiguous()
+    out = torch.empty(tiles, kp // QUAD, TILE, QUAD, dtype=torch.int8)
+    for t0 in range(0, tiles, PACK_TILES):
+        t1 = min(t0 + PACK_TILES, tiles)
+        rows = q[t0 * TILE:t1 * TILE]
+        chunk = torch.zeros((t1 - t0) * TILE, kp, dtype=torch.int8)
+        chunk[:rows.shape[0], :k].copy_(rows).clamp_(min=-127)
+        out[t0:t1].copy_(chunk.view(t1 - t0, TILE, kp // QUAD, QUAD).permute(0, 2, 1, 3))
     s = torch.zeros(tiles * TILE)
     s[:n] = scales.float()
     return out, s
@@ -176,11 +181,15 @@ def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     n, half = qweight.shape
     k, groups = 2 * half, scales.shape[1]
     tiles = -(-n // TILE)
-    q = torch.zeros(tiles * TILE, k, dtype=torch.uint8)
-    q[:n, 0::2] = qweight & 0x0F
-    q[:n, 1::2] = qweight >> 4
-    qt = q.view(tiles, TILE, k // QUAD, QUAD).permute(0, 2, 1, 3)  # [T, K/4, 16, 4]
-    nib = (qt[:, :, :TILE // 2] | (qt[:, :, TILE // 2:] << 4)).contiguous()
+    nib = torch.empty(tiles, k // QUAD, TILE // 2, QUAD, dtype=torch.uint8)
+    for t0 in range(0, tiles, PACK_TILES):
+        t1 = min(t0 + PACK_TILES, tiles)
+        rows = qweight[t0 * TILE:t1 * TILE]
+        q = torch.zeros((t1 - t0) * TILE, k, dtype=torch.uint8)
+        q[:rows.shape[0], 0::2] = rows & 0x0F
+        q[:rows.shape[0], 1::2] = rows >> 4
+        qt = q.view(t1 - t0, TILE, k // QUAD, QUAD).permute(0, 2, 1, 3)  # [T', K/4, 16, 4]
+        torch.bitwise_or(qt[:, :, :TILE // 2], qt[:, :, TILE // 2:] << 4, out=nib[t0:t1])
     sz = torch.zeros(tiles * TILE, groups, 2, dtype=torch.bfloat16)
     sz[:n, :, 0] = scales.to(torch.bfloat16)
     sz[:n, :, 1] = zeros.to(torch.bfloat16)

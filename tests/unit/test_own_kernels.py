@@ -84,6 +84,17 @@ def test_pack_layout_and_roundtrip():
     assert torch.equal(kernels.unpack_int8(tiles, 37, 24), q) and tiles.min() >= -127
 
 
+def test_packing_in_chunks_gives_the_same_tiles(monkeypatch):
+    """Big matrices are repacked a few tiles at a time (bounded temporaries); the result must not change."""
+    q, s = random_int8(90, 40, seed=8)
+    qw = random_int4(90, 64, 32, seed=9)
+    whole8, whole4 = kernels.pack_int8(q, s), kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
+    monkeypatch.setattr(kernels, "PACK_TILES", 2)  # 6 tiles: chunks of 2, 2, 2
+    for a, b in zip((*whole8, *whole4), (*kernels.pack_int8(q, s), *kernels.pack_int4(qw.qweight, qw.scales,
+                                                                                      qw.zeros))):
+        assert torch.equal(a, b)
+
+
 @needs_kernels
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 50, 100, 257])
 @pytest.mark.parametrize("k", [1, 8, 64, 176, 4544])
