@@ -3,7 +3,8 @@
 Read once at start-up (by `quantize_model`) from two sources:
 
 * `/proc/cpuinfo` flags (Linux): what the silicon offers — avx2, avx512f, avx512_bf16, amx_tile,
-  amx_bf16. These decide whether bf16 arithmetic is native (AMX tiles or AVX512-BF16 dot products) or
+  amx_bf16, and the integer dot products Lanner's own kernels use (avx512_vnni, avx_vnni; the kernels
+  themselves are compiled with -march=native, so this is for the logs). These decide whether bf16 arithmetic is native (AMX tiles or AVX512-BF16 dot products) or
   emulated (AVX2: bf16 is converted to fp32 in registers, so bf16 GEMMs are slower than sgemm).
 * `torch.backends.cpu.get_cpu_capability()`: which of ATen's compiled kernel variants is dispatched
   ("DEFAULT", "AVX2", "AVX512", ...). It can be lowered with ATEN_CPU_CAPABILITY, so it is the truth for
@@ -28,6 +29,8 @@ class CpuIsa:
     amx_tile: bool
     amx_bf16: bool
     torch_capability: str  # torch.backends.cpu.get_cpu_capability(), e.g. "AVX2"
+    avx512_vnni: bool = False
+    avx_vnni: bool = False
 
     @property
     def native_bf16(self) -> bool:
@@ -35,7 +38,7 @@ class CpuIsa:
         return (self.amx_bf16 or self.avx512_bf16) and self.torch_capability.upper().startswith("AVX512")
 
     def describe(self) -> str:
-        names = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+        names = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
         flags = [name for name in names if getattr(self, name)]
         return (f"torch={self.torch_capability} flags={','.join(flags) or 'none'} "
                 f"native_bf16={'yes' if self.native_bf16 else 'no'}")
@@ -73,4 +76,6 @@ def detect_isa(cpuinfo_text: str | None = None, torch_capability: str | None = N
         amx_tile="amx_tile" in flags,
         amx_bf16="amx_bf16" in flags,
         torch_capability=torch_capability,
+        avx512_vnni="avx512_vnni" in flags,
+        avx_vnni="avx_vnni" in flags,
     )

@@ -154,7 +154,7 @@ def crossover_rows(mode: str, isa: CpuIsa, kernel: KernelChoice) -> int:
 
 def describe_path(mode: str, crossover: int, own: bool = False) -> str:
     if own:
-        return f"lanner {mode} tiles (fp32 act) for all M"
+        return f"lanner {mode} tiles (int dot, q8 act) for all M"
     packed = {"int8": "packed int8 (_weight_int8pack_mm, bf16 act)",
               "int4": "packed int4 (_weight_int4pack_mm_for_cpu, bf16 act)"}[mode]
     dequant = f"dequant {mode}->fp32 + sgemm"

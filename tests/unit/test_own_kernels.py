@@ -217,8 +217,8 @@ def test_plan_uses_own_kernels(monkeypatch):
     assert plan.own == {"int8", "int4"} and plan.layout is None  # ATen's int4 layout is not needed
     assert isinstance(build_module(quantize_weight(torch.randn(32, 64), "int8"), plan), TiledInt8Linear)
     assert isinstance(build_module(random_int4(32, 64, 32), plan), TiledInt4Linear)
-    assert plan.describe(["int8", "int4"]) == ("int4: lanner int4 tiles (fp32 act) for all M; "
-                                               "int8: lanner int8 tiles (fp32 act) for all M")
+    assert plan.describe(["int8", "int4"]) == ("int4: lanner int4 tiles (int dot, q8 act) for all M; "
+                                               "int8: lanner int8 tiles (int dot, q8 act) for all M")
     forced = kernel_plan("int4", "packed")  # ATen's kernels stay selectable
     assert not forced.own
     assert isinstance(build_module(quantize_weight(torch.randn(32, 64), "int8"), forced), Int8Linear)

@@ -236,7 +236,7 @@ def test_quantize_model_swaps_exactly_the_linears(mode, monkeypatch):
     assert isinstance(model.odd, int8_kind)  # int4 falls back for K=48, and says so
     assert bool(report.fallbacks) == (mode == "int4")
     assert all(f.startswith("odd:") for f in report.fallbacks)
-    expected = {m: f"{m}: lanner {m} tiles (fp32 act) for all M" if own else f"M<{CROSSOVER_M[m]}"
+    expected = {m: f"{m}: lanner {m} tiles (int dot, q8 act) for all M" if own else f"M<{CROSSOVER_M[m]}"
                 for m in ("int8", "int4")}
     assert expected["int8"] in report.kernel and "AVX2" in report.isa
     assert (expected["int4"] in report.kernel) == (mode == "int4")
@@ -282,8 +282,10 @@ def test_isa_from_cpuinfo_flags():
     zen3 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
     isa = detect_isa(zen3, "AVX2")
     assert isa.avx2 and not isa.avx512f and not isa.native_bf16
-    spr = "flags : avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+    spr = "flags : avx2 avx512f avx512_vnni avx512_bf16 amx_tile amx_bf16\n"
     assert detect_isa(spr, "AVX512").native_bf16
+    assert detect_isa(spr, "AVX512").avx512_vnni and not isa.avx512_vnni and not isa.avx_vnni
+    assert "avx512_vnni" in detect_isa(spr, "AVX512").describe()
     assert not detect_isa(spr, "AVX2").native_bf16  # ATen told to dispatch AVX2 kernels
     assert cpu_flags("") == frozenset()
     assert detect_isa("", "AVX512").avx512f  # no cpuinfo: inferred from torch
