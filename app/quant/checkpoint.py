@@ -337,7 +337,9 @@ class _Assembler:
 
     def __call__(self, part: Part) -> None:
         for name, qw in part.linears.items():
-            if qw.mode == "int8":  # ATen's Int8Linear keeps these tensors: they must not live in the mapping
+            if qw.mode == "int8" and "int8" not in self.plan.own:
+                # ATen's Int8Linear keeps these tensors: they must not live in the mapping (Lanner's tiles
+                # are a new tensor anyway)
                 qw = replace(qw, qweight=part.detach(qw.qweight), scales=part.detach(qw.scales))
             qw = replace(qw, bias=None if qw.bias is None else part.detach(qw.bias))
             module = build_module(qw, self.plan)

@@ -159,9 +159,12 @@ def pack_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torc
     for t0 in range(0, tiles, PACK_TILES):
         t1 = min(t0 + PACK_TILES, tiles)
         rows = q[t0 * TILE:t1 * TILE]
-        chunk = torch.zeros((t1 - t0) * TILE, kp, dtype=torch.int8)
-        chunk[:rows.shape[0], :k].copy_(rows).clamp_(min=-127)
-        out[t0:t1].copy_(chunk.view(t1 - t0, TILE, kp // QUAD, QUAD).permute(0, 2, 1, 3))
+        if rows.shape[0] < (t1 - t0) * TILE or k < kp:  # padding needed: go through a zeroed chunk
+            chunk = torch.zeros((t1 - t0) * TILE, kp, dtype=torch.int8)
+            chunk[:rows.shape[0], :k] = rows
+            rows = chunk
+        out[t0:t1].copy_(rows.view(t1 - t0, TILE, kp // QUAD, QUAD).permute(0, 2, 1, 3))
+        out[t0:t1].clamp_(min=-127)
     s = torch.zeros(tiles * TILE)
     s[:n] = scales.float()
     return out, s
