@@ -52,6 +52,7 @@ class KernelBuild:
 
     ok: bool
     detail: str  # the library path, or why the kernels are not in use
+    isa: str = ""  # the dot-product code compiled in: avx512-vnni | avx-vnni | avx2 | scalar
 
 
 def cache_dir() -> Path:
@@ -73,28 +74,30 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _command(cxx: str, out: Path) -> list[str]:
+def _command(cxx: str, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
     from torch.utils import cpp_extension
 
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdirs = [f"-L{p}" for p in cpp_extension.library_paths()]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    return [cxx, *FLAGS, abi, *includes, str(SOURCE), "-o", str(out), *libdirs, "-ltorch_cpu", "-lc10"]
+    return [cxx, *FLAGS, *extra, abi, *includes, str(SOURCE), "-o", str(out), *libdirs, "-ltorch_cpu", "-lc10"]
 
 
-def _build_key(cxx: str) -> str:
+def _build_key(cxx: str, extra: tuple[str, ...] = ()) -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), torch.__version__.encode(),
-                 _cpu_flags().encode(), sysconfig.get_platform().encode()):
+    for part in (SOURCE.read_bytes(), " ".join((*FLAGS, *extra)).encode(), version.encode(),
+                 torch.__version__.encode(), _cpu_flags().encode(), sysconfig.get_platform().encode()):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()[:20]
 
 
-def build(cxx: str) -> Path:
-    """The kernels' shared object for this machine, compiled now unless cached (raises on failure)."""
-    target_dir = cache_dir() / _build_key(cxx)
+def build(cxx: str, extra: tuple[str, ...] = ()) -> Path:
+    """The kernels' shared object for this machine, compiled now unless cached (raises on failure).
+    `extra` compiler flags build a variant, e.g. ("-mno-avx512vnni", "-mno-avxvnni") for the AVX2 code
+    on a VNNI machine (the tests compare the variants)."""
+    target_dir = cache_dir() / _build_key(cxx, extra)
     target = target_dir / "lanner_woq_kernels.so"
     if target.exists():
         return target
@@ -105,7 +108,7 @@ def build(cxx: str) -> Path:
             return target
         with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
             out = Path(tmp) / target.name
-            cmd = _command(cxx, out)
+            cmd = _command(cxx, out, extra)
             log.info("building Lanner's WOQ kernels for this CPU (once per machine): %s", " ".join(cmd[:8]))
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -127,10 +130,12 @@ def load() -> KernelBuild:
     try:
         path = build(cxx)
         torch.ops.load_library(str(path))
+        isa = str(torch.ops.lanner.isa())
     except Exception as exc:  # noqa: BLE001 - any build/load failure means ATen's kernels
         log.warning("Lanner's WOQ kernels are unavailable, using ATen's: %s", exc)
         return KernelBuild(False, f"build failed: {str(exc).splitlines()[0][:300]}")
-    return KernelBuild(True, str(path))
+    log.info("Lanner's WOQ kernels: %s dot products (%s)", isa, path)
+    return KernelBuild(True, str(path), isa)
 
 
 def available() -> bool:
@@ -220,5 +225,5 @@ def int4_mm(x: torch.Tensor, nib: torch.Tensor, sz: torch.Tensor, group: int, n:
 if __name__ == "__main__":  # `python -m app.quant.kernels`: build now and say where (Dockerfile, CI)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = load()
-    print(("ok: " if result.ok else "unavailable: ") + result.detail)
+    print(f"ok: {result.detail} ({result.isa})" if result.ok else f"unavailable: {result.detail}")
     sys.exit(0 if result.ok else 1)

@@ -751,6 +751,7 @@ def kernel_plan(mode: str, kernel: str = "auto", isa: CpuIsa | None = None,
         built = kernels.load()
         if built.ok:
             own = set(OWN_KERNEL_MODES)
+            notes.append(f"lanner kernels: {built.isa} dot products")
         elif choice == "lanner":
             raise ValueError(f"kernel=lanner: Lanner's own kernels are unavailable ({built.detail})")
         else:

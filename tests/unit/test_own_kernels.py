@@ -72,6 +72,10 @@ def test_kernels_build_where_a_compiler_exists():
     result = kernels.load()
     assert result.ok, result.detail
     assert Path(result.detail).is_file()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    expected = ("avx512-vnni" if "avx512_vnni" in flags and "avx512vl" in flags else
+                "avx-vnni" if "avx_vnni" in flags else "avx2" if "avx2" in flags and " fma" in flags else "scalar")
+    assert result.isa == expected  # -march=native picked the best dot product this CPU has
 
 
 def test_pack_layout_and_roundtrip():
@@ -171,6 +175,40 @@ def test_int4_mm_matches_float64_reference(n, k, group):
         check_against_reference(y, x, w)
 
 
+# The same source compiled for less capable CPUs (on this machine, so they can run here): the integer dot
+# products differ (vpdpbusd, maddubs + sign trick, plain C++), the float operations and their order do not.
+ISA_VARIANTS = {"avx2": ("-mno-avx512vnni", "-mno-avxvnni"), "scalar": ("-mno-avx2", "-mno-fma")}
+VARIANT_CHILD = """
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+from app.quant import kernels
+inputs = torch.load(sys.argv[2])
+torch.save({"int8": kernels.int8_mm(*inputs["int8"]), "int4": kernels.int4_mm(*inputs["int4"]),
+            "isa": torch.ops.lanner.isa()}, sys.argv[3])
+"""
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", sorted(ISA_VARIANTS))
+def test_isa_variants_give_bit_identical_results(variant, tmp_path, monkeypatch):
+    """What an AVX2-only CPU (Zen 3) or a non-x86 one computes equals this machine's result bit for bit."""
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "cache"))
+    library = kernels.build(kernels._compiler(), ISA_VARIANTS[variant])
+    q, s = random_int8(100, 176, seed=11)  # K=176: padded to 192 inside
+    qw = random_int4(100, 256, 64, seed=12)
+    inputs = {"int8": (torch.randn(7, 176, generator=gen(13)), *kernels.pack_int8(q, s), 100),
+              "int4": (torch.randn(7, 256, generator=gen(14)),
+                       *kernels.pack_int4(qw.qweight, qw.scales, qw.zeros), 64, 100)}
+    torch.save(inputs, tmp_path / "in.pt")
+    done = subprocess.run([sys.executable, "-c", VARIANT_CHILD, str(library), str(tmp_path / "in.pt"),
+                           str(tmp_path / "out.pt")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    theirs = torch.load(tmp_path / "out.pt")
+    assert theirs["isa"] == variant  # the variant really runs the other code path
+    assert torch.equal(theirs["int8"], kernels.int8_mm(*inputs["int8"]))
+    assert torch.equal(theirs["int4"], kernels.int4_mm(*inputs["int4"]))
+
+
 @needs_kernels
 def test_int8_mm_rejects_bad_inputs():
     q, s = random_int8(32, 64)
@@ -218,7 +256,8 @@ def test_plan_uses_own_kernels(monkeypatch):
     assert isinstance(build_module(quantize_weight(torch.randn(32, 64), "int8"), plan), TiledInt8Linear)
     assert isinstance(build_module(random_int4(32, 64, 32), plan), TiledInt4Linear)
     assert plan.describe(["int8", "int4"]) == ("int4: lanner int4 tiles (int dot, q8 act) for all M; "
-                                               "int8: lanner int8 tiles (int dot, q8 act) for all M")
+                                               "int8: lanner int8 tiles (int dot, q8 act) for all M; "
+                                               f"lanner kernels: {kernels.load().isa} dot products")
     forced = kernel_plan("int4", "packed")  # ATen's kernels stay selectable
     assert not forced.own
     assert isinstance(build_module(quantize_weight(torch.randn(32, 64), "int8"), forced), Int8Linear)
@@ -254,9 +293,10 @@ def test_fresh_build_is_cached(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "building Lanner's WOQ kernels" in first.stderr and first.stdout.startswith(f"ok: {tmp_path}")
+    assert first.stdout.strip().endswith(f"({kernels.load().isa})")
     built = list(tmp_path.glob("*/lanner_woq_kernels.so"))
     assert len(built) == 1
     second = subprocess.run([sys.executable, "-m", "app.quant.kernels"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert second.returncode == 0 and "building" not in second.stderr
-    assert second.stdout.strip() == f"ok: {built[0]}"
+    assert second.stdout.strip() == f"ok: {built[0]} ({kernels.load().isa})"

@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -349,11 +350,25 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& nib, const at::Tensor&
   return y;
 }
 
+// The integer dot-product code this build uses (for logs, metrics and tests).
+std::string isa() {
+#if LANNER_VNNI && defined(__AVX512VNNI__)
+  return "avx512-vnni";
+#elif LANNER_VNNI
+  return "avx-vnni";
+#elif LANNER_AVX2
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lanner, m) {
   m.def("int8_mm(Tensor x, Tensor wt, Tensor scales, int n) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor nib, Tensor sz, int group, int n) -> Tensor");
+  m.def("isa() -> str", &isa);
 }
 
 TORCH_LIBRARY_IMPL(lanner, CPU, m) {
