@@ -210,6 +210,23 @@ def test_isa_variants_give_bit_identical_results(variant, tmp_path, monkeypatch)
 
 
 @needs_kernels
+def test_non_finite_activations_give_nan_rows():
+    """inf / NaN in a row make that row's outputs NaN (like fp32 matmul), never garbage, and leave the other
+    rows alone."""
+    q, s = random_int8(40, 64, seed=15)
+    qw = random_int4(40, 64, 32, seed=16)
+    x = torch.randn(3, 64, generator=gen(17))
+    clean = (kernels.int8_mm(x, *kernels.pack_int8(q, s), 40),
+             kernels.int4_mm(x, *kernels.pack_int4(qw.qweight, qw.scales, qw.zeros), 32, 40))
+    x[0, 5], x[2, 40] = float("nan"), float("inf")
+    dirty = (kernels.int8_mm(x, *kernels.pack_int8(q, s), 40),
+             kernels.int4_mm(x, *kernels.pack_int4(qw.qweight, qw.scales, qw.zeros), 32, 40))
+    for y, y0 in zip(dirty, clean):
+        assert y[0].isnan().all() and y[2].isnan().all()
+        assert torch.equal(y[1], y0[1])
+
+
+@needs_kernels
 def test_int8_mm_rejects_bad_inputs():
     q, s = random_int8(32, 64)
     tiles, scales = kernels.pack_int8(q, s)

@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -79,12 +80,20 @@ QuantizedRows quantize_rows(const at::Tensor& x, int64_t Kp) {
       const int64_t m = i / blocks, k0 = (i % blocks) * kBlock, n = std::max<int64_t>(0, std::min(kBlock, K - k0));
       const float* src = xp + m * K + k0;
       float amax = 0.f;
-      for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(src[k]));
-      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      bool finite = true;
+      for (int64_t k = 0; k < n; ++k) {
+        const float a = std::fabs(src[k]);
+        finite = finite && a <= std::numeric_limits<float>::max();  // false for inf and NaN
+        amax = std::max(amax, a);
+      }
+      // A block with inf or NaN gets a NaN scale and zero values: the row's outputs become NaN, as an
+      // fp32 matmul's would (rounding NaN to an integer would be undefined).
+      const float scale = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+      const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
       int8_t* dst = qp + m * Kp + k0;
       int32_t sum = 0;
       for (int64_t k = 0; k < kBlock; ++k) {
-        const int32_t v = k < n ? static_cast<int32_t>(std::nearbyint(src[k] * inv)) : 0;
+        const int32_t v = k < n && finite ? static_cast<int32_t>(std::nearbyint(src[k] * inv)) : 0;
         dst[k] = static_cast<int8_t>(v);
         sum += v;
       }
