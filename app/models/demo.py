@@ -34,21 +34,23 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (
-    FalconConfig,
-    FalconForCausalLM,
-    GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
+
+if TYPE_CHECKING:  # transformers' model classes are imported where a model is built: importing them pulls in
+    # transformers' quantizers (and torchao when installed), ~95 MiB, which a server whose demo models are
+    # already built never needs
+    from transformers import (
+        FalconConfig,
+        GenerationConfig,
+        LlamaConfig,
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerFast,
+    )
 
 DEMO_MODEL_IDS: tuple[str, ...] = ("demo-llama", "demo-falcon")
 # Bump whenever anything below changes the bytes of a built model (corpus, recipe, sizes, seeds).
@@ -158,6 +160,8 @@ def train_bpe(spec: TokenizerSpec, text: str, vocab_size: int = VOCAB_SIZE) -> T
 def build_tokenizer(spec: TokenizerSpec, text: str, vocab_size: int = VOCAB_SIZE,
                     max_positions: int = MAX_POSITIONS) -> PreTrainedTokenizerFast:
     """Wrap a freshly trained BPE in a transformers tokenizer with special tokens and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     tok = train_bpe(spec, text, vocab_size=vocab_size)
     extra = [t for t in spec.special_tokens if t not in (spec.bos_token, spec.eos_token, spec.pad_token)]
     hf_tok = PreTrainedTokenizerFast(
@@ -179,6 +183,8 @@ def build_tokenizer(spec: TokenizerSpec, text: str, vocab_size: int = VOCAB_SIZE
 
 def llama_config(tok: PreTrainedTokenizerFast, **shape: Any) -> LlamaConfig:
     """The demo Llama (GQA); `shape` overrides sizes (the bench builds real-size models with it)."""
+    from transformers import LlamaConfig
+
     sizes = dict(vocab_size=len(tok), hidden_size=HIDDEN_SIZE, intermediate_size=176, num_hidden_layers=NUM_LAYERS,
                  num_attention_heads=NUM_HEADS, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS)
     return LlamaConfig(
@@ -201,6 +207,8 @@ def falcon_config(tok: PreTrainedTokenizerFast, **shape: Any) -> FalconConfig:
 
     Like the real falcon-7b config, bos_token_id is the end-of-text id; the tokenizer never prepends it.
     """
+    from transformers import FalconConfig
+
     sizes = dict(vocab_size=len(tok), hidden_size=HIDDEN_SIZE, num_hidden_layers=NUM_LAYERS,
                  num_attention_heads=NUM_HEADS, max_position_embeddings=MAX_POSITIONS)
     return FalconConfig(
@@ -242,6 +250,8 @@ def init_weights(model: PreTrainedModel, seed: int) -> None:
 
 
 def build_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
+    from transformers import FalconForCausalLM, LlamaForCausalLM
+
     model_cls = LlamaForCausalLM if config.model_type == "llama" else FalconForCausalLM
     model = model_cls(config).to(torch.float32)
     init_weights(model, seed)
@@ -267,6 +277,8 @@ def _write_special_tokens_map(spec: TokenizerSpec, out_dir: Path) -> None:
 
 
 def generation_config(tok: PreTrainedTokenizerFast, spec: TokenizerSpec) -> GenerationConfig:
+    from transformers import GenerationConfig
+
     stop_ids = [tok.convert_tokens_to_ids(t) for t in spec.stop_tokens]
     return GenerationConfig(
         bos_token_id=tok.bos_token_id,

@@ -205,3 +205,15 @@ def test_ensure_concurrent_callers_build_once(tmp_path):
         t.join()
     assert sum("building" in m for m in messages) == len(DEMO_MODEL_IDS)
     assert all(demo.is_current_build(tmp_path / m) for m in DEMO_MODEL_IDS)
+
+
+def test_serving_built_demo_models_skips_transformers_model_classes(demo_models_dir):
+    """`lanner serve` with no models calls ensure_demo_models in the API process; when the models are already
+    built that must not import transformers' model classes (with them its quantizers and torchao, ~95 MiB)."""
+    code = ("import sys; from pathlib import Path; from app.models.demo import ensure_demo_models; "
+            f"ensure_demo_models(Path({str(demo_models_dir)!r})); "
+            "print(sorted(m for m in sys.modules if m.startswith(('transformers.models.', 'torchao'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
