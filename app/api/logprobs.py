@@ -41,6 +41,7 @@ class TokenStrings:
         self.tokenizer = tokenizer
         self._text: dict[int, str] = {}
         self._bytes: dict[int, list[int]] = {}
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
 
     def text(self, token_id: int) -> str:
         found = self._text.get(token_id)
@@ -97,24 +98,29 @@ def completion_piece(text: str, logprobs: Sequence[Logprob] | None, *, echo: str
 
 
 def completion_logprobs(strings: TokenStrings, entries: Sequence[tuple[int, Logprob | None]],
-                        offset: int = 0) -> dict[str, list]:
-    """Legacy completions `logprobs` for `entries`; text offsets count from `offset` (the length of the
-    choice's text before the first entry)."""
+                        offset: int = 0, text: str | None = None) -> tuple[dict[str, list], int]:
+    """Legacy completions `logprobs` for `entries`, and the offset after them.  Text offsets count from
+    `offset` (the length of the choice's text before `text`, the piece these entries belong to) and point
+    into the choice's text: a special token that the text leaves out (a BOS the tokenizer added to a text
+    prompt, which `echo` returns as sent) takes no characters."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    start = offset
     for token_id, lp in entries:
-        text = strings.text(token_id)
-        out["tokens"].append(text)
+        token_text = strings.text(token_id)
+        out["tokens"].append(token_text)
         out["text_offset"].append(offset)
-        offset += len(text)
+        skipped = (token_id in strings.special_ids and text is not None
+                   and not text.startswith(token_text, offset - start))
+        offset += 0 if skipped else len(token_text)
         if lp is None:
             out["token_logprobs"].append(None)
             out["top_logprobs"].append(None)
             continue
         out["token_logprobs"].append(lp.logprob)
         top = {strings.text(t): v for t, v in lp.top}
-        top.setdefault(text, lp.logprob)
+        top.setdefault(token_text, lp.logprob)
         out["top_logprobs"].append(top)
-    return out
+    return out, offset
 
 
 def chat_logprobs(strings: TokenStrings, logprobs: Sequence[Logprob]) -> list[dict[str, Any]]:

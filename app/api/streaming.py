@@ -82,8 +82,7 @@ async def stream_choices(
                     with_logprobs=logprobs)
                 lp_obj = None
                 if logprobs:
-                    lp_obj = completion_logprobs(strings, entries, offsets.get(index, 0))
-                    offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp_obj["tokens"])
+                    lp_obj, offsets[index] = completion_logprobs(strings, entries, offsets.get(index, 0), text)
                 else:
                     offsets.setdefault(index, 0)
                 if text or finish or entries:

@@ -239,6 +239,30 @@ def test_completion_logprobs_and_echo_match_reference(client, model_dirs, stream
     assert lp["text_offset"] == [sum(len(s) for s in lp["tokens"][:k]) for k in range(len(all_ids))]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echoed_text_prompt_offsets_point_into_the_text(client, model_dirs, stream):
+    """A text prompt is echoed as sent. The BOS the tokenizer adds is among the tokens but not in the text, so
+    it takes no characters, and every prompt token's text_offset points at that token's text."""
+    model = "demo-llama"
+    kw = dict(model=model, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1, echo=True)
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True) if c.choices]
+        text = "".join(c.text for c in chunks)
+        tokens = sum((c.logprobs.tokens for c in chunks if c.logprobs), [])
+        offsets = sum((c.logprobs.text_offset for c in chunks if c.logprobs), [])
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, tokens, offsets = choice.text, choice.logprobs.tokens, choice.logprobs.text_offset
+    tok, _ = ref.load(model_dirs[model])
+    prompt_ids = ref.encode(model_dirs[model], PROMPT)
+    assert prompt_ids[0] == tok.bos_token_id and tokens[0] == tok.bos_token
+    assert text.startswith(PROMPT) and offsets[:2] == [0, 0]
+    for k in range(1, len(prompt_ids)):
+        assert text[offsets[k]:offsets[k] + len(tokens[k])] == tokens[k], k
+    assert offsets[len(prompt_ids)] == len(PROMPT)  # the first generated token starts right after the echo
+    assert offsets == sorted(offsets) and len(tokens) == len(prompt_ids) + 3
+
+
 def test_completion_logprobs_without_echo(client, model_dirs):
     model = "demo-falcon"
     out = client.completions.create(model=model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=0,

@@ -68,7 +68,7 @@ async def create_completion(body: CompletionRequest, registry: RegistryDep, sett
         text, entries = completion_piece(
             r.text, r.logprobs, echo=echo[r.index // n] if echo is not None else None,
             prompt_ids=prompts[r.index // n], prompt_logprobs=r.prompt_logprobs, with_logprobs=with_logprobs)
-        lp_obj = completion_logprobs(token_strings(handle.tokenizer), entries) if with_logprobs else None
+        lp_obj = completion_logprobs(token_strings(handle.tokenizer), entries, 0, text)[0] if with_logprobs else None
         choices.append(CompletionChoice(index=r.index, text=text, logprobs=lp_obj, finish_reason=r.finish_reason))
     return CompletionResponse(
         id=response_id, created=created, model=body.model, system_fingerprint=fingerprint, choices=choices,
