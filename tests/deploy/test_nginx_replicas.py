@@ -208,8 +208,14 @@ async def test_100_streams_through_nginx_reach_both_replicas(nginx: Nginx, repli
     assert all(text for text, _, _ in results), "a stream without text"
     assert all(finish == "length" for _, finish, _ in results), Counter(f for _, f, _ in results)
 
-    # nginx's view: which upstream served each POST
-    by_upstream = upstream_counts(nginx.log(), "/v1/completions") - log_before
+    # nginx's view: which upstream served each POST.  nginx writes a request's access-log line after the
+    # response is done, which can be just after the client has read the last byte: poll briefly.
+    deadline = time.monotonic() + 15
+    while True:
+        by_upstream = upstream_counts(nginx.log(), "/v1/completions") - log_before
+        if sum(by_upstream.values()) >= N_REQUESTS or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)  # polling the log, not synchronising on time
     ports = {f"127.0.0.1:{r.port}": r.name for r in replicas}
     assert set(by_upstream) <= set(ports), by_upstream
     served = {ports[addr]: n for addr, n in by_upstream.items()}
