@@ -297,66 +297,66 @@ void all_rows(int64_t M, int64_t t0, int64_t t1, Tile&& tile) {
 
 int64_t padded_k(int64_t K) { return (K + kBlock - 1) / kBlock * kBlock; }
 
-at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& scales, int64_t n) {
-  TORCH_CHECK(x.dim() == 2 && wt.dim() == 4 && scales.dim() == 1,
-              "int8_mm: x [M, K], wt [T, Kp/4, 16, 4], scales [16 T]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && wt.scalar_type() == at::kChar &&
-                  scales.scalar_type() == at::kFloat, "int8_mm: x fp32, wt int8, scales fp32");
-  TORCH_CHECK(x.is_contiguous() && wt.is_contiguous() && scales.is_contiguous(), "int8_mm: contiguous inputs");
-  const int64_t M = x.size(0), K = x.size(1), T = wt.size(0), Kp = padded_k(K);
-  TORCH_CHECK(wt.size(1) * 4 == Kp && wt.size(2) == kTile && wt.size(3) == 4 && scales.size(0) == T * kTile,
-              "int8_mm: shape mismatch");
-  TORCH_CHECK(n > (T - 1) * kTile && n <= T * kTile, "int8_mm: n does not match the tiles");
+void check_activations(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), op,
+              ": x must be a contiguous fp32 [M, K] tensor");
+}
+
+// What both ops share: the check of n, the activation quantization, and the parallel loop over weight
+// tiles and row blocks.  `tile(mr, xq, sx, xsum, t, out, nvalid)` computes MR rows x tile t.
+template <typename Tile>
+at::Tensor over_tiles(const char* op, const at::Tensor& x, int64_t Kp, int64_t T, int64_t n, Tile&& tile) {
+  TORCH_CHECK(n > (T - 1) * kTile && n <= T * kTile, op, ": n does not match the tiles");
+  const int64_t M = x.size(0), blocks = Kp / kBlock;
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0) return y;
   const QuantizedRows xr = quantize_rows(x, Kp);
   const int8_t* xq = xr.q.data_ptr<int8_t>();
   const float* sx = xr.sx.data_ptr<float>();
   const float* xs = xr.sum.data_ptr<float>();
-  const int8_t* wp = wt.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t blocks = Kp / kBlock;
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     all_rows(M, t0, t1, [&](auto mr, int64_t m, int64_t t) {
-      int8_tile<decltype(mr)::value>(xq + m * Kp, sx + m * blocks, xs + m * blocks, Kp, wp + t * Kp * kTile,
-                                     sp + t * kTile, yp + m * n + t * kTile, n,
-                                     std::min<int64_t>(kTile, n - t * kTile));
+      tile(mr, xq + m * Kp, sx + m * blocks, xs + m * blocks, t, yp + m * n + t * kTile,
+           std::min<int64_t>(kTile, n - t * kTile));
     });
   });
   return y;
 }
 
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& scales, int64_t n) {
+  check_activations("int8_mm", x);
+  TORCH_CHECK(wt.dim() == 4 && scales.dim() == 1 && wt.scalar_type() == at::kChar &&
+                  scales.scalar_type() == at::kFloat && wt.is_contiguous() && scales.is_contiguous(),
+              "int8_mm: wt contiguous int8 [T, Kp/4, 16, 4], scales contiguous fp32 [16 T]");
+  const int64_t K = x.size(1), T = wt.size(0), Kp = padded_k(K);
+  TORCH_CHECK(wt.size(1) * 4 == Kp && wt.size(2) == kTile && wt.size(3) == 4 && scales.size(0) == T * kTile,
+              "int8_mm: shape mismatch");
+  const int8_t* wp = wt.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  return over_tiles("int8_mm", x, Kp, T, n, [&](auto mr, const int8_t* xq, const float* sx, const float* xs,
+                                                  int64_t t, float* out, int64_t nvalid) {
+    int8_tile<decltype(mr)::value>(xq, sx, xs, Kp, wp + t * Kp * kTile, sp + t * kTile, out, n, nvalid);
+  });
+}
+
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& nib, const at::Tensor& sz, int64_t group, int64_t n) {
-  TORCH_CHECK(x.dim() == 2 && nib.dim() == 4 && sz.dim() == 4,
-              "int4_mm: x [M, K], nib [T, K/4, 8, 4], sz [T, K/G, 2, 16]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && nib.scalar_type() == at::kByte &&
-                  sz.scalar_type() == at::kBFloat16, "int4_mm: x fp32, nib uint8, sz bf16");
-  TORCH_CHECK(x.is_contiguous() && nib.is_contiguous() && sz.is_contiguous(), "int4_mm: contiguous inputs");
-  const int64_t M = x.size(0), K = x.size(1), T = nib.size(0);
+  check_activations("int4_mm", x);
+  TORCH_CHECK(nib.dim() == 4 && sz.dim() == 4 && nib.scalar_type() == at::kByte &&
+                  sz.scalar_type() == at::kBFloat16 && nib.is_contiguous() && sz.is_contiguous(),
+              "int4_mm: nib contiguous uint8 [T, K/4, 8, 4], sz contiguous bf16 [T, K/G, 2, 16]");
+  const int64_t K = x.size(1), T = nib.size(0);
   TORCH_CHECK(group > 0 && group % kBlock == 0 && K % group == 0,
               "int4_mm: the group size must be a multiple of 32 that divides K");
   TORCH_CHECK(nib.size(1) * 4 == K && nib.size(2) == 8 && nib.size(3) == 4 && sz.size(0) == T &&
                   sz.size(1) == K / group && sz.size(2) == 2 && sz.size(3) == kTile, "int4_mm: shape mismatch");
-  TORCH_CHECK(n > (T - 1) * kTile && n <= T * kTile, "int4_mm: n does not match the tiles");
-  at::Tensor y = at::empty({M, n}, x.options());
-  if (M == 0) return y;
-  const QuantizedRows xr = quantize_rows(x, K);
-  const int8_t* xq = xr.q.data_ptr<int8_t>();
-  const float* sx = xr.sx.data_ptr<float>();
-  const float* xs = xr.sum.data_ptr<float>();
   const uint8_t* np = nib.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
-  const int64_t blocks = K / kBlock, groups = K / group;
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    all_rows(M, t0, t1, [&](auto mr, int64_t m, int64_t t) {
-      int4_tile<decltype(mr)::value>(xq + m * K, sx + m * blocks, xs + m * blocks, K, group, np + t * K * 8,
-                                     sp + t * groups * 32, yp + m * n + t * kTile, n,
-                                     std::min<int64_t>(kTile, n - t * kTile));
-    });
+  const int64_t groups = K / group;
+  return over_tiles("int4_mm", x, K, T, n, [&](auto mr, const int8_t* xq, const float* sx, const float* xs,
+                                               int64_t t, float* out, int64_t nvalid) {
+    int4_tile<decltype(mr)::value>(xq, sx, xs, K, group, np + t * K * 8, sp + t * groups * 32, out, n, nvalid);
   });
-  return y;
 }
 
 // The integer dot-product code this build uses (for logs, metrics and tests).
