@@ -248,7 +248,30 @@ class Int8Linear(nn.Module):
                 f"bias={self.bias is not None}, crossover_m={self.crossover_m}")
 
 
-class TiledInt8Linear(nn.Module):
+class _TiledLinear(nn.Module):
+    """What the modules on Lanner's own kernels share: fp32 [..., K] in, [..., N] out, plus bias."""
+
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [M, K] fp32 contiguous -> [M, N] fp32
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self._mm(x.reshape(-1, self.in_features).float().contiguous())
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.view(*lead, self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class TiledInt8Linear(_TiledLinear):
     """Int8 per-channel weights in Lanner's tile layout (app/quant/kernels.py `pack_int8`), run by Lanner's
     own kernel for every M (see OWN_KERNEL_MODES): integer dot products against activations quantized per
     32-block; streams the tiles at the memory bandwidth for decode and is compute-light for batches."""
@@ -273,18 +296,8 @@ class TiledInt8Linear(nn.Module):
         n = self.out_features
         return dequantize_int8(kernels.unpack_int8(self.weight, n, self.in_features), self.scales[:n])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., K] -> [..., N] fp32
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
-        y = kernels.int8_mm(x2, self.weight, self.scales, self.out_features)
-        if self.bias is not None:
-            y.add_(self.bias)
-        return y.view(*lead, self.out_features)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.int8_mm(x, self.weight, self.scales, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -599,7 +612,7 @@ class Int4Linear(nn.Module):
                 f"group_size={self.group_size}, bias={self.bias is not None}, crossover_m={self.crossover_m}")
 
 
-class TiledInt4Linear(nn.Module):
+class TiledInt4Linear(_TiledLinear):
     """Group-wise int4 weights in Lanner's tile layout (app/quant/kernels.py `pack_int4`), run by Lanner's
     own kernel for every M (see OWN_KERNEL_MODES), like TiledInt8Linear."""
 
@@ -623,18 +636,8 @@ class TiledInt4Linear(nn.Module):
         q, s, z = kernels.unpack_int4(self.weight, self.scales_and_zeros, self.out_features)
         return dequantize_int4(q, s, z, self.group_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., K] -> [..., N] fp32
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
-        y = kernels.int4_mm(x2, self.weight, self.scales_and_zeros, self.group_size, self.out_features)
-        if self.bias is not None:
-            y.add_(self.bias)
-        return y.view(*lead, self.out_features)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.int4_mm(x, self.weight, self.scales_and_zeros, self.group_size, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
