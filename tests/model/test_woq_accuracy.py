@@ -119,6 +119,14 @@ def bound_failures(name: str, mode: str, stats: dict[str, float]) -> list[str]:
     return [f"{name}: {k}={stats[k]:.4f} < {bound}" for k, bound in bounds.items() if stats[k] < bound]
 
 
+def check_pooled(label: str, mode: str, lines: list[str], agree: list[torch.Tensor], failures: list[str]) -> None:
+    """Print the per-model lines, then require the pooled top-1 agreement and no bound failures."""
+    pooled = torch.cat(agree).mean().item()
+    print("\n" + "\n".join(lines) + f"\n{label} pooled top-1 agreement {pooled:.4f}")
+    assert pooled >= POOLED_TOP1[mode], f"pooled top-1 agreement {pooled:.4f}"
+    assert not failures, failures
+
+
 @pytest.fixture(scope="module")
 def fp32_results(model_dirs) -> dict:
     """name -> (prompts, fp32 logit rows, fp32 greedy tokens)."""
@@ -145,10 +153,7 @@ def test_quantized_logits_close_to_fp32(mode, model_dirs, fp32_results, monkeypa
         agree.append((ref.argmax(-1) == ours.argmax(-1)).float())
         lines.append(f"{mode} {name:24s} " + " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
         failures += bound_failures(name, mode, stats)
-    pooled = torch.cat(agree).mean().item()
-    print("\n" + "\n".join(lines) + f"\n{mode} pooled top-1 agreement {pooled:.4f}")
-    assert pooled >= POOLED_TOP1[mode], f"pooled top-1 agreement {pooled:.4f}"
-    assert not failures, failures
+    check_pooled(mode, mode, lines, agree, failures)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

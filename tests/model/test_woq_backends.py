@@ -31,8 +31,8 @@ from app.quant.checkpoint import quantize_checkpoint
 from app.quant.woq import KERNEL_ENV, Int4Linear, Int8Linear, kernel_plan
 from tests.model.test_woq_accuracy import (  # noqa: F401 (model_dirs, fp32_results: fixtures)
     MAX_LEN,
-    POOLED_TOP1,
     bound_failures,
+    check_pooled,
     compare,
     fp32_results,
     logit_rows,
@@ -104,10 +104,7 @@ def test_backend_logits_close_to_fp32_and_native(mode, backend, model_dirs, fp32
         failures += bound_failures(name, mode, stats)
         failures += [f"{name} vs native: {k}={vs_native[k]:.5f} < {bound}"
                      for k, bound in VS_NATIVE.items() if vs_native[k] < bound]
-    pooled = torch.cat(agree).mean().item()
-    print("\n" + "\n".join(lines) + f"\n{backend} {mode} pooled top-1 agreement {pooled:.4f}")
-    assert pooled >= POOLED_TOP1[mode], f"pooled top-1 agreement {pooled:.4f}"
-    assert not failures, failures
+    check_pooled(f"{backend} {mode}", mode, lines, agree, failures)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
