@@ -209,6 +209,19 @@ def test_isa_variants_give_bit_identical_results(variant, tmp_path, monkeypatch)
     assert torch.equal(theirs["int4"], kernels.int4_mm(*inputs["int4"]))
 
 
+def test_avx_vnni_variant_assembles(tmp_path, monkeypatch):
+    """The AVX-VNNI code (Alder Lake and later client CPUs: VEX-encoded vpdpbusd, no AVX-512) cannot run on
+    this machine, but it must compile and assemble: its inline asm needs the `{vex}` prefix."""
+    if kernels._compiler() is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "cache"))
+    library = kernels.build(kernels._compiler(), ("-mno-avx512f", "-mavxvnni"))
+    dump = subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=False).stdout
+    if dump:  # binutils present: every vpdpbusd is VEX (c4/c5 prefix), none needs AVX-512's EVEX
+        lines = [line for line in dump.splitlines() if "vpdpbusd" in line]
+        assert lines and all("{vex}" in line for line in lines), lines[:3]
+
+
 @needs_kernels
 def test_non_finite_activations_give_nan_rows():
     """inf / NaN in a row make that row's outputs NaN (like fp32 matmul), never garbage, and leave the other
