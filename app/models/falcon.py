@@ -33,7 +33,6 @@ from app.models.kv_cache import BatchMeta, KVCache
 from app.models.llama import (
     Reader,
     UnsupportedModelError,
-    apply_rope,
     output_head_reader,
     read,
     state_from_readers,
@@ -93,14 +92,8 @@ class FalconLayer(nn.Module):
 
     def attention(self, h: torch.Tensor, layer: int, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
         # h: [T, H] -> [T, H]
-        t = h.shape[0]
-        qkv = self.qkv_proj(h)
-        q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
-        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
-        v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
-        q = apply_rope(q, meta.cos, meta.sin)
-        k = apply_rope(k, meta.cos, meta.sin)
-        return self.o_proj(kv.attend(layer, q, k, v, meta))
+        q = kv.store(layer, self.qkv_proj(h), meta, self.num_heads)  # rope; K/V into the cache
+        return self.o_proj(kv.attend(layer, q, meta))
 
     def forward(self, x: torch.Tensor, layer: int, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
         # x: [T, H] -> [T, H]

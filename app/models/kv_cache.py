@@ -10,9 +10,10 @@ scheduler's `max_num_seqs`.
 
 A step feeds a flat varlen batch of T tokens (all inputs concatenated, single-token inputs first, sorted
 by slot). `BatchMeta` holds every index tensor of that step, built once and shared by all layers.
-`KVCache.attend` then, per layer:
+Per layer, `KVCache.store` and `KVCache.attend`:
 
-1. writes the new K/V of all T tokens with one `index_put_` per tensor at (slot, :, position);
+1. `store` applies RoPE and writes the new K/V of all T tokens at (slot, :, position): one C++ call
+   (app/models/ops.py `rope_store`), or rope ops and one `index_put_` per tensor without the kernels;
 2. decode rows (inputs of one token) run as ONE `scaled_dot_product_attention`: their slots are read
    as a zero-copy view `k[lo:lo+R, :, :L]` of the slot range they span (packed slots: R == rows), with
    a length mask; grouped-query attention is done by viewing q as [R, n_kv, q_per_kv, head_dim], i.e.
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from app.models import ops
 
 # Use the packed-range view for decode rows while the slot range is at most this many times the rows.
 DECODE_RANGE_SLACK = 2
@@ -57,7 +60,7 @@ class BatchMeta:
     slot_ids: torch.Tensor  # [T] long: slot of each fed token
     positions: torch.Tensor  # [T] long: absolute position of each fed token
     cos: torch.Tensor  # [T, 1, head_dim] rope cos at `positions`
-    sin: torch.Tensor  # [T, 1, head_dim] rope sin at `positions`, first half negated (see llama.apply_rope)
+    sin: torch.Tensor  # [T, 1, head_dim] rope sin at `positions`, first half negated (see ops.apply_rope)
     logit_rows: torch.Tensor  # [R] long: flat rows whose logits are returned (each input's last token, or all)
     num_decode: int  # the first num_decode rows are single-token inputs, sorted by slot
     decode_lo: int  # range mode: the decode rows read slots [decode_lo, decode_lo + decode_range)
@@ -185,15 +188,20 @@ class KVCache:
                          num_decode=num_decode, decode_lo=lo, decode_range=rng, decode_kv_len=kv_len,
                          decode_mask=mask, decode_scatter=scatter, decode_gather=gather, prefills=prefills)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               meta: BatchMeta) -> torch.Tensor:
-        """Store k, v of the fed tokens and attend every query over its own sequence.
+    def store(self, layer: int, qkv: torch.Tensor, meta: BatchMeta, num_heads: int) -> torch.Tensor:
+        """RoPE on the queries and keys of a fused QKV output, keys and values written to this layer's cache.
 
-        q: [T, n_heads, head_dim], k/v: [T, n_kv_heads, head_dim] (rope applied) -> [T, n_heads * head_dim]
+        qkv: [T, (n_heads + 2 n_kv_heads) head_dim], rows [q | k | v] -> rotated queries [T, n_heads, head_dim]
+        """
+        return ops.rope_store(qkv, self.k[layer], self.v[layer], meta.cos, meta.sin, meta.slot_ids,
+                              meta.positions, num_heads, self.num_kv_heads)
+
+    def attend(self, layer: int, q: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+        """Attend every query over its own sequence (its keys and values are already `store`d).
+
+        q: [T, n_heads, head_dim] (rope applied) -> [T, n_heads * head_dim]
         """
         kc, vc = self.k[layer], self.v[layer]
-        kc[meta.slot_ids, :, meta.positions] = k
-        vc[meta.slot_ids, :, meta.positions] = v
         t, n_heads, hd = q.shape
         group = n_heads // self.num_kv_heads
         outs = []

@@ -8,16 +8,16 @@ weight matrix is read once per layer for the whole batch (that is where batching
     x = embed(ids)                                            # [T, H]
     per layer:
         h = rms_norm(x)
-        q, k, v = split(qkv_proj(h))                          # one fused Linear (q | k | v rows)
-        q, k = rope(q, k) at each token's own position        # cos/sin gathered once per step
-        x = x + o_proj(kv.attend(layer, q, k, v))             # writes K/V, attends per sequence
+        q = kv.store(layer, qkv_proj(h))                      # one fused Linear (q | k | v rows); rope at
+                                                              # each token's position, K/V into the cache
+        x = x + o_proj(kv.attend(layer, q))                   # attends per sequence
         x = x + down(silu(gate) * up), gate|up = gate_up(rms_norm(x))   # one fused Linear
     logits = lm_head(rms_norm(x[last token of each input]))  # only B rows reach the head
 
 Supported: grouped-query attention, explicit `head_dim`, attention/MLP bias flags, tied or untied head,
 RoPE of type default, `linear` and `llama3` (others are refused). Linear layers stay `torch.nn.Linear`
-modules so a weight-only-quantization pass can swap them in one place. The rope helpers here are shared
-with falcon.py.
+modules so a weight-only-quantization pass can swap them in one place. The rope tables here are shared
+with falcon.py; RMSNorm and RoPE + KV store run as Lanner's C++ ops where built (app/models/ops.py).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.models import ops
 from app.models.kv_cache import BatchMeta, KVCache
 
 
@@ -80,7 +81,7 @@ def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
 
 
 def rope_tables(inv_freq: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, signed sin tables [max_len, head_dim] for `apply_rope`.
+    """cos, signed sin tables [max_len, head_dim] for app/models/ops.py's rope (`apply_rope`, `rope_store`).
 
     The sin table has its first half negated, so rotate_half(x) * sin == roll(x, d/2) * signed_sin.
     """
@@ -90,11 +91,6 @@ def rope_tables(inv_freq: torch.Tensor, max_len: int) -> tuple[torch.Tensor, tor
     sin = emb.sin()
     sin[:, :half].neg_()
     return emb.cos(), sin
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, head_dim], cos/sin: [T, 1, head_dim] -> [T, heads, head_dim]
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 # --------------------------------------------------------------------------- model
@@ -126,16 +122,10 @@ class LlamaLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, layer: int, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
         # x: [T, H] -> [T, H]
-        t = x.shape[0]
-        h = F.rms_norm(x, self.input_norm.shape, self.input_norm, self.eps)
-        qkv = self.qkv_proj(h)
-        q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
-        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
-        v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
-        q = apply_rope(q, meta.cos, meta.sin)
-        k = apply_rope(k, meta.cos, meta.sin)
-        x = x + self.o_proj(kv.attend(layer, q, k, v, meta))
-        h = F.rms_norm(x, self.post_attn_norm.shape, self.post_attn_norm, self.eps)
+        h = ops.rms_norm(x, self.input_norm, self.eps)
+        q = kv.store(layer, self.qkv_proj(h), meta, self.num_heads)  # rope; K/V into the cache
+        x = x + self.o_proj(kv.attend(layer, q, meta))
+        h = ops.rms_norm(x, self.post_attn_norm, self.eps)
         gate_up = self.gate_up_proj(h)
         return x + self.down_proj(self.act(gate_up[:, :self.inter]) * gate_up[:, self.inter:])
 
@@ -166,7 +156,7 @@ class LlamaDecoder(nn.Module):
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, i, meta, kv)
-        x = F.rms_norm(x.index_select(0, meta.logit_rows), self.norm.shape, self.norm, self.eps)
+        x = ops.rms_norm(x.index_select(0, meta.logit_rows), self.norm, self.eps)
         return self.lm_head(x).float()
 
 

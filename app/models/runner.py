@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from app.models import ops
 from app.models.base import StepInput
 from app.models.falcon import FalconDecoder, falcon_state_dict
 from app.models.kv_cache import KVCache
@@ -219,6 +220,9 @@ def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
             report = QuantReport("none")
         runner = BatchedRunner(model, max_model_len, max_num_seqs, kv_cache_bytes)
         runner.quant_report = report
+        # built (once per machine) while loading, not in the first step
+        log.info("%s: RMSNorm and RoPE + KV store run as %s", info.path.name,
+                 "Lanner's C++ ops" if ops.own_ops() else "ATen ops (Lanner's kernels are not built)")
         return runner
     except UnsupportedModelError as exc:
         raise ModelLoadError(f"Model in {info.path} cannot be served: {exc}") from exc

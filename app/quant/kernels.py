@@ -38,7 +38,9 @@ import torch
 
 log = logging.getLogger("lanner.quant")
 
-SOURCE = Path(__file__).parent / "csrc" / "woq_kernels.cpp"
+CSRC = Path(__file__).parent / "csrc"
+# The WOQ matmuls, and the decoder's small per-layer ops (RMSNorm, RoPE + KV store): one library.
+SOURCES = (CSRC / "woq_kernels.cpp", CSRC / "decoder_ops.cpp")
 CACHE_ENV = "LANNER_KERNEL_CACHE"
 ENABLE_ENV = "LANNER_OWN_KERNELS"
 CXX_ENV = "CXX"
@@ -80,13 +82,14 @@ def _command(cxx: str, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdirs = [f"-L{p}" for p in cpp_extension.library_paths()]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    return [cxx, *FLAGS, *extra, abi, *includes, str(SOURCE), "-o", str(out), *libdirs, "-ltorch_cpu", "-lc10"]
+    return [cxx, *FLAGS, *extra, abi, *includes, *map(str, SOURCES), "-o", str(out), *libdirs, "-ltorch_cpu",
+            "-lc10"]
 
 
 def _build_key(cxx: str, extra: tuple[str, ...] = ()) -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join((*FLAGS, *extra)).encode(), version.encode(),
+    for part in (*(src.read_bytes() for src in SOURCES), " ".join((*FLAGS, *extra)).encode(), version.encode(),
                  torch.__version__.encode(), _cpu_flags().encode(), sysconfig.get_platform().encode()):
         h.update(part)
         h.update(b"\0")
@@ -122,8 +125,9 @@ def load() -> KernelBuild:
     """Build (if needed) and load the kernels into this process, once; never raises."""
     if os.environ.get(ENABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return KernelBuild(False, f"{ENABLE_ENV}=0")
-    if not SOURCE.exists():
-        return KernelBuild(False, f"kernel source {SOURCE} is missing")
+    missing = [str(src) for src in SOURCES if not src.exists()]
+    if missing:
+        return KernelBuild(False, f"kernel source {missing[0]} is missing")
     cxx = _compiler()
     if cxx is None:
         return KernelBuild(False, "no C++ compiler (set CXX or install g++)")

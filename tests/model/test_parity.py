@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from app.models import ops
 from app.models.base import StepInput
 from app.models.falcon import FalconDecoder
 from app.models.kv_cache import KVCache
@@ -141,9 +142,14 @@ def test_single_prefill(name, pairs):
     assert_close(logits[0], ref_last_logits(hf, ids), name)
 
 
+@pytest.mark.parametrize("own_ops", [True, False], ids=["own-ops", "aten-ops"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_mixed_batch(name, pairs):
-    """Prefills, second prompt chunks (start_pos > 0) and decodes in the same steps."""
+def test_mixed_batch(name, own_ops, pairs, monkeypatch):
+    """Prefills, second prompt chunks (start_pos > 0) and decodes in the same steps; with Lanner's C++
+    RMSNorm / RoPE + KV store (app/models/ops.py) and with the ATen ops used where they are not built."""
+    if own_ops and not ops.own_ops():
+        pytest.skip("Lanner's kernels library is not built here")
+    monkeypatch.setattr(ops, "own_ops", lambda: own_ops)
     hf, info = pairs[name]
     runner = load_runner(info, MAX_LEN, 4)
     seqs = {s: random_ids(n, 10 + s) for s, n in ((0, 60), (1, 33), (2, 9), (3, 20))}

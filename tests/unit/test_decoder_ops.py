@@ -1,0 +1,73 @@
+"""Lanner's C++ decoder ops (app/quant/csrc/decoder_ops.cpp through app/models/ops.py) against the ATen
+ops they replace: RMSNorm, and RoPE on a fused QKV output with the keys and values stored in the KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.models import ops
+from app.models.llama import rope_tables
+
+needs_ops = pytest.mark.skipif(not ops.own_ops(), reason="Lanner's kernels library is not built here")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@needs_ops
+@pytest.mark.parametrize("rows,width", [(1, 64), (3, 2048), (40, 100), (0, 16)])
+def test_rms_norm_matches_aten(rows, width):
+    x = torch.randn(rows, width, generator=gen(rows)) * 3
+    w = torch.randn(width, generator=gen(width))
+    ours = torch.ops.lanner.rms_norm(x, w, 1e-5)
+    assert ours.shape == x.shape
+    torch.testing.assert_close(ours, F.rms_norm(x, (width,), w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+def aten_rope_store(qkv, kc, vc, cos, sin, slots, pos, nh, nkv):
+    t, d = qkv.shape[0], kc.shape[-1]
+    q = ops.apply_rope(qkv[:, :nh * d].view(t, nh, d), cos, sin)
+    kc[slots, :, pos] = ops.apply_rope(qkv[:, nh * d:(nh + nkv) * d].view(t, nkv, d), cos, sin)
+    vc[slots, :, pos] = qkv[:, (nh + nkv) * d:].view(t, nkv, d)
+    return q
+
+
+@needs_ops
+@pytest.mark.parametrize("nh,nkv,d", [(8, 2, 16), (4, 1, 32), (4, 4, 8)])
+def test_rope_store_matches_aten(nh, nkv, d):
+    """Queries rotated in place, keys rotated into the cache, values copied, at each row's own slot and
+    position (decode rows of several slots and a prompt chunk at positions 5..9 in one batch)."""
+    cos_t, sin_t = rope_tables(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)), 64)
+    slots = torch.tensor([0, 2, 1, 1, 1, 1, 1])
+    pos = torch.tensor([17, 3, 5, 6, 7, 8, 9])
+    cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)
+    qkv = torch.randn(len(pos), (nh + 2 * nkv) * d, generator=gen(d))
+    caches = [torch.randn(3, nkv, 64, d, generator=gen(i)) for i in range(2)]
+    ref_k, ref_v = caches[0].clone(), caches[1].clone()
+    ref_q = aten_rope_store(qkv.clone(), ref_k, ref_v, cos, sin, slots, pos, nh, nkv)
+    ours = qkv.clone()
+    k, v = caches[0].clone(), caches[1].clone()
+    q = ops.rope_store(ours, k, v, cos, sin, slots, pos, nh, nkv)
+    torch.testing.assert_close(q, ref_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k, ref_k, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v, ref_v)
+    assert torch.equal(ours[:, nh * d:], qkv[:, nh * d:])  # only the queries change inside qkv
+
+
+@needs_ops
+def test_rope_store_refuses_out_of_range_rows_before_writing():
+    nh, nkv, d = 2, 1, 8
+    cos_t, sin_t = rope_tables(torch.ones(d // 2), 16)
+    qkv = torch.randn(2, (nh + 2 * nkv) * d)
+    k, v = torch.zeros(2, nkv, 16, d), torch.zeros(2, nkv, 16, d)
+    for slots, pos in ((torch.tensor([0, 2]), torch.tensor([0, 1])), (torch.tensor([0, 1]), torch.tensor([3, 16]))):
+        with pytest.raises(RuntimeError, match="out of range"):
+            torch.ops.lanner.rope_store(qkv, cos_t[:2].contiguous(), sin_t[:2].contiguous(), k, v, slots, pos,
+                                        nh, nkv)
+        assert not k.any() and not v.any()
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        torch.ops.lanner.rope_store(qkv, cos_t[:2].contiguous(), sin_t[:2].contiguous(), k, v,
+                                    torch.tensor([0, 1]), torch.tensor([0, 1]), nh + 1, nkv)
