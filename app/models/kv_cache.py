@@ -206,7 +206,9 @@ class KVCache:
         group = n_heads // self.num_kv_heads
         outs = []
         nd = meta.num_decode
-        if nd:
+        if nd and ops.own_ops():  # Lanner's C++ decode attention: each row over its own slot and length
+            outs.append(ops.decode_attention(q[:nd], kc, vc, meta.slot_ids[:nd], meta.positions[:nd]))
+        elif nd:
             # the query heads sharing a KV head become that head's "query length"
             qd = q[:nd].view(nd, self.num_kv_heads, group, hd)
             L = meta.decode_kv_len

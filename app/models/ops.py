@@ -1,8 +1,8 @@
 """The decoder's per-layer work around the matmuls: Lanner's C++ ops when the kernels library is built.
 
-`rms_norm` and `rope_store` (RoPE on the queries and keys of a fused QKV output, then the keys and values
-written to the KV cache) run as one call each from app/quant/csrc/decoder_ops.cpp, built with the WOQ
-kernels (app/quant/kernels.py).  Where that library is unavailable (no C++ compiler,
+`rms_norm`, `rope_store` (RoPE on the queries and keys of a fused QKV output, then the keys and values
+written to the KV cache) and `decode_attention` (single-token rows over their own cached keys) run as one
+call each from app/quant/csrc/decoder_ops.cpp, built with the WOQ kernels (app/quant/kernels.py).  Where that library is unavailable (no C++ compiler,
 LANNER_OWN_KERNELS=0) they run as the equivalent chain of ATen ops, which is also the reference the tests
 compare them with.  Why: a decode step of the TinyLlama-1.1B shape spent ~5 ms outside its matmuls, ~45
 RMSNorms at ~20 us (ATen's CPU rms_norm is six ops) and ~22 x 8 small rope/index_put ops among it.
@@ -55,3 +55,11 @@ def rope_store(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     k_cache[slots, :, positions] = k
     v_cache[slots, :, positions] = qkv[:, q_size + kv_size:].view(t, num_kv_heads, d)
     return q
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+    """Single-token rows, each attending positions 0..positions[r] of its slot (Lanner's C++ op; the ATen
+    path is the masked SDPA in app/models/kv_cache.py).  q: [R, nh, d] -> [R, nh * d]; the nh / nkv query
+    heads of a KV head are adjacent, as in transformers' grouped-query attention."""
+    return torch.ops.lanner.decode_attention(q, k_cache, v_cache, slots, positions, q.shape[-1] ** -0.5)

@@ -71,3 +71,33 @@ def test_rope_store_refuses_out_of_range_rows_before_writing():
     with pytest.raises(RuntimeError, match="shape mismatch"):
         torch.ops.lanner.rope_store(qkv, cos_t[:2].contiguous(), sin_t[:2].contiguous(), k, v,
                                     torch.tensor([0, 1]), torch.tensor([0, 1]), nh + 1, nkv)
+
+
+@needs_ops
+@pytest.mark.parametrize("nh,nkv,d", [(32, 4, 64), (8, 8, 16), (6, 1, 12), (4, 2, 128)])
+def test_decode_attention_matches_sdpa(nh, nkv, d):
+    """Rows of scattered slots with different lengths (1 to 70 keys, across the 8-key and 16-value blocks
+    of the vector code; d = 12 takes the plain loops) against masked SDPA with grouped-query heads."""
+    slots = torch.tensor([3, 0, 5, 2])
+    pos = torch.tensor([0, 69, 8, 23])
+    kc, vc = (torch.randn(6, nkv, 80, d, generator=gen(i)) for i in (1, 2))
+    qkv = torch.randn(len(slots), (nh + 2 * nkv) * d, generator=gen(3))
+    q = qkv[:, :nh * d].view(len(slots), nh, d)  # rows strided, as in a fused QKV output
+    ours = ops.decode_attention(q, kc, vc, slots, pos)
+    for r, (slot, p) in enumerate(zip(slots.tolist(), pos.tolist())):
+        qr = q[r].view(1, nkv, nh // nkv, d)
+        ref = F.scaled_dot_product_attention(qr, kc[slot:slot + 1, :, :p + 1], vc[slot:slot + 1, :, :p + 1])
+        torch.testing.assert_close(ours[r], ref.reshape(nh * d), rtol=1e-5, atol=1e-5)
+
+
+@needs_ops
+def test_decode_attention_refuses_bad_rows():
+    kc = torch.zeros(2, 1, 8, 16)
+    q = torch.randn(1, 2, 16)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.decode_attention(q, kc, kc.clone(), torch.tensor([2]), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.decode_attention(q, kc, kc.clone(), torch.tensor([0]), torch.tensor([8]))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        ops.decode_attention(torch.randn(1, 3, 16), torch.zeros(2, 2, 8, 16), torch.zeros(2, 2, 8, 16),
+                             torch.tensor([0]), torch.tensor([0]))

@@ -15,12 +15,20 @@
 // fork/join of the thread pool).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -106,15 +114,169 @@ void rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& 
   });
 }
 
+// ------------------------------------------------------------------------------- decode attention
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  float part[16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= d; k += 16)
+    for (int l = 0; l < 16; ++l) part[l] += a[k + l] * b[k + l];
+  for (int w = 8; w > 0; w /= 2)  // a tree, so the compiler reduces in vector registers
+    for (int l = 0; l < w; ++l) part[l] += part[l + w];
+  float s = part[0];
+  for (; k < d; ++k) s += a[k] * b[k];
+  return s;
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max), vectorizable: x = n ln2 + r, |r| <= ln2 / 2,
+// exp(r) by its degree-6 Taylor polynomial (relative error < 3e-7 there), times 2^n through the exponent
+// bits.  Below -87 the result is 0 (exp would be subnormal).
+inline float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 split in two for an exact n * ln2
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define LANNER_ATTN_AVX2 1
+// out[jj] = q . K[jj] for the 8 keys at K (rows of d floats, d % 8 == 0): 8 accumulators, then one
+// transposing reduction (hadd tree) instead of 8 horizontal sums.
+inline void qk8(const float* q, const float* K, int64_t d, float* out) {
+  __m256 acc[8];
+  for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < d; k += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + k);
+    for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + jj * d + k), acc[jj]);
+  }
+  const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+}
+
+// o[0..d) += sum_j p[j] V[j] over n rows of V (d % 8 == 0), 64 dims at a time in registers.
+inline void pv_acc(const float* p, const float* V, int64_t n, int64_t d, float* o) {
+  for (int64_t c0 = 0; c0 < d; c0 += 64) {
+    const int64_t w = std::min<int64_t>(64, d - c0) / 8;
+    __m256 acc[8];
+    for (int c = 0; c < 8; ++c) acc[c] = c < w ? _mm256_loadu_ps(o + c0 + 8 * c) : _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      const float* v = V + j * d + c0;
+      for (int c = 0; c < 8; ++c)
+        if (c < w) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < w; ++c) _mm256_storeu_ps(o + c0 + 8 * c, acc[c]);
+  }
+}
+#else
+#define LANNER_ATTN_AVX2 0
+#endif
+
+// Attention of single-token rows over their own cached keys/values: row r (query heads nkv x g, the g heads
+// of a KV head adjacent) attends positions 0..positions[r] of slot slots[r].  One task per (row, KV head):
+// scores of its g query heads against every key, softmax, weighted sum of the values.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                            const at::Tensor& slots, const at::Tensor& positions, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
+                  is_f32(kc) && is_f32(vc) && kc.dim() == 4 && kc.sizes() == vc.sizes(),
+              "decode_attention: fp32 q [R, nh, d] (rows may be strided), caches contiguous [S, nkv, L, d]");
+  const int64_t R = q.size(0), nh = q.size(1), d = q.size(2), S = kc.size(0), nkv = kc.size(1), L = kc.size(2);
+  TORCH_CHECK(kc.size(3) == d && nh % nkv == 0, "decode_attention: shape mismatch");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && slots.is_contiguous() &&
+                  positions.is_contiguous() && slots.numel() == R && positions.numel() == R,
+              "decode_attention: slots and positions must be contiguous int64 [R]");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(sp[r] >= 0 && sp[r] < S && pp[r] >= 0 && pp[r] < L, "decode_attention: slot or position out of range");
+  const int64_t g = nh / nkv, ldq = q.stride(0);
+  at::Tensor out = at::empty({R, nh * d}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* qp = q.data_ptr<float>();
+  const float* kp = kc.data_ptr<float>();
+  const float* vp = vc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, R * nkv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> prob;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / nkv, h = i % nkv, n = pp[r] + 1;
+      const float* K = kp + (sp[r] * nkv + h) * L * d;
+      const float* V = vp + (sp[r] * nkv + h) * L * d;
+      prob.resize(g * n);
+      const float* Q = qp + r * ldq + h * g * d;  // this KV head's g query heads, d apart
+      float* O = op + r * nh * d + h * g * d;
+      int64_t j = 0;
+#if LANNER_ATTN_AVX2
+      // blocks of 8 keys (8 d floats: L1-resident) against all g query heads
+      if (d % 8 == 0) {
+        float s8[8];
+        for (; j + 8 <= n; j += 8)
+          for (int64_t a = 0; a < g; ++a) {
+            qk8(Q + a * d, K + j * d, d, s8);
+            for (int l = 0; l < 8; ++l) prob[a * n + j + l] = s8[l] * sc;
+          }
+      }
+#endif
+      for (; j < n; ++j)
+        for (int64_t a = 0; a < g; ++a) prob[a * n + j] = dot(Q + a * d, K + j * d, d) * sc;
+      for (int64_t a = 0; a < g; ++a) {  // softmax, normalized in place
+        float* p = prob.data() + a * n;
+        float mx = p[0];
+        for (int64_t jj = 1; jj < n; ++jj) mx = std::max(mx, p[jj]);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t jj = 0; jj < n; ++jj) {
+          p[jj] = exp_nonpositive(p[jj] - mx);
+          sum += p[jj];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t jj = 0; jj < n; ++jj) p[jj] *= inv;
+      }
+      std::fill(O, O + g * d, 0.f);
+#if LANNER_ATTN_AVX2
+      if (d % 8 == 0) {
+        for (int64_t j0 = 0; j0 < n; j0 += 16)  // blocks of 16 value rows against all g heads
+          for (int64_t a = 0; a < g; ++a)
+            pv_acc(prob.data() + a * n + j0, V + j0 * d, std::min<int64_t>(16, n - j0), d, O + a * d);
+        continue;
+      }
+#endif
+      for (int64_t a = 0; a < g; ++a)
+        for (int64_t jj = 0; jj < n; ++jj) {
+          const float w = prob[a * n + jj];
+          const float* v = V + jj * d;
+          for (int64_t k = 0; k < d; ++k) O[a * d + k] += w * v[k];
+        }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lanner, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_store(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, "
         "Tensor slots, Tensor positions, int nh, int nkv) -> ()");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions, "
+        "float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lanner, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("rope_store", &rope_store);
+  m.impl("decode_attention", &decode_attention);
 }
