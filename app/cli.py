@@ -31,6 +31,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--woq-backend", choices=["native", "torchao", "ipex"], default=env("LANNER_WOQ_BACKEND"),
                    help="who runs the quantized layers of --model: native ATen kernels (default), torchao or "
                         "ipex (optional installs; LANNER_WOQ_BACKEND)")
+    p.add_argument("--int4-group-size", type=int, choices=[32, 64, 128, 256], default=env("LANNER_INT4_GROUP_SIZE"),
+                   help="int4 group size for --model (default 32; LANNER_INT4_GROUP_SIZE)")
     p.add_argument("--cpus", default=env("LANNER_CPUS"), help='cores for --model, e.g. "0-1"')
     p.add_argument("--max-num-seqs", type=int, default=env("LANNER_MAX_NUM_SEQS"),
                    help="max concurrent sequences for --model")
@@ -55,7 +57,7 @@ def _cli_models(args: argparse.Namespace) -> list | None:
     local = looks_like_local_path(args.model) or Path(args.model).expanduser().is_dir()
     model_id = args.model_id or (Path(args.model.rstrip("/")).name if local else args.model)
     spec: dict = {"id": model_id, "source": args.model}
-    for key in ("quantize", "woq_backend", "cpus", "max_num_seqs"):
+    for key in ("quantize", "woq_backend", "int4_group_size", "cpus", "max_num_seqs"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
     return [ModelSpec(**spec)]
@@ -154,7 +156,7 @@ def quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lanner", description="OpenAI-compatible LLM server for CPUs")
     parser.add_argument("--version", action="version", version=f"lanner {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     _add_quantize(sub)
     p = sub.add_parser("make-demo-models", help="build the offline demo models")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the cache)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     handler = {"serve": serve, "make-demo-models": make_demo_models, "quantize": quantize}[args.command]
     sys.exit(handler(args))

@@ -58,6 +58,9 @@ class ModelSpec(BaseModel):
     quantize: QuantMode = "none"
     # who runs the quantized layers: native (ATen kernels), torchao or ipex (optional; app/quant/backends)
     woq_backend: WoqBackendName = "native"
+    # int4 group size (input features per scale and zero point): 32 by default; 64 stores 4.5 bits per
+    # weight (llama.cpp Q4_0's size), 128/256 fewer still, each a little less accurate (docs/quantization.md)
+    int4_group_size: Literal[32, 64, 128, 256] | None = None
     cpus: str | None = None  # e.g. "0-1"; default: every core this process may use
     num_threads: int | None = None  # default: one per pinned core
     max_model_len: int | None = None  # default: the model's max_position_embeddings

@@ -24,6 +24,17 @@ text). In each process: load, warm-up (one prefill + `--warmup-tokens` decode st
 in between), then `--decode-tokens` greedy decode steps after the last prefill, each timed alone
 (`time.perf_counter` around step + argmax). decode tok/s = tokens / sum of their step times.
 
+`lanner-int4-g64` is int4 with groups of 64 (`int4_group_size: 64`): 4.5 bits per weight, the size of
+llama.cpp's Q4_0, where the default group of 32 stores 5 (both have one bf16/fp16 scale per group; Lanner
+adds a zero point).
+
+Accuracy: after the timing, each engine gets a fresh sequence, the prompt, then `--accuracy-tokens` fixed
+tokens fed one by one, and saves the logits after each (1 + that many rows).  Every engine sees the same
+inputs, so the rows compare one to one; the report gives each engine's cosine similarity and top-1
+agreement against both fp32 references (lanner-fp32 and llama.cpp-f32, which should agree with each other
+to ~1e-6).  This puts Lanner's int8/int4 error next to llama.cpp's Q8_0/Q4_0 error on the very same
+weights.
+
 Memory: VmHWM (peak RSS over the process's life: imports, loading/quantizing, running), and VmRSS /
 RssAnon / RssFile after loading and at the end. "weight bytes" is what the engine holds as model weights:
 Lanner, the unique storages of the decoder's parameters and buffers (quantized Linear buffers plus the
@@ -59,10 +70,13 @@ for p in (str(REPO_ROOT), str(BENCH)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-ENGINES = ("lanner-fp32", "lanner-int8", "lanner-int4", "llama.cpp-q8_0", "llama.cpp-q4_0", "llama.cpp-f32")
-PAIRS = (("lanner-int8", "llama.cpp-q8_0"), ("lanner-int4", "llama.cpp-q4_0"), ("lanner-fp32", "llama.cpp-q8_0"))
+ENGINES = ("lanner-fp32", "lanner-int8", "lanner-int4", "lanner-int4-g64", "llama.cpp-q8_0", "llama.cpp-q4_0",
+           "llama.cpp-f32")
+PAIRS = (("lanner-int8", "llama.cpp-q8_0"), ("lanner-int4", "llama.cpp-q4_0"), ("lanner-int4-g64", "llama.cpp-q4_0"),
+         ("lanner-fp32", "llama.cpp-q8_0"))
 # the issue's targets: decode tok/s ratio at least, prefill ratio at most, RSS / weight bytes at most
-TARGETS = {"lanner-int8": {"decode_vs": 0.95}, "lanner-int4": {"decode_vs": 1.0}}
+TARGETS = {"lanner-int8": {"decode_vs": 0.95}, "lanner-int4": {"decode_vs": 1.0}, "lanner-int4-g64": {"decode_vs": 1.0}}
+ACCURACY_REFS = ("lanner-fp32", "llama.cpp-f32")  # logits compared with these (same weights, fp32)
 PREFILL_TARGET = 1.0
 RSS_TARGET = 1.15
 
@@ -93,6 +107,18 @@ def _timed_decode(step, first_token: int, n: int) -> tuple[list[float], list[int
     return times, fed
 
 
+def accuracy_tokens(prompt: list[int], n: int) -> list[int]:
+    """The fixed continuation every engine is fed, token by token, after the prompt for the logit check."""
+    return [prompt[(7 * i + 3) % len(prompt)] for i in range(n)]
+
+
+def save_logits(path: str | None, rows: list[Any]) -> None:
+    if path:
+        import numpy as np
+
+        np.save(path, np.stack([np.asarray(r, dtype=np.float32) for r in rows]))
+
+
 def child_lanner(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any]:
     if args.lanner_root:  # import `app` from that checkout (e.g. a clean worktree of a commit)
         sys.path.insert(0, str(Path(args.lanner_root).resolve()))
@@ -103,12 +129,13 @@ def child_lanner(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any]:
     from app.models.loader import inspect_model_dir
     from app.models.runner import load_runner
 
-    mode = args.child.split("-", 1)[1].replace("fp32", "none")
+    mode, _, group = args.child.split("-", 1)[1].replace("fp32", "none").partition("-g")  # e.g. int4-g64
     mem_imports = proc_status()
     t0 = time.perf_counter()
     info = inspect_model_dir(Path(args.model_dir))
     max_len = len(prompt) + args.decode_tokens + args.warmup_tokens + 8
-    runner = load_runner(info, max_model_len=max_len, max_num_seqs=1, quantize=mode)
+    runner = load_runner(info, max_model_len=max_len, max_num_seqs=1, quantize=mode,
+                         int4_group_size=int(group) if group else None)
     load_s = time.perf_counter() - t0
     mem_loaded = proc_status()
     seen: set[int] = set()
@@ -153,6 +180,14 @@ def child_lanner(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any]:
               "quant": runner.quant_report.summary(), "quant_linear_bytes": runner.quant_report.bytes_after,
               "threads": torch.get_num_threads(), "mem_after_imports": mem_imports,
               "mem_after_load": mem_loaded, "mem_end": proc_status()}
+    # the logit check: a fresh sequence, the prompt, then the fixed continuation (every engine sees the
+    # same inputs, so the logits are comparable row by row)
+    runner.free(seq[0])
+    seq[0] += 1
+    rows = [runner.step([StepInput(seq[0], list(prompt), 0)])[-1].numpy()]
+    for i, tok in enumerate(accuracy_tokens(prompt, args.accuracy_tokens)):
+        rows.append(runner.step([StepInput(seq[0], [tok], len(prompt) + i)])[-1].numpy())
+    save_logits(args.logits_out, rows)
     if args.profile and mode != "none":
         runner.free(seq[0])
         out: list[int] = []
@@ -240,6 +275,18 @@ def child_llamacpp(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any
         tok = prefill()
         prefill_times.append(time.perf_counter() - t0)
     times, fed = _timed_decode(step, tok, args.decode_tokens)
+    mem_end = proc_status()
+
+    def last_logits():
+        ptr = llama_cpp.llama_get_logits_ith(ctx, -1)
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)).copy()
+
+    prefill()  # the logit check (see child_lanner)
+    rows = [last_logits()]
+    for tok in accuracy_tokens(prompt, args.accuracy_tokens):
+        llm.eval([tok])
+        rows.append(last_logits())
+    save_logits(args.logits_out, rows)
     return {"load_s": load_s, "prefill_s": prefill_times, "decode_step_s": times, "tokens": fed,
             "weight_bytes": int(llama_cpp.llama_model_size(llm.model)),
             "n_params": int(llama_cpp.llama_model_n_params(llm.model)),
@@ -247,7 +294,7 @@ def child_llamacpp(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any
             "system_info": llama_cpp.llama_print_system_info().decode(errors="replace"),
             "llama_cpp_python": llama_cpp.__version__, "threads": args.threads,
             "mem_before_import": mem_imports_0, "mem_after_imports": mem_imports,
-            "mem_after_load": mem_loaded, "mem_end": proc_status()}
+            "mem_after_load": mem_loaded, "mem_end": mem_end}
 
 
 def child_main(args: argparse.Namespace) -> int:
@@ -312,7 +359,8 @@ def run_child(engine: str, args: argparse.Namespace, prompt_file: Path, gguf: Pa
     cmd = [sys.executable, __file__, "--child", engine, "--child-out", str(out), "--prompt-file", str(prompt_file),
            "--model-dir", str(args.model_dir), "--threads", str(args.threads),
            "--decode-tokens", str(args.decode_tokens), "--warmup-tokens", str(args.warmup_tokens),
-           "--prefill-reps", str(args.prefill_reps), "--profile-steps", str(args.profile_steps)]
+           "--prefill-reps", str(args.prefill_reps), "--profile-steps", str(args.profile_steps),
+           "--accuracy-tokens", str(args.accuracy_tokens), "--logits-out", str(args.logits_dir / f"{engine}.npy")]
     if args.lanner_root:
         cmd += ["--lanner-root", str(args.lanner_root)]
     if gguf:
@@ -345,6 +393,25 @@ def ratios(engines: dict[str, Any]) -> list[dict[str, Any]]:
                     "peak_rss": a["peak_rss_bytes"] / b["peak_rss_bytes"],
                     "weights": a["weight_bytes"] / b["weight_bytes"],
                     "decode_target": TARGETS.get(ours, {}).get("decode_vs")})
+    return out
+
+
+def logit_accuracy(engines: list[str], logits_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Per engine and fp32 reference (ACCURACY_REFS): cosine similarity of the logit rows of the same inputs
+    (mean, min) and how often the engine's top-1 token is the reference's."""
+    import numpy as np
+
+    rows = {e: np.load(logits_dir / f"{e}.npy").astype(np.float64) for e in engines
+            if (logits_dir / f"{e}.npy").exists()}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for e, x in rows.items():
+        for ref in ACCURACY_REFS:
+            if ref not in rows or ref == e or rows[ref].shape != x.shape:
+                continue
+            y = rows[ref]
+            cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+            out.setdefault(e, {})[ref] = {"mean_cos": float(cos.mean()), "min_cos": float(cos.min()),
+                                          "top1": float((x.argmax(1) == y.argmax(1)).mean()), "rows": len(cos)}
     return out
 
 
@@ -439,6 +506,19 @@ def markdown(result: dict[str, Any]) -> str:
             rss_t = _verdict(x["peak_rss_over_weights"] <= RSS_TARGET) if tgt else "—"
             lines.append(f"| {r['lanner']} vs {r['llama_cpp']} | {r['decode']:.2f} | {dec_t} | {r['prefill']:.2f} | "
                          f"{pre_t} | {r['peak_rss']:.2f} | {r['weights']:.2f} | {x['peak_rss_over_weights']:.2f} | {rss_t} |")
+    acc = result.get("accuracy") or {}
+    if acc:
+        lines += ["", f"Logits on the same inputs (the prompt, then {s.get('accuracy_tokens')} fixed tokens fed one by "
+                      "one: 1 + that many rows per engine), against each fp32 reference of these weights: cosine "
+                      "similarity (mean, min) and top-1 agreement.", "",
+                  "| engine | " + " | ".join(f"vs {r}: mean cos | min cos | top-1" for r in ACCURACY_REFS) + " |",
+                  "|---|" + "---|---|---|" * len(ACCURACY_REFS)]
+        for name, per_ref in acc.items():
+            cells = []
+            for ref in ACCURACY_REFS:
+                a = per_ref.get(ref)
+                cells.append(f"{a['mean_cos']:.4f} | {a['min_cos']:.4f} | {a['top1']:.2f}" if a else "— | — | —")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, raw in engines.items():
         for key, what in (("profile", "decode step"), ("profile_prefill", f"{s['prompt_tokens']}-token prefill")):
             if raw.get(key):
@@ -528,12 +608,15 @@ def parent_main(args: argparse.Namespace) -> int:
     except importlib.metadata.PackageNotFoundError:
         version = None
     results: dict[str, Any] = {}
-    try:
-        for e in engines:
-            gguf = ggufs.get(e.split("-", 1)[1]) if e.startswith("llama.cpp") else None
-            results[e] = run_child(e, args, prompt_file, gguf)
-    finally:
-        prompt_file.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as logits_dir:
+        args.logits_dir = Path(logits_dir)
+        try:
+            for e in engines:
+                gguf = ggufs.get(e.split("-", 1)[1]) if e.startswith("llama.cpp") else None
+                results[e] = run_child(e, args, prompt_file, gguf)
+        finally:
+            prompt_file.unlink(missing_ok=True)
+        accuracy = logit_accuracy(engines, args.logits_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
     lanner_root = Path(args.lanner_root or REPO_ROOT).resolve()
     result = {
@@ -541,11 +624,12 @@ def parent_main(args: argparse.Namespace) -> int:
         "settings": {"model": model_dir.name, "model_dir": str(model_dir), "prompt_tokens": args.prompt_tokens,
                      "decode_tokens": args.decode_tokens, "warmup_tokens": args.warmup_tokens,
                      "prefill_reps": args.prefill_reps, "threads": args.threads, "llama_cpp_python": version,
+                     "accuracy_tokens": args.accuracy_tokens,
                      "num_layers": cfg.get("num_hidden_layers"), "note": args.note,
                      "lanner_root": str(lanner_root), "lanner_commit": _git(lanner_root, "rev-parse", "HEAD"),
                      "lanner_dirty_files": _git(lanner_root, "status", "--porcelain", "--", "app").splitlines(),
                      "ggufs": {k: str(v) for k, v in ggufs.items()}},
-        "engines": results, "ratios": ratios(results), "agreement": agreement(results),
+        "engines": results, "ratios": ratios(results), "agreement": agreement(results), "accuracy": accuracy,
     }
     out_dir = Path(args.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -572,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--warmup-tokens", type=int, default=8)
     parser.add_argument("--prefill-reps", type=int, default=3)
+    parser.add_argument("--accuracy-tokens", type=int, default=32,
+                        help="fixed tokens fed after the prompt for the logit check (rows = 1 + this)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                         help="torch.profiler of the Lanner int8/int4 decode step (after the measurement)")
@@ -585,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     # child-process arguments
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    parser.add_argument("--logits-out", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-file", help=argparse.SUPPRESS)
     parser.add_argument("--gguf", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -45,6 +45,7 @@ class WorkerConfig:
     log_level: str = "INFO"
     quantize: str = "none"  # none | int8 | int4 (weight-only, app/quant/woq.py)
     woq_backend: str = "native"  # native | torchao | ipex (app/quant/backends)
+    int4_group_size: int | None = None  # None: the quantizer's default (32)
 
 
 def cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
@@ -131,13 +132,13 @@ def _build_core(cfg: WorkerConfig, emit: Callable[[list, Any], None]) -> Any:
     info = inspect_model_dir(cfg.model_path)
     tokenizer = load_tokenizer(info.path)
     runner = build_runner(cfg.runner, info, cfg.max_model_len, cfg.max_num_seqs, cfg.kv_cache_bytes,
-                          cfg.quantize, cfg.woq_backend)
+                          cfg.quantize, cfg.woq_backend, cfg.int4_group_size)
     return EngineCore(runner, tokenizer, info.eos_token_ids, emit_batch=emit,
                       max_num_batched_tokens=cfg.max_num_batched_tokens)
 
 
 def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv_cache_bytes: int | None,
-                 quantize: str = "none", woq_backend: str = "native") -> Any:
+                 quantize: str = "none", woq_backend: str = "native", int4_group_size: int | None = None) -> Any:
     if kind == "reference":
         if quantize != "none":
             raise ValueError(f"quantize={quantize!r} needs runner: batched (the reference runner is fp32)")
@@ -150,7 +151,7 @@ def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv
     from app.models.runner import load_runner
 
     return load_runner(info, max_model_len, max_num_seqs, kv_cache_bytes, quantize=quantize,
-                       woq_backend=woq_backend)
+                       woq_backend=woq_backend, int4_group_size=int4_group_size)
 
 
 class ProcessEngine:

@@ -137,6 +137,7 @@ class ModelRegistry:
             log_level=self.settings.log_level.upper(),
             quantize=spec.quantize,
             woq_backend=spec.woq_backend,
+            int4_group_size=spec.int4_group_size,
         ))
         engine.start()
         handle.admission.slots = engine.info.get("max_num_seqs", handle.admission.slots)  # after the KV budget

@@ -195,7 +195,7 @@ class BatchedRunner:
 
 def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
                 kv_cache_bytes: int | None = None, quantize: str = "none",
-                woq_backend: str = "native") -> BatchedRunner:
+                woq_backend: str = "native", int4_group_size: int | None = None) -> BatchedRunner:
     """A BatchedRunner for a checked model directory, weights read from its safetensors files.
 
     `quantize` (none|int8|int4, from the model's config) builds every Linear as its weight-only-quantized
@@ -203,7 +203,9 @@ def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
     directory is loaded as stored, and then `quantize` must be none (take the checkpoint's mode) or equal
     to its mode.  `woq_backend` (native|torchao|ipex, app/quant/backends) decides whose modules run the
     quantized layers; an optional backend that cannot run here is a ModelLoadError saying what to install.
-    The report is kept on the runner as `quant_report`.
+    `int4_group_size` (32/64/128/256, default 32) applies when quantizing to int4 at load; a pre-quantized
+    directory keeps the group sizes it was written with.  The report is kept on the runner as
+    `quant_report`.
     """
     try:
         check_mode(quantize)
@@ -211,7 +213,8 @@ def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
         if is_quantized_dir(info.path):
             model, report = load_quantized(info, quantize, backend=woq_backend)
         elif quantize != "none":
-            model, report = load_and_quantize(info, quantize, backend=woq_backend)  # type: ignore[arg-type]
+            model, report = load_and_quantize(info, quantize, backend=woq_backend,  # type: ignore[arg-type]
+                                              group_size=int4_group_size if quantize == "int4" else None)
         else:
             if woq_backend != "native":
                 log.warning("woq_backend=%s has no effect: %s is not quantized (quantize: none)", woq_backend,

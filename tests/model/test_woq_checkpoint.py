@@ -436,3 +436,25 @@ def test_serve_quantize_at_load_peak_rss(random_llama, demo_models_dir):
           f"+ {over / MB:.0f}; model {stats['held'] / MB:.0f}, layer {layer_fp32 / MB:.0f}")
     assert total_fp32 > stats["held"] + layer_fp32
     assert over <= stats["held"] + layer_fp32, stats
+
+
+def test_int4_group_size_from_config(sources, checkpoints, monkeypatch):
+    """`int4_group_size` (ModelSpec, `serve --int4-group-size`) reaches the quantizer at load: group 64 holds
+    fewer bytes than the default 32 and still meets the int4 accuracy of the default closely; a pre-quantized
+    directory keeps the group size it was written with."""
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    from app.cli import _cli_models, build_parser
+    from app.config import ModelSpec
+
+    info = inspect_model_dir(sources["demo-llama"])
+    g32 = load_runner(info, MAX_LEN, 4, quantize="int4")
+    g64 = load_runner(info, MAX_LEN, 4, quantize="int4", int4_group_size=64)
+    assert g32.quant_report.group_sizes == (32,) and g64.quant_report.group_sizes == (64,)
+    assert g64.quant_report.bytes_after < g32.quant_report.bytes_after
+    stored = load_runner(inspect_model_dir(checkpoints["demo-llama", "int4"]), MAX_LEN, 4, int4_group_size=64)
+    assert stored.quant_report.group_sizes == (32,)
+    spec, = _cli_models(build_parser().parse_args(
+        ["serve", "--model", str(info.path), "--quantize", "int4", "--int4-group-size", "64"]))
+    assert spec.int4_group_size == 64 and spec.quantize == "int4"
+    with pytest.raises(ValueError, match="int4_group_size"):
+        ModelSpec(id="m", source="x", int4_group_size=48)
