@@ -205,7 +205,8 @@ PROFILE_BUCKETS = (
     ("WOQ matmuls (Lanner's or ATen's int8/int4 kernels)",
      ("lanner::int8_mm", "lanner::int4_mm", "_weight_int8pack_mm", "_weight_int4pack_mm")),
     ("fp32 matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
-    ("attention (SDPA)", ("scaled_dot_product", "_flash_attention", "aten::_efficient_attention")),
+    ("attention (SDPA, or Lanner's decode attention)",
+     ("scaled_dot_product", "_flash_attention", "aten::_efficient_attention", "lanner::decode_attention")),
     ("bf16/fp32 casts", ("aten::to", "aten::_to_copy", "aten::copy_")),
     ("argmax (sampling)", ("aten::argmax",)),
 )

@@ -1,5 +1,8 @@
 """Lanner's own WOQ kernels (app/quant/csrc/woq_kernels.cpp): built for the running CPU on first use.
 
+The same library carries the decoder's small C++ ops (app/quant/csrc/decoder_ops.cpp: RMSNorm, RoPE + KV
+store, decode attention; used through app/models/ops.py), so it is built for fp32 models too.
+
 Why: ATen's `_weight_int8pack_mm` streams int8 weights at 15-16 GB/s on the 2-core EPYC where llama.cpp
 reads 23-26 GB/s, and its int8/int4 kernels compute in (emulated or native) bf16, so batches of rows are
 compute-bound.  Lanner's kernels read weights packed in tiles of 16 output rows with k in quads
@@ -9,10 +12,10 @@ scheme of llama.cpp's Q8 activations.  Measured on that machine (2 threads): 320
 M=1 2.1 ms against ATen's 4.2; 2048 -> 11264 at M=16 2.5 ms (int8) / 2.2 ms (int4) against 7.1 / 4.8, at
 M=64 7.2 / 7.9 against 27 / 18 (bench numbers in docs/quantization.md).
 
-Build: one C++ file, compiled with the system C++ compiler against torch's headers (`-O3
--march=native -fopenmp`: the compiler targets the machine that runs it, so AVX-512-VNNI, AVX-VNNI, AVX2
-or plain C++ are picked where they exist), registered as `torch.ops.lanner.*`, and threaded with
-at::parallel_for (torch's own OpenMP pool, the size `torch.set_num_threads` gave).  The shared object is
+Build: the C++ files of SOURCES, compiled into one library with the system C++ compiler against torch's
+headers (`-O3 -march=native -fopenmp`: the compiler targets the machine that runs it, so AVX-512-VNNI,
+AVX-VNNI, AVX2 or plain C++ are picked where they exist), registered as `torch.ops.lanner.*`, and threaded
+with at::parallel_for (torch's own OpenMP pool, the size `torch.set_num_threads` gave).  The shared object is
 cached under $LANNER_KERNEL_CACHE (default ~/.cache/lanner/kernels) by a hash of the source, the flags,
 the compiler, torch's version and the CPU's flags, so a fresh machine pays the ~7 s build once;
 processes that race for it build under a file lock.  No compiler, a failed build or
