@@ -95,7 +95,7 @@ def read_settings_env_names() -> set[str]:
     """Every LANNER_* variable that `lanner serve` reads: its flags' env defaults and the Settings fields."""
     from app.config import Settings
 
-    names = set(re.findall(r'env\("(LANNER_[A-Z_]+)"\)', (ROOT / "app" / "cli.py").read_text()))
+    names = set(re.findall(r'env\("(LANNER_[A-Z0-9_]+)"\)', (ROOT / "app" / "cli.py").read_text()))
     for name, f in Settings.model_fields.items():
         names.add(f"LANNER_{name.upper()}")
         alias = f.validation_alias
