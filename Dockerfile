@@ -35,8 +35,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/home/lanner/.cache/lanner/huggingface \
     LANNER_HOST=0.0.0.0 \
     LANNER_PORT=8000
-# g++: Lanner compiles its WOQ kernels (app/quant/csrc) for the CPU the container runs on, at the first
-# quantized model load (~7 s), and caches them in the volume below; without a compiler it uses ATen's.
+# g++: Lanner compiles its kernels (app/quant/csrc: WOQ matmuls and the decoder's C++ ops) for the CPU the
+# container runs on, at the first model load (~15 s), and caches them in the volume below; without a
+# compiler it uses ATen's ops.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends g++ \
  && rm -rf /var/lib/apt/lists/*

@@ -15,3 +15,13 @@ def demo_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo-models")
     build_demo_models(out)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lanner_kernels_built() -> None:
+    """Build Lanner's C++ kernels (app/quant/kernels.py) before any test starts a server: on a fresh machine
+    the ~12 s build then happens once here, not inside the first server's start-up timeout (the servers'
+    workers find it in the cache)."""
+    from app.quant import kernels
+
+    kernels.load()

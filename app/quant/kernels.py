@@ -17,7 +17,7 @@ headers (`-O3 -march=native -fopenmp`: the compiler targets the machine that run
 AVX-VNNI, AVX2 or plain C++ are picked where they exist), registered as `torch.ops.lanner.*`, and threaded
 with at::parallel_for (torch's own OpenMP pool, the size `torch.set_num_threads` gave).  The shared object is
 cached under $LANNER_KERNEL_CACHE (default ~/.cache/lanner/kernels) by a hash of the source, the flags,
-the compiler, torch's version and the CPU's flags, so a fresh machine pays the ~7 s build once;
+the compiler, torch's version and the CPU's flags, so a fresh machine pays the build once (~12 s: the sources compile in parallel);
 processes that race for it build under a file lock.  No compiler, a failed build or
 LANNER_OWN_KERNELS=0 leave Lanner on ATen's kernels (the reason is logged and reported).
 """
@@ -79,14 +79,17 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _command(cxx: str, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
+def _commands(cxx: str, out: Path, extra: tuple[str, ...] = ()) -> tuple[list[list[str]], list[str]]:
+    """The compile commands (one per source: they run in parallel) and the link command for `out`."""
     from torch.utils import cpp_extension
 
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdirs = [f"-L{p}" for p in cpp_extension.library_paths()]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    return [cxx, *FLAGS, *extra, abi, *includes, *map(str, SOURCES), "-o", str(out), *libdirs, "-ltorch_cpu",
-            "-lc10"]
+    objects = [out.with_name(f"{src.stem}.o") for src in SOURCES]
+    compiles = [[cxx, *FLAGS, *extra, abi, *includes, "-c", str(src), "-o", str(obj)]
+                for src, obj in zip(SOURCES, objects)]
+    return compiles, [cxx, *FLAGS, *extra, *map(str, objects), "-o", str(out), *libdirs, "-ltorch_cpu", "-lc10"]
 
 
 def _build_key(cxx: str, extra: tuple[str, ...] = ()) -> str:
@@ -114,11 +117,17 @@ def build(cxx: str, extra: tuple[str, ...] = ()) -> Path:
             return target
         with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
             out = Path(tmp) / target.name
-            cmd = _command(cxx, out, extra)
-            log.info("building Lanner's WOQ kernels for this CPU (once per machine): %s", " ".join(cmd[:8]))
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            compiles, link = _commands(cxx, out, extra)
+            log.info("building Lanner's kernels for this CPU (once per machine): %s", " ".join(link[:8]))
+            jobs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                    for cmd in compiles]
+            errors = [(job.returncode, err) for job in jobs for _, err in [job.communicate()]]  # wait for all
+            for code, err in errors:
+                if code != 0:
+                    raise RuntimeError(f"{cxx} failed ({code}): {err.strip()[-2000:]}")
+            done = subprocess.run(link, capture_output=True, text=True, check=False)
             if done.returncode != 0:
-                raise RuntimeError(f"{cxx} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+                raise RuntimeError(f"{cxx} (link) failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
             os.replace(out, target)  # atomic: readers never see a half-written library
     return target
 
