@@ -44,6 +44,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import struct
@@ -127,6 +128,12 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)  # Linux (and most Unixes); None elsewhere
+_libc_madvise = ctypes.CDLL(None, use_errno=True).madvise if _MADV_DONTNEED is not None else None
+RELEASE_BLOCK_BYTES = 32 << 20  # rows copied (and their source pages released) at once by `detach`
+
+
 class SourceScope(Mapping[str, torch.Tensor]):
     """Name -> tensor of a directory's shards, memory-mapped while the scope is open.
 
@@ -158,8 +165,34 @@ class SourceScope(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._file_of)
 
-    def detach(self, t: torch.Tensor) -> torch.Tensor:
-        return t.clone() if t.untyped_storage().data_ptr() in self._mapped else t
+    def detach(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """t (as `dtype`) in memory of its own.  A mapped tensor is copied a block of rows at a time, each
+        block's source pages released as soon as it is copied, so a large one (a 1.2 GB fp32 embedding)
+        is not resident twice."""
+        dtype = dtype or t.dtype
+        if t.untyped_storage().data_ptr() not in self._mapped:
+            return t.to(dtype)
+        if t.dim() < 2 or not t.is_contiguous():
+            return t.to(dtype, copy=True)
+        out = torch.empty(t.shape, dtype=dtype)
+        step = max(1, RELEASE_BLOCK_BYTES // max(1, t[0].numel() * t.element_size()))
+        for i in range(0, t.shape[0], step):
+            out[i:i + step].copy_(t[i:i + step])
+            self.release(t[i:i + step])
+        return out
+
+    def release(self, t: torch.Tensor) -> None:
+        """Drop the resident pages of `t`, a contiguous piece of a tensor in the mapping that nothing will
+        read again (no-op for anything else).  The mapping is a private read-only-used file mapping, so
+        MADV_DONTNEED only forgets pages: a later read would fault them in from the file again."""
+        if (_MADV_DONTNEED is None or t.untyped_storage().data_ptr() not in self._mapped
+                or not t.is_contiguous() or t.numel() == 0):
+            return
+        start = t.data_ptr()
+        lo = -(-start // _PAGE) * _PAGE  # whole pages inside [start, end) only
+        hi = (start + t.numel() * t.element_size()) // _PAGE * _PAGE
+        if hi > lo:
+            _libc_madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
     def close(self) -> None:
         self._handles.clear()
@@ -262,7 +295,7 @@ class Part:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     linears: dict[str, QuantizedWeight] = field(default_factory=dict)
     fallbacks: dict[str, str] = field(default_factory=dict)  # module -> why it is not quantized as asked
-    detach: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # an owned copy of a mapped tensor
+    detach: Callable[..., torch.Tensor] = lambda t, dtype=None: t.to(dtype or t.dtype)  # owned copy (SourceScope)
 
 
 def meta_decoder(info: ModelInfo) -> nn.Module:
@@ -302,14 +335,15 @@ def stream_quantized_parts(info: ModelInfo, mode: Literal["int8", "int4"], consu
             weight_reader = readers.pop(f"{module}.weight")
             blocks = []
             for piece in getattr(weight_reader, "parts", (weight_reader,)):  # q, k, v / gate, up: in turn
-                with source.scope() as weights:
-                    blocks.append(quantize_weight(piece(weights), kind, g))
+                with source.scope() as weights:  # source pages released block by block as quantized
+                    blocks.append(quantize_weight(piece(weights), kind, g, release=weights.release))
             bias_reader = readers.pop(f"{module}.bias", None)
             with source.scope() as weights:
                 bias = None if bias_reader is None else bias_reader(weights).to(torch.float32, copy=True)
             part.linears[module] = QuantizedWeight.cat(blocks, bias) if len(blocks) > 1 else replace(
                 blocks[0], bias=bias)
             del blocks, bias
+            trim_heap()  # the quantizer's freed blocks, before the next matrix is read
             if fallback:
                 part.fallbacks[module] = fallback
         with source.scope() as weights:
@@ -336,7 +370,8 @@ class _Assembler:
         self.report = ReportBuilder(mode, self.plan)
 
     def __call__(self, part: Part) -> None:
-        for name, qw in part.linears.items():
+        for name in list(part.linears):
+            qw = part.linears.pop(name)  # freed once its module is built (the tiles are a new tensor)
             if qw.mode == "int8" and "int8" not in self.plan.own:
                 # ATen's Int8Linear keeps these tensors: they must not live in the mapping (Lanner's tiles
                 # are a new tensor anyway)
@@ -346,7 +381,7 @@ class _Assembler:
             self.report.add(name, qw, module, part.fallbacks.get(name))
             parent, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
-        tensors = {name: part.detach(t.to(torch.float32)) for name, t in part.tensors.items()}
+        tensors = {name: part.detach(t, torch.float32) for name, t in part.tensors.items()}
         result = self.model.load_state_dict(tensors, strict=False, assign=True)
         if result.unexpected_keys:
             raise ModelLoadError(f"Weights of {self.info.path} have tensors the {self.info.arch} decoder "

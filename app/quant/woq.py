@@ -82,7 +82,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal, get_args
@@ -491,29 +491,35 @@ class QuantizedWeight:
 
 @torch.no_grad()
 def quantize_weight(w: torch.Tensor, mode: Literal["int8", "int4"], group_size: int | None = None,
-                    bias: torch.Tensor | None = None) -> QuantizedWeight:
+                    bias: torch.Tensor | None = None,
+                    release: Callable[[torch.Tensor], None] | None = None) -> QuantizedWeight:
     """w: [N, K] (any float dtype) -> its portable quantized form (int4 needs a valid group_size), a block
-    of rows (QUANTIZE_CHUNK_BYTES of fp32) at a time so the temporaries stay small for big matrices."""
+    of rows (QUANTIZE_CHUNK_BYTES of fp32) at a time so the temporaries stay small for big matrices.
+    `release(rows)` is called with each block of w once it is quantized (the loader drops the block's
+    pages of a memory-mapped source with it)."""
     n, k = w.shape
     step = max(1, (QUANTIZE_CHUNK_BYTES // 4) // k)
-    qs, ss, zs = [], [], []
+    if mode == "int4":
+        assert group_size is not None and k % group_size == 0
+    # the outputs are allocated once and filled block by block (no list of blocks + concatenation, which
+    # held the quantized matrix twice)
+    q_out = torch.empty(n, k, dtype=torch.int8) if mode == "int8" else torch.empty(n, k // 2, dtype=torch.uint8)
+    s_out = torch.empty(n) if mode == "int8" else torch.empty(n, k // group_size)  # type: ignore[operator]
+    z_out = None if mode == "int8" else torch.empty(n, k // group_size)  # type: ignore[operator]
     for i in range(0, n, step):
         rows = w[i:i + step].float()
         if mode == "int8":
             q, s = quantize_int8(rows)
         else:
-            assert group_size is not None and k % group_size == 0
-            q, s, z = quantize_int4(rows, group_size)
+            q, s, z = quantize_int4(rows, group_size)  # type: ignore[arg-type]
             q = pack_nibbles(q)
-            zs.append(z)
-        qs.append(q)
-        ss.append(s)
-        del rows
-
-    def cat(parts: list[torch.Tensor]) -> torch.Tensor:
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-    return QuantizedWeight(mode, cat(qs), cat(ss), cat(zs) if zs else None,
-                           None if bias is None else bias.detach().float(), k,
+            z_out[i:i + step] = z  # type: ignore[index]
+        q_out[i:i + step] = q
+        s_out[i:i + step] = s
+        del rows, q, s
+        if release is not None:
+            release(w[i:i + step])
+    return QuantizedWeight(mode, q_out, s_out, z_out, None if bias is None else bias.detach().float(), k,
                            group_size if mode == "int4" else None)
 
 
