@@ -458,3 +458,33 @@ def test_int4_group_size_from_config(sources, checkpoints, monkeypatch):
     assert spec.int4_group_size == 64 and spec.quantize == "int4"
     with pytest.raises(ValueError, match="int4_group_size"):
         ModelSpec(id="m", source="x", int4_group_size=48)
+
+
+def rss_file_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_source_pages_are_released_and_read_again_intact(tmp_path):
+    """SourceScope.release drops the resident pages of a mapped source block (the loader calls it after
+    quantizing or copying each block) and the data stays readable: pages fault in again from the file.
+    `detach` copies a mapped tensor block by block, converting its dtype, and releases as it goes."""
+    from app.quant.checkpoint import SafetensorsSource
+
+    w = torch.randn(4096, 1024, generator=torch.Generator().manual_seed(0))  # 16 MiB
+    save_file({"w": w, "b": w[:8, :4].to(torch.bfloat16).contiguous()}, str(tmp_path / "model.safetensors"))
+    with SafetensorsSource(tmp_path).scope() as weights:
+        t = weights["w"]
+        assert torch.equal(t, w)  # every page read: resident
+        before = rss_file_bytes()
+        weights.release(t)
+        assert rss_file_bytes() < before - 8 * 2**20  # most of the 16 MiB left
+        assert torch.equal(t, w)  # read again from the file
+        weights.release(torch.zeros(4))  # not in the mapping: ignored
+        copy = weights.detach(t, torch.bfloat16)
+        assert copy.dtype == torch.bfloat16 and torch.equal(copy, w.to(torch.bfloat16))
+        assert copy.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+        small = weights["b"]
+        assert torch.equal(weights.detach(small, torch.float32), w[:8, :4].to(torch.bfloat16).float())
