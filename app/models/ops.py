@@ -2,10 +2,11 @@
 
 `rms_norm`, `rope_store` (RoPE on the queries and keys of a fused QKV output, then the keys and values
 written to the KV cache) and `decode_attention` (single-token rows over their own cached keys) run as one
-call each from app/quant/csrc/decoder_ops.cpp, built with the WOQ kernels (app/quant/kernels.py).  Where that library is unavailable (no C++ compiler,
-LANNER_OWN_KERNELS=0) they run as the equivalent chain of ATen ops, which is also the reference the tests
-compare them with.  Why: a decode step of the TinyLlama-1.1B shape spent ~5 ms outside its matmuls, ~45
-RMSNorms at ~20 us (ATen's CPU rms_norm is six ops) and ~22 x 8 small rope/index_put ops among it.
+call each from app/quant/csrc/decoder_ops.cpp, built with the WOQ kernels (app/quant/kernels.py).  Where
+that library is unavailable (no C++ compiler, LANNER_OWN_KERNELS=0) they run as the equivalent ATen ops
+(masked SDPA for the attention, in app/models/kv_cache.py), which the tests also compare them with.  Why:
+a decode step of the TinyLlama-1.1B shape spent ~5 ms outside its matmuls: ~45 RMSNorms at ~20 us each
+(ATen's CPU rms_norm is six ops), 22 x 8 small rope / index_put ops, 22 SDPA calls of 35-80 us.
 """
 
 from __future__ import annotations

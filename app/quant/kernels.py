@@ -16,10 +16,10 @@ Build: the C++ files of SOURCES, compiled into one library with the system C++ c
 headers (`-O3 -march=native -fopenmp`: the compiler targets the machine that runs it, so AVX-512-VNNI,
 AVX-VNNI, AVX2 or plain C++ are picked where they exist), registered as `torch.ops.lanner.*`, and threaded
 with at::parallel_for (torch's own OpenMP pool, the size `torch.set_num_threads` gave).  The shared object is
-cached under $LANNER_KERNEL_CACHE (default ~/.cache/lanner/kernels) by a hash of the source, the flags,
-the compiler, torch's version and the CPU's flags, so a fresh machine pays the build once (~12 s: the sources compile in parallel);
-processes that race for it build under a file lock.  No compiler, a failed build or
-LANNER_OWN_KERNELS=0 leave Lanner on ATen's kernels (the reason is logged and reported).
+cached under $LANNER_KERNEL_CACHE (default ~/.cache/lanner/kernels) by a hash of the sources, the flags,
+the compiler, torch's version and the CPU's flags, so a fresh machine pays the build once (~12 s: the
+sources compile in parallel); processes that race for it build under a file lock.  No compiler, a failed
+build or LANNER_OWN_KERNELS=0 leave Lanner on ATen's kernels and ops (the reason is logged and reported).
 """
 
 from __future__ import annotations
