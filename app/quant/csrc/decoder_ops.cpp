@@ -9,10 +9,15 @@
 //       half negated as app/models/llama.py's tables are), and writes the rotated nkv key heads and the nkv
 //       value heads to k_cache / v_cache [slots, nkv, max_len, d] at (slot, :, position).  Replaces two
 //       rope chains (mul, roll, addcmul each) and two index_put_.
+//   lanner::decode_attention(q fp32 [R, nh, d] (rows may be strided), k_cache, v_cache, slots long [R],
+//                            positions long [R], float scale) -> out fp32 [R, nh * d]
+//       Row r attends keys 0..positions[r] of slot slots[r] (no mask tensors); the nh / nkv query heads of
+//       a KV head are adjacent (grouped-query attention).  Replaces the masked SDPA of the decode rows.
 //
-// Both are plain loops that the compiler vectorizes (-O3 -march=native); rows are split across torch's
-// threads only when there are many of them (a decode row is a few microseconds of work, less than a
-// fork/join of the thread pool).
+// rms_norm and rope_store are plain loops that the compiler vectorizes (-O3 -march=native); their rows are
+// split across torch's threads only when there are many of them (a decode row is a few microseconds of
+// work, less than a fork/join of the thread pool).  decode_attention runs one task per (row, KV head),
+// with AVX2 blocks of 8 keys / 16 values where the CPU has them and plain loops otherwise.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
