@@ -224,7 +224,7 @@ def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
         runner = BatchedRunner(model, max_model_len, max_num_seqs, kv_cache_bytes)
         runner.quant_report = report
         # built (once per machine) while loading, not in the first step
-        log.info("%s: RMSNorm and RoPE + KV store run as %s", info.path.name,
+        log.info("%s: RMSNorm, RoPE + KV store and decode attention run as %s", info.path.name,
                  "Lanner's C++ ops" if ops.own_ops() else "ATen ops (Lanner's kernels are not built)")
         return runner
     except UnsupportedModelError as exc:
