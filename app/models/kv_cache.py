@@ -14,7 +14,9 @@ Per layer, `KVCache.store` and `KVCache.attend`:
 
 1. `store` applies RoPE and writes the new K/V of all T tokens at (slot, :, position): one C++ call
    (app/models/ops.py `rope_store`), or rope ops and one `index_put_` per tensor without the kernels;
-2. decode rows (inputs of one token) run as ONE `scaled_dot_product_attention`: their slots are read
+2. decode rows (inputs of one token) run as one C++ call (app/models/ops.py `decode_attention`: each row
+   over its own slot and length, no masks), or without the kernels as ONE `scaled_dot_product_attention`
+   whose layout `plan` builds: their slots are read
    as a zero-copy view `k[lo:lo+R, :, :L]` of the slot range they span (packed slots: R == rows), with
    a length mask; grouped-query attention is done by viewing q as [R, n_kv, q_per_kv, head_dim], i.e.
    the query heads sharing a KV head become that head's "query length" (measured faster here than
@@ -63,6 +65,7 @@ class BatchMeta:
     sin: torch.Tensor  # [T, 1, head_dim] rope sin at `positions`, first half negated (see ops.apply_rope)
     logit_rows: torch.Tensor  # [R] long: flat rows whose logits are returned (each input's last token, or all)
     num_decode: int  # the first num_decode rows are single-token inputs, sorted by slot
+    # the masked-SDPA decode path only (ATen ops; left empty when Lanner's C++ decode attention runs):
     decode_lo: int  # range mode: the decode rows read slots [decode_lo, decode_lo + decode_range)
     decode_range: int
     decode_kv_len: int  # keys read by the decode attention (max length among decode rows)
@@ -161,7 +164,7 @@ class KVCache:
         decode = rows[:num_decode]
         lo = rng = kv_len = 0
         mask = scatter = gather = None
-        if decode:
+        if decode and not ops.own_ops():  # the masked SDPA's layout; the C++ attention reads slots/positions
             slots = [r[0] for r in decode]
             lengths = [r[1] + 1 for r in decode]
             kv_len = max(lengths)
