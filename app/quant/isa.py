@@ -4,8 +4,9 @@ Read once at start-up (by `quantize_model`) from two sources:
 
 * `/proc/cpuinfo` flags (Linux): what the silicon offers — avx2, avx512f, avx512_bf16, amx_tile,
   amx_bf16, and the integer dot products Lanner's own kernels use (avx512_vnni, avx_vnni; the kernels
-  themselves are compiled with -march=native, so this is for the logs). These decide whether bf16 arithmetic is native (AMX tiles or AVX512-BF16 dot products) or
-  emulated (AVX2: bf16 is converted to fp32 in registers, so bf16 GEMMs are slower than sgemm).
+  themselves are compiled with -march=native, so this is for the logs). These decide whether bf16
+  arithmetic is native (AMX tiles or AVX512-BF16 dot products) or emulated (AVX2: bf16 is converted to
+  fp32 in registers, so bf16 GEMMs are slower than sgemm).
 * `torch.backends.cpu.get_cpu_capability()`: which of ATen's compiled kernel variants is dispatched
   ("DEFAULT", "AVX2", "AVX512", ...). It can be lowered with ATEN_CPU_CAPABILITY, so it is the truth for
   what ATen's own kernels will run; the packed int4 weight layout also follows it.

@@ -42,7 +42,8 @@ import torch
 log = logging.getLogger("lanner.quant")
 
 CSRC = Path(__file__).parent / "csrc"
-# The WOQ matmuls, and the decoder's small per-layer ops (RMSNorm, RoPE + KV store): one library.
+# The WOQ matmuls, and the decoder's small per-layer ops (RMSNorm, RoPE + KV store, decode attention):
+# one library.
 SOURCES = (CSRC / "woq_kernels.cpp", CSRC / "decoder_ops.cpp")
 CACHE_ENV = "LANNER_KERNEL_CACHE"
 ENABLE_ENV = "LANNER_OWN_KERNELS"
