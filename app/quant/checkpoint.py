@@ -19,14 +19,14 @@ embedding) then go to a consumer:
 Loading a pre-quantized directory runs the same assembler over the stored parts (no fp32 weight, no
 re-quantization), so a checkpoint and quantize-at-load on the same source give bit-identical modules.
 
-Directory format (FORMAT_VERSION 1)
+Directory format (FORMAT_VERSION 2)
 -----------------------------------
 A checkpoint is an ordinary model directory (config.json, tokenizer files, generation_config.json
 copied unchanged) whose `model.safetensors` holds Lanner's decoder state dict (fused `qkv_proj`,
 `gate_up_proj`; Falcon's QKV rows already in [q | k | v] order), with every Linear stored as:
     <module>.qweight   int8 [N, K] (int8)  |  uint8 [N, K/2] (int4; byte j = q[2j] | q[2j+1] << 4)
     <module>.scales    bf16 [N] (int8)     |  bf16 [N, K/G] (int4)
-    <module>.zeros     bf16 [N, K/G] (int4 only; w = (q - 8) * scale + zero)
+    <module>.zeros     uint8 [N, K/G] (int4 only: integer zero points 0..15; w = (q - zero) * scale)
     <module>.bias      fp32 [N] (when the layer has one)
 and the other tensors (norms, embedding) under their state-dict names, unchanged in value (stored as
 bf16/fp16 when that is lossless, else fp32).  The layouts are plain and CPU-independent: the kernels'
@@ -81,7 +81,7 @@ log = logging.getLogger("lanner.quant")
 MANIFEST_FILE = "lanner_quant.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_NAME = "lanner-woq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int4 zero points are integers (were bf16 floats, w = (q - 8) * s + z)
 # What a loader must know to read the tensors.  Any change to the layout (names, dtypes, nibble order, the
 # meaning of scales/zeros, the decoders' fused state-dict layout) changes FORMAT_HASH; bump FORMAT_VERSION
 # with it (tests/unit/test_woq_checkpoint.py pins the pair).
@@ -91,7 +91,8 @@ FORMAT_SPEC = MappingProxyType({
                "falcon: layers.i.qkv_proj rows in [q heads | k heads | v heads] order",
     "int8": "<m>.qweight int8 [N, K]; <m>.scales bf16 [N]; w = q * scales[n]",
     "int4": "<m>.qweight uint8 [N, K/2], byte j = q[:, 2j] | q[:, 2j+1] << 4, q in 0..15; "
-            "<m>.scales, <m>.zeros bf16 [N, K/G]; w = (q - 8) * scales[n, k // G] + zeros[n, k // G]",
+            "<m>.scales bf16 [N, K/G]; <m>.zeros uint8 [N, K/G], 0..15; "
+            "w = (q - zeros[n, k // G]) * scales[n, k // G]",
     "bias": "<m>.bias fp32 [N]",
     "other": "state-dict name, fp32 or a lossless bf16/fp16",
 })
@@ -458,7 +459,7 @@ def _stored_weight(name: str, entry: Mapping[str, Any], weights: SourceScope,
         qw = QuantizedWeight("int4", get("qweight"), get("scales"), get("zeros"),
                              get("bias") if has_bias else None, k, g)
         want = {"qweight": ((n, k // 2), torch.uint8), "scales": ((n, k // g), torch.bfloat16),
-                "zeros": ((n, k // g), torch.bfloat16)}
+                "zeros": ((n, k // g), torch.uint8)}
     else:
         raise ModelLoadError(f"Pre-quantized model in {path}: module {name!r} has an invalid kind/group size "
                              f"({kind!r}, {g!r}) for K={k}.")
@@ -547,7 +548,7 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 def _quantized_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     out = {f"{name}.qweight": qw.qweight, f"{name}.scales": qw.scales.to(torch.bfloat16)}
     if qw.zeros is not None:
-        out[f"{name}.zeros"] = qw.zeros.to(torch.bfloat16)
+        out[f"{name}.zeros"] = qw.zeros.to(torch.uint8)
     if qw.bias is not None:
         out[f"{name}.bias"] = qw.bias.float()
     return out

@@ -45,6 +45,7 @@ CSRC = Path(__file__).parent / "csrc"
 # The WOQ matmuls, and the decoder's small per-layer ops (RMSNorm, RoPE + KV store, decode attention):
 # one library.
 SOURCES = (CSRC / "woq_kernels.cpp", CSRC / "decoder_ops.cpp")
+HEADERS = (CSRC / "lanner_ops.h",)  # included by the sources (part of the build key)
 CACHE_ENV = "LANNER_KERNEL_CACHE"
 ENABLE_ENV = "LANNER_OWN_KERNELS"
 CXX_ENV = "CXX"
@@ -96,7 +97,8 @@ def _commands(cxx: str, out: Path, extra: tuple[str, ...] = ()) -> tuple[list[li
 def _build_key(cxx: str, extra: tuple[str, ...] = ()) -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     h = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in SOURCES), " ".join((*FLAGS, *extra)).encode(), version.encode(),
+    for part in (*(src.read_bytes() for src in (*SOURCES, *HEADERS)), " ".join((*FLAGS, *extra)).encode(),
+                 version.encode(),
                  torch.__version__.encode(), _cpu_flags().encode(), sysconfig.get_platform().encode()):
         h.update(part)
         h.update(b"\0")
@@ -199,10 +201,12 @@ def unpack_int8(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The portable int4 form (qweight uint8 [N, K/2], byte j = q[2j] | q[2j+1] << 4; scales/zeros [N, K/G])
-    -> nibble tiles uint8 [T, K/4, 8, 4] (nib[t, k/4, j, k%4] = q[16t+j, k] | q[16t+j+8, k] << 4) and
-    scales/zeros bf16 [T, K/G, 2, 16]; rows past N are zero.  K is a multiple of G, itself of 32."""
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The portable int4 form (qweight uint8 [N, K/2], byte j = q[2j] | q[2j+1] << 4; scales [N, K/G];
+    zeros [N, K/G] integers 0..15) -> nibble tiles uint8 [T, K/4, 8, 4] (nib[t, k/4, j, k%4] =
+    q[16t+j, k] | q[16t+j+8, k] << 4), scales bf16 [T, K/G, 16] and zero points packed like the weights,
+    uint8 [T, K/G, 8] (zp[t, g, j] = z[16t+j, g] | z[16t+j+8, g] << 4); rows past N are zero.  K is a
+    multiple of G, itself of 32."""
     n, half = qweight.shape
     k, groups = 2 * half, scales.shape[1]
     tiles = -(-n // TILE)
@@ -215,18 +219,23 @@ def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
         q[:rows.shape[0], 1::2] = rows >> 4
         qt = q.view(t1 - t0, TILE, k // QUAD, QUAD).permute(0, 2, 1, 3)  # [T', K/4, 16, 4]
         torch.bitwise_or(qt[:, :, :TILE // 2], qt[:, :, TILE // 2:] << 4, out=nib[t0:t1])
-    sz = torch.zeros(tiles * TILE, groups, 2, dtype=torch.bfloat16)
-    sz[:n, :, 0] = scales.to(torch.bfloat16)
-    sz[:n, :, 1] = zeros.to(torch.bfloat16)
-    return nib, sz.view(tiles, TILE, groups, 2).permute(0, 2, 3, 1).contiguous()
+    s = torch.zeros(tiles * TILE, groups, dtype=torch.bfloat16)
+    s[:n] = scales.to(torch.bfloat16)
+    z = torch.zeros(tiles * TILE, groups, dtype=torch.uint8)
+    z[:n] = zeros.to(torch.uint8)
+    z = z.view(tiles, TILE, groups).transpose(1, 2)  # [T, K/G, 16]
+    return (nib, s.view(tiles, TILE, groups).transpose(1, 2).contiguous(),
+            (z[..., :TILE // 2] | (z[..., TILE // 2:] << 4)).contiguous())
 
 
-def unpack_int4(nib: torch.Tensor, sz: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """pack_int4's tiles -> (q uint8 [n, K] values 0..15, scales fp32 [n, K/G], zeros fp32 [n, K/G])."""
+def unpack_int4(nib: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, n: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pack_int4's tiles -> (q uint8 [n, K] values 0..15, scales fp32 [n, K/G], zeros uint8 [n, K/G])."""
     tiles, quads = nib.shape[:2]
     q = torch.cat((nib & 0x0F, nib >> 4), dim=2).permute(0, 2, 1, 3).reshape(tiles * TILE, quads * QUAD)[:n]
-    s = sz.permute(0, 3, 1, 2).reshape(tiles * TILE, -1, 2)[:n].float()
-    return q, s[..., 0].contiguous(), s[..., 1].contiguous()
+    s = scales.transpose(1, 2).reshape(tiles * TILE, -1)[:n].float()
+    z = torch.cat((zeros & 0x0F, zeros >> 4), dim=2).transpose(1, 2).reshape(tiles * TILE, -1)[:n]
+    return q, s, z.contiguous()
 
 
 def int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
@@ -234,9 +243,11 @@ def int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, n: int) 
     return torch.ops.lanner.int8_mm(x, tiles, scales, n)
 
 
-def int4_mm(x: torch.Tensor, nib: torch.Tensor, sz: torch.Tensor, group: int, n: int) -> torch.Tensor:
-    """x fp32 [M, K] @ (the int4 weight in `nib`, `sz`)^T -> [M, n] fp32 (x quantized per 32-block)."""
-    return torch.ops.lanner.int4_mm(x, nib, sz, group, n)
+def int4_mm(x: torch.Tensor, nib: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+            n: int) -> torch.Tensor:
+    """x fp32 [M, K] @ (the int4 weight in `nib`, `scales`, `zeros`)^T -> [M, n] fp32 (x quantized per
+    32-block)."""
+    return torch.ops.lanner.int4_mm(x, nib, scales, zeros, group, n)
 
 
 if __name__ == "__main__":  # `python -m app.quant.kernels`: build now and say where (Dockerfile, CI)

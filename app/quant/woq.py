@@ -14,12 +14,16 @@ never from a file name; "none" is a no-op.  Which library runs the quantized lay
   s[n] = max_k |w[n, k]| / 127 rounded to bf16 (the packed kernel takes bf16 scales with bf16
   activations; quantizing against the rounded scale keeps both kernel paths exact w.r.t. each other).
 * int4: asymmetric, per group of G consecutive input features (G = 32 unless given; 64/128/256 are
-  accepted): w[n, k] ~= (q[n, k] - 8) * s[n, g] + z[n, g],  q in [0, 15], g = k // G.  This is the
-  convention of ATen's `_weight_int4pack_mm_for_cpu` (it maps the nibble to q - 8, then `* scale + zero`;
-  torch 2.13 aten/src/ATen/native/cpu/int4mm_kernel.cpp), checked numerically in tests/unit/test_woq.py.
-  Per group, s = (max - min) r / 15 and z = (range start) + 8 s for the range [min, max] shrunk by r about
-  its middle, r in INT4_CLIP_RATIOS chosen for the least squared error (clipping a few outliers buys a
-  finer step for the rest), both rounded to bf16 before q is computed.  In int4 mode the output head is
+  accepted): w[n, k] ~= (q[n, k] - z[n, g]) * s[n, g],  q and the zero point z integers in [0, 15],
+  g = k // G: 4 bits per weight, plus a bf16 scale and a 4-bit zero per group (4.625 bits at G = 32,
+  4.31 at G = 64; llama.cpp's Q4_0 is 4.5).  Per group, the range [min(lo, 0), max(hi, 0)] is shrunk by r
+  about its middle, s = (range) / 15 rounded to bf16 and z = round(-range start / s) clamped to [0, 15],
+  r in INT4_CLIP_RATIOS chosen for the least squared error (clipping a few outliers buys a finer step for
+  the rest).  (Until checkpoint format 2 the zero was a bf16 float, 5 bits per weight at G = 32: an int
+  zero costs ~0.002 of logit cosine on the tiny models and reads 7.5% fewer bytes per decode step.)
+  ATen's `_weight_int4pack_mm_for_cpu` maps the nibble to q - 8, then `* scale + zero` (torch 2.13
+  aten/src/ATen/native/cpu/int4mm_kernel.cpp), so its zero is (8 - z) * s, checked numerically in
+  tests/unit/test_woq.py.  In int4 mode the output head is
   int8 by default (llama.cpp likewise keeps a Q4_0 model's output matrix at 6 bits): on the tiny test
   models that alone lifted logit cosine similarity by ~0.003.  Group 32 (was: the largest of 128/64/32
   dividing K) cuts the relative error of a Gaussian matrix from 8.6% (G=64) / 9.6% (G=128) to 7.6% and
@@ -126,7 +130,7 @@ DEQUANT_CHUNK_BYTES = 4 << 20  # fp32 weight rows dequantized at once (4 MiB bea
 # 16 MiB buffers are page-faulted in on every call, 26.7 vs 7.4 ms for int4 2048->5632 at M=1)
 QUANTIZE_CHUNK_ROWS = 4096  # rows repacked at once for the int4 kernel (a multiple of INT4_ROW_ALIGN)
 QUANTIZE_CHUNK_BYTES = 4 << 20  # fp32 weight quantized at once: bounds the quantizers' temporaries
-INT4_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85)  # int4 group ranges tried (min-MSE one kept; < 0.85 never won)
+INT4_CLIP_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85)  # int4 group ranges tried (min-MSE one kept)
 
 
 # --------------------------------------------------------------------------- kernel plan
@@ -317,20 +321,26 @@ def pick_group_size(k: int, requested: int | None = None) -> int | None:
 
 
 def _int4_grid(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # lo/hi: [...] range per group -> bf16-exact scales, zeros [...] (w ~= (q - 8) * scale + zero)
-    scales = ((hi - lo) / 15.0).clamp_(min=1e-6).to(torch.bfloat16).float()
-    return scales, (lo + 8.0 * scales).to(torch.bfloat16).float()
+    # lo <= 0 <= hi: [...] range per group -> bf16-exact scales, integer zero points in 0..15 as fp32 [...]
+    # (w ~= (q - zero) * scale).  The zero is where 0 falls on 16 levels spanning the range; the scale is
+    # then the smallest that still reaches both ends from that zero (rounding the zero alone would shift
+    # the grid by up to half a step and clip one end).
+    zeros = torch.div(lo, (hi - lo).clamp_(min=1e-12)).mul_(-15.0).round_().clamp_(0, 15)
+    reach_hi = torch.where(zeros < 15, hi / (15.0 - zeros).clamp_(min=1.0), 0.0)
+    reach_lo = torch.where(zeros > 0, lo.neg() / zeros.clamp(min=1.0), 0.0)
+    return torch.maximum(reach_hi, reach_lo).clamp_(min=1e-6).to(torch.bfloat16).float(), zeros
 
 
 def _int4_positions(g: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    # g: [n, groups, G] -> unrounded grid positions (g - zero) / scale + 8, same shape
-    inv = scales.reciprocal()
-    return torch.addcmul((8.0 - zeros * inv)[..., None], g, inv[..., None])
+    # g: [n, groups, G] -> unrounded grid positions g / scale + zero, same shape
+    return torch.addcmul(zeros[..., None], g, scales.reciprocal()[..., None])
 
 
 def int4_range_search(g: torch.Tensor, clip_ratios: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    # g: [n, groups, G] fp32 -> scales, zeros [n, groups] of the clip ratio with the least squared error
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    # g: [n, groups, G] fp32 -> scales, zeros [n, groups] of the clip ratio with the least squared error.
+    # The range always holds 0, so the zero point is on the grid and an all-positive (or all-negative)
+    # group is still represented.
+    lo, hi = g.amin(dim=-1).clamp_(max=0), g.amax(dim=-1).clamp_(min=0)
     mid, half = (lo + hi) / 2, (hi - lo) / 2
     best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     for ratio in clip_ratios:
@@ -349,14 +359,14 @@ def int4_range_search(g: torch.Tensor, clip_ratios: tuple[float, ...]) -> tuple[
 
 def quantize_int4(w: torch.Tensor, group_size: int, clip_ratios: tuple[float, ...] = INT4_CLIP_RATIOS
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # w: [N, K] float -> q: [N, K] uint8 in [0, 15], scales/zeros: [N, K // G] fp32 (bf16-exact)
-    # so that w ~= (q - 8) * scales + zeros per group.  Each group's [min, max] range is shrunk about its
+    # w: [N, K] float -> q: [N, K] uint8 in [0, 15], scales [N, K // G] fp32 (bf16-exact), zeros
+    # [N, K // G] uint8 in [0, 15], so that w ~= (q - zeros) * scales per group.  Each group's [min, max] range is shrunk about its
     # middle by every ratio in clip_ratios and the ratio with the smallest squared error is kept (the
     # search runs on blocks of rows to bound its temporaries).
     n, k = w.shape
     q = torch.empty(n, k, dtype=torch.uint8)
     scales = torch.empty(n, k // group_size)
-    zeros = torch.empty(n, k // group_size)
+    zeros = torch.empty(n, k // group_size, dtype=torch.uint8)
     rows = max(1, (QUANTIZE_CHUNK_BYTES // 4) // k)
     for i in range(0, n, rows):
         g = w[i:i + rows].float().reshape(-1, k // group_size, group_size)
@@ -368,10 +378,10 @@ def quantize_int4(w: torch.Tensor, group_size: int, clip_ratios: tuple[float, ..
 
 def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     group_size: int) -> torch.Tensor:
-    # q: [N, K] (values 0..15), scales/zeros: [N, K // G] -> [N, K] fp32
+    # q: [N, K] (values 0..15), scales: [N, K // G], zeros: [N, K // G] (integers 0..15) -> [N, K] fp32
     n, k = q.shape
     g = q.float().reshape(n, k // group_size, group_size)
-    return ((g - 8.0) * scales[..., None] + zeros[..., None]).reshape(n, k)
+    return ((g - zeros.float()[..., None]) * scales.float()[..., None]).reshape(n, k)
 
 
 @dataclass(frozen=True)
@@ -446,9 +456,9 @@ class QuantizedWeight:
     form with `build_module`, so they give the same modules bit for bit.  Nothing here depends on the CPU:
     the int4 kernel layout (ATen's, ISA-dependent) is made from it at load (`Int4Linear.from_quantized`).
         int8: qweight int8 [N, K], scales [N];               w[n, k] = q[n, k] * s[n]
-        int4: qweight uint8 [N, K/2] (two nibbles a byte, `pack_nibbles`), scales and zeros [N, K/G];
-              w[n, k] = (q[n, k] - 8) * s[n, g] + z[n, g],  g = k // G
-    scales/zeros hold bf16-exact values (fp32 or bf16 tensors); bias is [N] or None.
+        int4: qweight uint8 [N, K/2] (two nibbles a byte, `pack_nibbles`), scales [N, K/G], zeros uint8
+              [N, K/G] (0..15);  w[n, k] = (q[n, k] - z[n, g]) * s[n, g],  g = k // G
+    scales hold bf16-exact values (fp32 or bf16 tensors); bias is [N] or None.
     """
 
     mode: Literal["int8", "int4"]
@@ -485,8 +495,7 @@ class QuantizedWeight:
         if self.mode == "int8":
             return dequantize_int8(self.qweight, self.scales.float())
         assert self.zeros is not None and self.group_size is not None
-        return dequantize_int4(unpack_nibbles(self.qweight), self.scales.float(), self.zeros.float(),
-                               self.group_size)
+        return dequantize_int4(unpack_nibbles(self.qweight), self.scales, self.zeros, self.group_size)
 
 
 @torch.no_grad()
@@ -505,7 +514,7 @@ def quantize_weight(w: torch.Tensor, mode: Literal["int8", "int4"], group_size: 
     # held the quantized matrix twice)
     q_out = torch.empty(n, k, dtype=torch.int8) if mode == "int8" else torch.empty(n, k // 2, dtype=torch.uint8)
     s_out = torch.empty(n) if mode == "int8" else torch.empty(n, k // group_size)  # type: ignore[operator]
-    z_out = None if mode == "int8" else torch.empty(n, k // group_size)  # type: ignore[operator]
+    z_out = None if mode == "int8" else torch.empty(n, k // group_size, dtype=torch.uint8)  # type: ignore[operator]
     for i in range(0, n, step):
         rows = w[i:i + step].float()
         if mode == "int8":
@@ -549,7 +558,8 @@ class Int4Linear(nn.Module):
     @torch.no_grad()
     def from_quantized(cls, qw: QuantizedWeight, crossover_m: int, layout: Int4Layout | None) -> Int4Linear:
         """The kernel's layout from the portable one: rows padded to INT4_ROW_ALIGN (q = scale = zero = 0,
-        outputs sliced off), nibbles repacked by ATen for this CPU, scales/zeros as bf16 [K/G, N_pad, 2]."""
+        outputs sliced off), nibbles repacked by ATen for this CPU, scales and ATen's float zeros (8 - z) * s
+        as bf16 [K/G, N_pad, 2]."""
         assert qw.mode == "int4" and qw.zeros is not None and qw.group_size is not None
         n, k, g = qw.out_features, qw.in_features, qw.group_size
         n_pad = -(-n // INT4_ROW_ALIGN) * INT4_ROW_ALIGN
@@ -560,7 +570,8 @@ class Int4Linear(nn.Module):
             if rows.shape[0] < want:
                 rows = torch.cat([rows, rows.new_zeros(want - rows.shape[0], k)])
             packed.append(torch._convert_weight_to_int4pack_for_cpu(rows, 1))
-        sz = torch.stack((qw.scales.float(), qw.zeros.float()), dim=-1)  # [N, K/G, 2]
+        scales = qw.scales.float()
+        sz = torch.stack((scales, (8.0 - qw.zeros.float()) * scales), dim=-1)  # [N, K/G, 2]
         if n_pad > n:
             sz = torch.cat([sz, sz.new_zeros(n_pad - n, k // g, 2)])
         scales_and_zeros = sz.transpose(0, 1).to(torch.bfloat16)
@@ -622,28 +633,30 @@ class TiledInt4Linear(_TiledLinear):
     """Group-wise int4 weights in Lanner's tile layout (app/quant/kernels.py `pack_int4`), run by Lanner's
     own kernel for every M (see OWN_KERNEL_MODES), like TiledInt8Linear."""
 
-    def __init__(self, nib: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                 group_size: int) -> None:
-        # nib: [T, K/4, 8, 4] uint8, sz: [T, K/G, 2, 16] bf16 (scales, zeros), bias: [N] | None
+    def __init__(self, nib: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None,
+                 out_features: int, group_size: int) -> None:
+        # nib: [T, K/4, 8, 4] uint8, scales: [T, K/G, 16] bf16, zeros: [T, K/G, 8] uint8 (two 4-bit zero
+        # points a byte), bias: [N] | None
         super().__init__()
         self.out_features, self.in_features, self.group_size = out_features, 4 * nib.shape[1], group_size
         self.register_buffer("weight", nib.contiguous())
-        self.register_buffer("scales_and_zeros", sz.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("zeros", zeros.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight) -> TiledInt4Linear:
         assert qw.mode == "int4" and qw.zeros is not None and qw.group_size is not None
-        nib, sz = kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
-        return cls(nib, sz, qw.bias, qw.out_features, qw.group_size)
+        nib, scales, zeros = kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
+        return cls(nib, scales, zeros, qw.bias, qw.out_features, qw.group_size)
 
     def dequantize(self) -> torch.Tensor:
         # -> [N, K] fp32
-        q, s, z = kernels.unpack_int4(self.weight, self.scales_and_zeros, self.out_features)
+        q, s, z = kernels.unpack_int4(self.weight, self.scales, self.zeros, self.out_features)
         return dequantize_int4(q, s, z, self.group_size)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.int4_mm(x, self.weight, self.scales_and_zeros, self.group_size, self.out_features)
+        return kernels.int4_mm(x, self.weight, self.scales, self.zeros, self.group_size, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

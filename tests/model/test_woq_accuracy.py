@@ -6,14 +6,16 @@ teacher-forced decode steps on the fp32 model's greedy tokens. Over all those lo
 
     int8: per model mean cosine >= 0.999 (min row >= 0.995), our top-1 within fp32's top-2 >= 0.98;
           top-1 agreement >= 0.9 on the demo models and pooled over all models.
-    int4: per model mean cosine >= 0.972 (min row >= 0.945), top-1 within fp32's top-2 >= 0.85;
+    int4: per model mean cosine >= 0.972 (min row >= 0.93), top-1 within fp32's top-2 >= 0.85;
           top-1 agreement >= 0.65 on the demo models, >= 0.8 pooled.
 
 Measured (torch 2.13, AVX2): int8 mean cosine 0.9998-1.0000, top-1 0.875-1.0 (the misses are near-ties:
-fp32 top-2 margins of 0.007-0.1 on a logit std of 5), pooled 0.98.  int4 (group 32, head int8) mean
-cosine 0.9761 (demo-llama), 0.9839 (llama3-rope), 0.9895-0.9980 (the others), pooled top-1 0.83; with
-group 64 (the previous default) 0.9737 / 0.9716 / 0.9845-0.9973, pooled 0.80.  The 1.1B shape
-(`test_tinyllama_shape`, slow): int8 0.998, int4 0.87 (group 128: 0.825).
+fp32 top-2 margins of 0.007-0.1 on a logit std of 5), pooled 0.98.  int4 (group 32, head int8, integer
+zero points) mean cosine 0.9742 (demo-llama, min row 0.937), 0.9835 (llama3-rope), 0.9882-0.9979 (the
+others), pooled top-1 0.82.  With bf16 float zero points (checkpoint format 1, 5 bits per weight instead
+of 4.625) it was 0.9761 (min 0.95) / 0.9839 / 0.9895-0.9980, pooled 0.83; with group 64 and float zeros
+0.9737 / 0.9716 / 0.9845-0.9973, pooled 0.80.  The 1.1B shape (`test_tinyllama_shape`, slow): int8
+0.998, int4 0.87 with float zeros (group 128: 0.825).
 
 The issue's int4 target of 0.99 is not met on these random-weight models, and cannot be by a better
 4-bit grid: the quantization error here behaves exactly like white noise.  Replacing every int4 matrix
@@ -70,7 +72,7 @@ PROMPTS = [
 ]
 # Per model (cosine of logit rows; how often our top-1 is one of fp32's two best tokens).
 BOUNDS = {"int8": {"mean_cos": 0.999, "min_cos": 0.995, "top1_in_ref_top2": 0.98},
-          "int4": {"mean_cos": 0.972, "min_cos": 0.945, "top1_in_ref_top2": 0.85}}
+          "int4": {"mean_cos": 0.972, "min_cos": 0.93, "top1_in_ref_top2": 0.85}}
 DEMO_TOP1 = {"int8": {"top1": 0.9}, "int4": {"top1": 0.65}}  # demo models: peaked logits, few near-ties
 POOLED_TOP1 = {"int8": 0.9, "int4": 0.8}  # top-1 agreement over every row of every model
 
@@ -169,9 +171,16 @@ def test_both_paths_agree(mode, model_dirs, monkeypatch):
         runner = load_runner(info, MAX_LEN, 1, quantize=mode)
         assert f"forced kernel={path}" in runner.quant_report.kernel
         results[path], forced = logit_rows(runner, prompts, forced)
+    ref = results["dequant"]
     for path in paths[1:]:
-        stats = compare(results["dequant"], results[path])
-        assert stats["min_cos"] > 0.999 and stats["top1"] >= 0.95, (path, stats)
+        stats = compare(ref, results[path])
+        assert stats["min_cos"] > 0.999 and stats["top1"] >= 0.9, (path, stats)
+        # where the greedy token differs, it was a near-tie in dequant's logits: bf16 activations move each
+        # logit by ~0.6% of the logits' spread (cosine 0.99998), so a flip is allowed only where dequant's
+        # top-2 margin is under 5% of it (measured: 0.4-2%)
+        rows = torch.nonzero(ref.argmax(-1) != results[path].argmax(-1)).flatten()
+        margins = ref[rows, ref[rows].argmax(-1)] - ref[rows, results[path][rows].argmax(-1)]
+        assert (margins < 0.05 * ref.std()).all(), (path, margins.tolist(), ref.std().item())
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

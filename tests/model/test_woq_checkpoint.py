@@ -117,7 +117,7 @@ def test_checkpoint_directory(mode, sources, checkpoints):
                 assert q.dtype == torch.int8 and q.shape == (linears[name].out_features, k)
             else:
                 assert q.dtype == torch.uint8 and q.shape == (linears[name].out_features, k // 2)
-                assert f.get_tensor(f"{name}.zeros").dtype == torch.bfloat16
+                assert f.get_tensor(f"{name}.zeros").dtype == torch.uint8  # integer zero points
         assert torch.equal(f.get_tensor("embed_tokens.weight").float(), decoder.embed_tokens.weight)
     if mode == "int4":  # down_proj has K=176: no int4 group size, int8, and the manifest says why
         assert manifest["modules"]["layers.0.down_proj"]["kind"] == "int8"

@@ -151,14 +151,18 @@ def random_int4(n: int, k: int, group: int, seed: int = 0):
 
 def test_int4_pack_layout_and_roundtrip():
     qw = random_int4(37, 64, 32)
-    nib, sz = kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
-    assert nib.shape == (3, 16, 8, 4) and sz.shape == (3, 2, 2, 16) and sz.dtype == torch.bfloat16
+    nib, scales, zeros = kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
+    assert nib.shape == (3, 16, 8, 4) and scales.shape == (3, 2, 16) and scales.dtype == torch.bfloat16
+    assert zeros.shape == (3, 2, 8) and zeros.dtype == torch.uint8
     q = unpack_nibbles(qw.qweight)
     assert torch.equal(nib[1, 1, :, 1] & 0x0F, q[16:24, 5]) and torch.equal(nib[1, 1, :, 1] >> 4, q[24:32, 5])
-    assert torch.equal(sz[2, 1, 0, :5].float(), qw.scales[32:, 1]) and torch.equal(sz[2, 1, 1, :5].float(), qw.zeros[32:, 1])
-    assert not nib[2, :, 5:].any() and not (nib[2] >> 4).any() and not sz[2, :, :, 5:].float().any()
-    q2, s2, z2 = kernels.unpack_int4(nib, sz, 37)
-    assert torch.equal(q2, q) and torch.equal(s2, qw.scales.float()) and torch.equal(z2, qw.zeros.float())
+    assert torch.equal(scales[2, 1, :5].float(), qw.scales[32:, 1])
+    assert torch.equal(zeros[1, 1] & 0x0F, qw.zeros[16:24, 1]) and torch.equal(zeros[1, 1] >> 4, qw.zeros[24:32, 1])
+    assert torch.equal(zeros[2, 0, :5], qw.zeros[32:, 0]) and qw.zeros.float().std() > 0  # not all equal
+    assert not nib[2, :, 5:].any() and not (nib[2] >> 4).any() and not scales[2, :, 5:].float().any()
+    assert not zeros[2, :, 5:].any() and not (zeros[2] >> 4).any()
+    q2, s2, z2 = kernels.unpack_int4(nib, scales, zeros, 37)
+    assert torch.equal(q2, q) and torch.equal(s2, qw.scales.float()) and torch.equal(z2, qw.zeros)
 
 
 @needs_kernels
@@ -166,11 +170,11 @@ def test_int4_pack_layout_and_roundtrip():
 @pytest.mark.parametrize("k,group", [(32, 32), (64, 32), (256, 64), (4544, 32), (512, 128), (512, 256)])
 def test_int4_mm_matches_float64_reference(n, k, group):
     qw = random_int4(n, k, group, seed=n + k)
-    nib, sz = kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
+    packed = kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
     w = qw.dequantize().double()
     for m in (1, 2, 3, 5, 6, 7, 13):
         x = torch.randn(m, k, generator=gen(m))
-        y = kernels.int4_mm(x, nib, sz, group, n)
+        y = kernels.int4_mm(x, *packed, group, n)
         assert y.shape == (m, n) and y.dtype == torch.float32
         check_against_reference(y, x, w)
 
@@ -250,11 +254,13 @@ def test_int8_mm_rejects_bad_inputs():
     with pytest.raises(RuntimeError, match="n does not match"):
         kernels.int8_mm(torch.randn(2, 64), tiles, scales, 40)
     qw = random_int4(32, 64, 32)
-    nib, sz = kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
+    nib, scales, zeros = kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
     with pytest.raises(RuntimeError, match="group size must be a multiple of 32"):
-        kernels.int4_mm(torch.randn(2, 64), nib, sz, 48, 32)
+        kernels.int4_mm(torch.randn(2, 64), nib, scales, zeros, 48, 32)
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        kernels.int4_mm(torch.randn(2, 64), nib, sz, 64, 32)
+        kernels.int4_mm(torch.randn(2, 64), nib, scales, zeros, 64, 32)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        kernels.int4_mm(torch.randn(2, 64), nib, scales, zeros[:, :1].contiguous(), 32, 32)
 
 
 @needs_kernels

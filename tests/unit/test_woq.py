@@ -73,7 +73,7 @@ def test_int4_quant_dequant_error_bound(group):
     assert q.min() >= 0 and q.max() <= 15 and s.shape == z.shape == (64, 256 // group)
     err = (dequantize_int4(q, s, z, group) - w).abs().view(64, -1, group)
     wmax = w.abs().view(64, -1, group).amax(-1, keepdim=True)
-    # half a step, plus the bf16 rounding of the zero point (<= 2^-8 of its magnitude)
+    # half a step, plus what the bf16 rounding of the scale moves the range's far end (<= 2^-8 of it)
     assert (err <= 0.5 * s[..., None] * 1.01 + wmax / 256).all()
     # the default range search keeps, per group, the least squared error of the ratios it tries
     group_sq_err = (err ** 2).sum(-1)
@@ -83,10 +83,14 @@ def test_int4_quant_dequant_error_bound(group):
     assert clipped_sq_err.sum() < 0.95 * group_sq_err.sum()  # and it pays on Gaussian weights
 
 
-def test_int4_constant_group_is_exact_enough():
-    w = torch.full((16, 64), 0.25)
+@pytest.mark.parametrize("value", [0.25, -0.3, 1e-3])
+def test_int4_constant_group_is_exact_enough(value):
+    """A constant group (all positive or all negative: the range is widened to hold 0, the zero point an
+    integer) is represented within the bf16 rounding of its scale."""
+    w = torch.full((16, 64), value)
     q, s, z = quantize_int4(w, 32)
-    assert torch.allclose(dequantize_int4(q, s, z, 32), w, atol=1e-4)
+    assert z.dtype == torch.uint8 and int(z.max()) <= 15
+    assert torch.allclose(dequantize_int4(q, s, z, 32), w, rtol=2 ** -8, atol=0)
 
 
 def test_group_size_selection():
@@ -104,12 +108,13 @@ def test_group_size_selection():
 
 
 def test_int4_packing_convention_matches_aten_kernel():
-    """_weight_int4pack_mm_for_cpu computes x @ ((q - 8) * scale + zero)^T with our layout."""
+    """_weight_int4pack_mm_for_cpu computes x @ ((q - 8) * scale + zero)^T with our layout, so our integer
+    zero point z is its float zero (8 - z) * scale."""
     n, k, g = 64, 128, 32
     q = torch.randint(0, 16, (n, k), generator=gen(3), dtype=torch.int32)
     s = torch.rand(n, k // g, generator=gen(4)).to(torch.bfloat16).float() + 0.5
-    z = torch.randn(n, k // g, generator=gen(5)).to(torch.bfloat16).float()
-    sz = torch.stack((s, z), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    z = torch.randint(0, 16, (n, k // g), generator=gen(5), dtype=torch.uint8)
+    sz = torch.stack((s, (8.0 - z.float()) * s), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
     x = torch.randn(5, k, generator=gen(6)).to(torch.bfloat16)
     y = torch._weight_int4pack_mm_for_cpu(x, pack_int4(q), g, sz).float()
     ref = x.float() @ dequantize_int4(q, s, z, g).t()

@@ -25,7 +25,7 @@ from app.quant.woq import (
 
 # FORMAT_HASH of each FORMAT_VERSION. Changing FORMAT_SPEC changes the hash: bump FORMAT_VERSION and add a
 # line here, since checkpoints written before the change can no longer be read as they were.
-PINNED_FORMATS = {1: "24ae9ab4794a4c1a"}
+PINNED_FORMATS = {1: "24ae9ab4794a4c1a", 2: "8fd912766b386699"}
 
 
 def gen(seed: int) -> torch.Generator:
@@ -46,15 +46,17 @@ def test_nibble_layout_is_plain_and_round_trips():
 
 def test_portable_int4_is_independent_of_the_kernel_layout():
     """The stored bytes are pack_nibbles of the quantizer's q (no ATen packing), and the module built from
-    them computes with exactly the dequantized portable weight (rows not a multiple of the kernel's 64)."""
+    them computes with the dequantized portable weight (rows not a multiple of the kernel's 64) up to ATen's
+    bf16 float zero (8 - z) * s."""
     w = torch.randn(100, 128, generator=gen(1))
     qw = quantize_weight(w, "int4", 32)
     q, s, z = quantize_int4(w, 32)
     assert torch.equal(qw.qweight, pack_nibbles(q)) and torch.equal(qw.scales, s) and torch.equal(qw.zeros, z)
-    mod = Int4Linear.from_quantized(qw, 0, probe_int4_layout())  # dequant path: exact fp32
-    assert torch.equal(mod.dequantize(), dequantize_int4(q, s, z, 32))
+    mod = Int4Linear.from_quantized(qw, 0, probe_int4_layout())  # dequant path: fp32
+    assert (mod.dequantize() - dequantize_int4(q, s, z, 32)).abs().max() <= 8 * s.max() * 2 ** -9
     x = torch.randn(3, 128, generator=gen(2))
-    assert torch.allclose(mod(x), x @ qw.dequantize().t(), atol=1e-5)
+    ref = x @ qw.dequantize().t()
+    assert ((mod(x) - ref).norm() / ref.norm()) < 2e-3  # the bf16 float zeros
     packed_mod = Int4Linear.from_quantized(qw, NEVER, None)
     assert ((packed_mod(x) - mod(x)).norm() / mod(x).norm()) < 1e-2  # bf16 activations
 

@@ -159,7 +159,7 @@ class IpexBackend:
                 None, bias=bias, group_size=-1)
         assert qw.zeros is not None and qw.group_size is not None
         scales = qw.scales.float().contiguous()
-        zero_points = (8.0 - qw.zeros.float() / scales).contiguous()
+        zero_points = qw.zeros.float().contiguous()  # w = (q - z) * s, q the raw nibble
         return self.linear_cls.from_float_and_qweight(
             float_mod, qw.qweight.contiguous(), q.WoqWeightDtype.INT4, scales, zero_points, bias=bias,
             group_size=qw.group_size)

@@ -87,7 +87,7 @@ class TorchaoBackend:
             g = qw.group_size
             q = unpack_nibbles(qw.qweight).to(torch.int8).sub_(8)
             scales = qw.scales.float().contiguous()
-            zero_point = (-qw.zeros.float() / scales).contiguous()
+            zero_point = (qw.zeros.float() - 8.0).contiguous()  # on q - 8: w = (q - 8 - (z - 8)) * s
             weight = self.tq.IntxUnpackedToInt8Tensor(q, scales, zero_point, torch.int4, (1, g),
                                                       torch.float32, None)
         with torch.device("meta"):

@@ -25,6 +25,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "lanner_ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,6 +42,10 @@ namespace {
 constexpr int64_t kRowsPerTask = 16;  // rows a thread takes at once: fewer rows run on the calling thread
 
 bool is_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous(); }
+
+}  // namespace
+
+namespace lanner {
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && is_f32(x) && is_f32(w) && w.size(0) == x.size(1),
@@ -68,12 +74,16 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
+namespace {
+
 // out[i] = x[i] cos[i] + x[(i + d/2) mod d] sin[i]: rotate_half(x) * sin with sin's first half negated.
 inline void rotate(const float* x, const float* cs, const float* sn, float* out, int64_t d) {
   const int64_t h = d / 2;
   for (int64_t i = 0; i < h; ++i) out[i] = x[i] * cs[i] + x[i + h] * sn[i];
   for (int64_t i = h; i < d; ++i) out[i] = x[i] * cs[i] + x[i - h] * sn[i];
 }
+
+}  // namespace
 
 void rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kc,
                 const at::Tensor& vc, const at::Tensor& slots, const at::Tensor& positions, int64_t nh,
@@ -120,6 +130,8 @@ void rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& 
 }
 
 // ------------------------------------------------------------------------------- decode attention
+
+namespace {
 
 inline float dot(const float* a, const float* b, int64_t d) {
   float part[16] = {};
@@ -189,6 +201,8 @@ inline void pv_acc(const float* p, const float* V, int64_t n, int64_t d, float* 
 #else
 #define LANNER_ATTN_AVX2 0
 #endif
+
+}  // namespace
 
 // Attention of single-token rows over their own cached keys/values: row r (query heads nkv x g, the g heads
 // of a KV head adjacent) attends positions 0..positions[r] of slot slots[r].  One task per (row, KV head):
@@ -270,7 +284,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
   return out;
 }
 
-}  // namespace
+}  // namespace lanner
 
 TORCH_LIBRARY_FRAGMENT(lanner, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
@@ -281,7 +295,7 @@ TORCH_LIBRARY_FRAGMENT(lanner, m) {
 }
 
 TORCH_LIBRARY_IMPL(lanner, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("rope_store", &rope_store);
-  m.impl("decode_attention", &decode_attention);
+  m.impl("rms_norm", &lanner::rms_norm);
+  m.impl("rope_store", &lanner::rope_store);
+  m.impl("decode_attention", &lanner::decode_attention);
 }

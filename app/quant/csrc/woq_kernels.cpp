@@ -1,19 +1,22 @@
 // Lanner's weight-only-quantized matmul kernels for CPUs (built on first use by app/quant/kernels.py).
 //
 //   lanner::int8_mm(x fp32 [M, K], wt int8 [T, Kp/4, 16, 4], scales fp32 [16 T], int n) -> y fp32 [M, n]
-//   lanner::int4_mm(x fp32 [M, K], nib uint8 [T, Kp/4, 8, 4], sz bf16 [T, Kp/G, 2, 16], int group, int n)
+//   lanner::int4_mm(x fp32 [M, K], nib uint8 [T, K/4, 8, 4], scales bf16 [T, K/G, 16],
+//                   zeros uint8 [T, K/G, 8], int group, int n) -> y fp32 [M, n]
 //
 // Weights are packed in tiles of 16 output rows; within a tile, k comes in quads and each row's 4 weights
 // of a quad are adjacent: wt[t, k/4, j, k%4] = q[16 t + j, k] (int8; rows and k past the matrix are 0),
-// nib[t, k/4, j, k%4] = q[16 t + j, k] | q[16 t + j + 8, k] << 4 (int4, j < 8).  A thread's share of the
+// nib[t, k/4, j, k%4] = q[16 t + j, k] | q[16 t + j + 8, k] << 4 (int4, j < 8; the zero points of a group
+// likewise: zeros[t, g, j] = z[16 t + j, g] | z[16 t + j + 8, g] << 4).  A thread's share of the
 // matrix is one sequential stream, and one 32-byte load holds 4 k of 8 rows: the layout of the x86
 // integer dot-product instructions (VNNI vpdpbusd: 4 u8 x s8 products summed into each int32 lane).
 //
 // Activations are quantized per row in blocks of 32 (as llama.cpp's Q8 activations): sx = max|x| / 127,
 // xq = round(x / sx) in [-127, 127].  Each block's dot products are exact int32; the float sums are
 //   int8:  y[m, r] = s[r] * sum_b sx[m, b] * dot_b(xq, q[r])
-//   int4:  y[m, r] = sum_b sx[m, b] * (s[r, g] * dot_b(xq, q[r]) + (z[r, g] - 8 s[r, g]) * sum_{k in b} xq[k])
-// with w = (q - 8) * s + z for int4 (g = the weight group of block b; G is a multiple of 32).  The float
+//   int4:  y[m, r] = sum_b sx[m, b] * (s[r, g] * dot_b(xq, q[r]) - z[r, g] s[r, g] * sum_{k in b} xq[k])
+// with w = (q - z) * s for int4, z an integer 0..15 (g = the weight group of block b; G is a multiple of
+// 32; z * s is exact in fp32).  The float
 // work is done in the same order on every ISA and for any batch, so a row's result is bit-identical alone
 // or in a batch, on any thread count, and with AVX-512-VNNI, AVX-VNNI, AVX2 or the scalar code.
 //
@@ -29,6 +32,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include "lanner_ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -192,21 +197,22 @@ inline void int8_tile(const int8_t* xq, const float* sx, const float* xsum, int6
 
 template <int MR>
 inline void int4_tile(const int8_t* xq, const float* sx, const float* xsum, int64_t Kp, int64_t G,
-                      const uint8_t* nib, const uint16_t* sz, float* out, int64_t ldo, int64_t nvalid,
-                      const uint8_t* next) {
+                      const uint8_t* nib, const uint16_t* scales, const uint8_t* zeros, float* out,
+                      int64_t ldo, int64_t nvalid, const uint8_t* next) {
   const int64_t blocks = Kp / kBlock, groups = Kp / G;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256 eight = _mm256_set1_ps(8.f);
+  const __m128i low4x = _mm_set1_epi8(0x0F);
 #if !LANNER_VNNI
   const __m256i ones = _mm256_set1_epi16(1);
 #endif
   __m256 fa[MR][2];
   for (int m = 0; m < MR; ++m) fa[m][0] = fa[m][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const uint16_t* p = sz + g * 32;
-    const __m256 s0 = load_bf16x8(p), s1 = load_bf16x8(p + 8);
-    const __m256 c0 = _mm256_fnmadd_ps(eight, s0, load_bf16x8(p + 16));  // z - 8 s
-    const __m256 c1 = _mm256_fnmadd_ps(eight, s1, load_bf16x8(p + 24));
+    const __m256 s0 = load_bf16x8(scales + g * 16), s1 = load_bf16x8(scales + g * 16 + 8);
+    const __m128i z = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g * 8));
+    const __m256 z0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(z, low4x)));
+    const __m256 z1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(z, 4), low4x)));
+    const __m256 c0 = _mm256_mul_ps(z0, s0), c1 = _mm256_mul_ps(z1, s1);  // z s (exact)
     for (int64_t b = g * G / kBlock; b < (g + 1) * G / kBlock; ++b) {
       __m256i ia[MR][2];
       for (int m = 0; m < MR; ++m) ia[m][0] = ia[m][1] = _mm256_setzero_si256();
@@ -229,8 +235,8 @@ inline void int4_tile(const int8_t* xq, const float* sx, const float* xsum, int6
       for (int m = 0; m < MR; ++m) {
         const __m256 s = _mm256_set1_ps(sx[m * blocks + b]);
         const __m256 zs = _mm256_set1_ps(sx[m * blocks + b] * xsum[m * blocks + b]);
-        fa[m][0] = _mm256_fmadd_ps(c0, zs, _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[m][0]), _mm256_mul_ps(s0, s), fa[m][0]));
-        fa[m][1] = _mm256_fmadd_ps(c1, zs, _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[m][1]), _mm256_mul_ps(s1, s), fa[m][1]));
+        fa[m][0] = _mm256_fnmadd_ps(c0, zs, _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[m][0]), _mm256_mul_ps(s0, s), fa[m][0]));
+        fa[m][1] = _mm256_fnmadd_ps(c1, zs, _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[m][1]), _mm256_mul_ps(s1, s), fa[m][1]));
       }
     }
   }
@@ -270,23 +276,24 @@ inline void int8_tile(const int8_t* xq, const float* sx, const float* xsum, int6
 
 template <int MR>
 inline void int4_tile(const int8_t* xq, const float* sx, const float* xsum, int64_t Kp, int64_t G,
-                      const uint8_t* nib, const uint16_t* sz, float* out, int64_t ldo, int64_t nvalid,
-                      const uint8_t* next) {
+                      const uint8_t* nib, const uint16_t* scales, const uint8_t* zeros, float* out,
+                      int64_t ldo, int64_t nvalid, const uint8_t* next) {
   const int64_t blocks = Kp / kBlock;
   for (int m = 0; m < MR; ++m)
     for (int64_t j = 0; j < nvalid; ++j) {
       float acc = 0.f;
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t g = b * kBlock / G;
-        const float s = bf16_to_float(sz[g * 32 + j]);
-        const float c = std::fmaf(-8.f, s, bf16_to_float(sz[g * 32 + 16 + j]));
+        const float s = bf16_to_float(scales[g * 16 + j]);
+        const uint8_t zb = zeros[g * 8 + j % 8];
+        const float c = static_cast<float>(j < 8 ? zb & 0x0F : zb >> 4) * s;
         int32_t dot = 0;
         for (int64_t k = b * kBlock; k < (b + 1) * kBlock; ++k) {
           const uint8_t byte = nib[(k / 4) * 32 + (j % 8) * 4 + k % 4];
           dot += static_cast<int32_t>(xq[m * Kp + k]) * (j < 8 ? byte & 0x0F : byte >> 4);
         }
         const float sxb = sx[m * blocks + b];
-        acc = std::fmaf(c, sxb * xsum[m * blocks + b], std::fmaf(static_cast<float>(dot), s * sxb, acc));
+        acc = std::fmaf(-c, sxb * xsum[m * blocks + b], std::fmaf(static_cast<float>(dot), s * sxb, acc));
       }
       out[m * ldo + j] = acc;
     }
@@ -346,6 +353,10 @@ at::Tensor over_tiles(const char* op, const at::Tensor& x, int64_t Kp, int64_t T
   return y;
 }
 
+}  // namespace
+
+namespace lanner {
+
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& scales, int64_t n) {
   check_activations("int8_mm", x);
   TORCH_CHECK(wt.dim() == 4 && scales.dim() == 1 && wt.scalar_type() == at::kChar &&
@@ -364,24 +375,29 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& 
   });
 }
 
-at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& nib, const at::Tensor& sz, int64_t group, int64_t n) {
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& nib, const at::Tensor& scales, const at::Tensor& zeros,
+                   int64_t group, int64_t n) {
   check_activations("int4_mm", x);
-  TORCH_CHECK(nib.dim() == 4 && sz.dim() == 4 && nib.scalar_type() == at::kByte &&
-                  sz.scalar_type() == at::kBFloat16 && nib.is_contiguous() && sz.is_contiguous(),
-              "int4_mm: nib contiguous uint8 [T, K/4, 8, 4], sz contiguous bf16 [T, K/G, 2, 16]");
+  TORCH_CHECK(nib.dim() == 4 && scales.dim() == 3 && zeros.dim() == 3 && nib.scalar_type() == at::kByte &&
+                  scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kByte &&
+                  nib.is_contiguous() && scales.is_contiguous() && zeros.is_contiguous(),
+              "int4_mm: nib contiguous uint8 [T, K/4, 8, 4], scales contiguous bf16 [T, K/G, 16], "
+              "zeros contiguous uint8 [T, K/G, 8]");
   const int64_t K = x.size(1), T = nib.size(0);
   TORCH_CHECK(group > 0 && group % kBlock == 0 && K % group == 0,
               "int4_mm: the group size must be a multiple of 32 that divides K");
-  TORCH_CHECK(nib.size(1) * 4 == K && nib.size(2) == 8 && nib.size(3) == 4 && sz.size(0) == T &&
-                  sz.size(1) == K / group && sz.size(2) == 2 && sz.size(3) == kTile, "int4_mm: shape mismatch");
-  const uint8_t* np = nib.data_ptr<uint8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
   const int64_t groups = K / group;
+  TORCH_CHECK(nib.size(1) * 4 == K && nib.size(2) == 8 && nib.size(3) == 4 && scales.size(0) == T &&
+                  scales.size(1) == groups && scales.size(2) == kTile && zeros.size(0) == T &&
+                  zeros.size(1) == groups && zeros.size(2) == kTile / 2, "int4_mm: shape mismatch");
+  const uint8_t* np = nib.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  const uint8_t* zp = zeros.data_ptr<uint8_t>();
   return over_tiles("int4_mm", x, K, T, n, [&](auto mr, const int8_t* xq, const float* sx, const float* xs,
                                                int64_t t, float* out, int64_t nvalid, bool ahead) {
     const uint8_t* tile = np + t * K * 8;
-    int4_tile<decltype(mr)::value>(xq, sx, xs, K, group, tile, sp + t * groups * 32, out, n, nvalid,
-                                   ahead ? tile + K * 8 : nullptr);
+    int4_tile<decltype(mr)::value>(xq, sx, xs, K, group, tile, sp + t * groups * kTile,
+                                   zp + t * groups * (kTile / 2), out, n, nvalid, ahead ? tile + K * 8 : nullptr);
   });
 }
 
@@ -398,15 +414,15 @@ std::string isa() {
 #endif
 }
 
-}  // namespace
+}  // namespace lanner
 
 TORCH_LIBRARY(lanner, m) {
   m.def("int8_mm(Tensor x, Tensor wt, Tensor scales, int n) -> Tensor");
-  m.def("int4_mm(Tensor x, Tensor nib, Tensor sz, int group, int n) -> Tensor");
-  m.def("isa() -> str", &isa);
+  m.def("int4_mm(Tensor x, Tensor nib, Tensor scales, Tensor zeros, int group, int n) -> Tensor");
+  m.def("isa() -> str", &lanner::isa);
 }
 
 TORCH_LIBRARY_IMPL(lanner, CPU, m) {
-  m.impl("int8_mm", &int8_mm);
-  m.impl("int4_mm", &int4_mm);
+  m.impl("int8_mm", &lanner::int8_mm);
+  m.impl("int4_mm", &lanner::int4_mm);
 }
