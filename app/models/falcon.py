@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.models import stack
 from app.models.kv_cache import BatchMeta, KVCache
 from app.models.llama import (
     Reader,
@@ -129,12 +130,12 @@ class FalconDecoder(nn.Module):
                                     for _ in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.stack_cache = stack.StackCache()  # app/models/stack.py: all layers in one C++ call
 
     def forward(self, input_ids: torch.Tensor, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
         # input_ids: [T] -> logits [B, V] fp32 of the rows meta.logit_rows
         x = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, i, meta, kv)
+        x = stack.run_layers(self, x, meta, kv)  # the C++ stack, or the layers above one by one
         return self.lm_head(self.ln_f(x.index_select(0, meta.logit_rows))).float()
 
 

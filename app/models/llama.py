@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.models import ops
+from app.models import ops, stack
 from app.models.kv_cache import BatchMeta, KVCache
 
 
@@ -150,12 +150,12 @@ class LlamaDecoder(nn.Module):
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.stack_cache = stack.StackCache()  # app/models/stack.py: all layers in one C++ call
 
     def forward(self, input_ids: torch.Tensor, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
         # input_ids: [T] -> logits [B, V] fp32 of the rows meta.logit_rows
         x = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, i, meta, kv)
+        x = stack.run_layers(self, x, meta, kv)  # the C++ stack, or the layers above one by one
         x = ops.rms_norm(x.index_select(0, meta.logit_rows), self.norm, self.eps)
         return self.lm_head(x).float()
 

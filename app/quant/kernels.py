@@ -1,7 +1,8 @@
 """Lanner's own WOQ kernels (app/quant/csrc/woq_kernels.cpp): built for the running CPU on first use.
 
 The same library carries the decoder's small C++ ops (app/quant/csrc/decoder_ops.cpp: RMSNorm, RoPE + KV
-store, decode attention; used through app/models/ops.py), so it is built for fp32 models too.
+store, decode attention; used through app/models/ops.py) and the whole layer stack of a step in one call
+(decoder_stack.cpp, app/models/stack.py), so it is built for fp32 models too.
 
 Why: ATen's `_weight_int8pack_mm` streams int8 weights at 15-16 GB/s on the 2-core EPYC where llama.cpp
 reads 23-26 GB/s, and its int8/int4 kernels compute in (emulated or native) bf16, so batches of rows are
@@ -17,8 +18,8 @@ headers (`-O3 -march=native -fopenmp`: the compiler targets the machine that run
 AVX-VNNI, AVX2 or plain C++ are picked where they exist), registered as `torch.ops.lanner.*`, and threaded
 with at::parallel_for (torch's own OpenMP pool, the size `torch.set_num_threads` gave).  The shared object is
 cached under $LANNER_KERNEL_CACHE (default ~/.cache/lanner/kernels) by a hash of the sources, the flags,
-the compiler, torch's version and the CPU's flags, so a fresh machine pays the build once (~12 s: the
-sources compile in parallel); processes that race for it build under a file lock.  No compiler, a failed
+the compiler, torch's version and the CPU's flags, so a fresh machine pays the build once (~20 s on 2
+cores: the sources compile in parallel); processes that race for it build under a file lock.  No compiler, a failed
 build or LANNER_OWN_KERNELS=0 leave Lanner on ATen's kernels and ops (the reason is logged and reported).
 """
 
@@ -42,9 +43,9 @@ import torch
 log = logging.getLogger("lanner.quant")
 
 CSRC = Path(__file__).parent / "csrc"
-# The WOQ matmuls, and the decoder's small per-layer ops (RMSNorm, RoPE + KV store, decode attention):
-# one library.
-SOURCES = (CSRC / "woq_kernels.cpp", CSRC / "decoder_ops.cpp")
+# The WOQ matmuls, the decoder's small per-layer ops (RMSNorm, RoPE + KV store, decode attention) and the
+# whole layer stack in one call (decoder_stack.cpp): one library.
+SOURCES = (CSRC / "woq_kernels.cpp", CSRC / "decoder_ops.cpp", CSRC / "decoder_stack.cpp")
 HEADERS = (CSRC / "lanner_ops.h",)  # included by the sources (part of the build key)
 CACHE_ENV = "LANNER_KERNEL_CACHE"
 ENABLE_ENV = "LANNER_OWN_KERNELS"

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from app.models import ops
+from app.models import ops, stack
 from app.models.base import StepInput
 from app.models.falcon import FalconDecoder
 from app.models.kv_cache import KVCache
@@ -142,35 +142,61 @@ def test_single_prefill(name, pairs):
     assert_close(logits[0], ref_last_logits(hf, ids), name)
 
 
-@pytest.mark.parametrize("own_ops", [True, False], ids=["own-ops", "aten-ops"])
+MIXED_PLAN = [  # per step: seq -> tokens to feed now (prompts of 60, 33, 9, 20 tokens, then sampled ones)
+    {0: 25, 1: 33, 2: 8},  # three prefills (seq 0 only its first chunk)
+    {2: 1, 0: 30, 3: 20, 1: 1},  # decode, 2nd chunk at start_pos 25, new prefill, decode
+    {1: 1, 0: 1, 2: 1, 3: 1},  # decodes only
+    {3: 1, 0: 1, 1: 1},
+]
+
+
+def mixed_steps(runner: BatchedRunner):
+    """Feed MIXED_PLAN; yields (step, seq ids, logits, each row's whole prefix so far)."""
+    seqs = {s: random_ids(n, 10 + s) for s, n in ((0, 60), (1, 33), (2, 9), (3, 20))}
+    extra = {s: random_ids(8, 100 + s) for s in seqs}  # "sampled" tokens appended after the prompt
+    fed = {s: 0 for s in seqs}
+    for step_no, feeds in enumerate(MIXED_PLAN):
+        inputs = [StepInput(s, (seqs[s] + extra[s])[fed[s]:fed[s] + n], fed[s]) for s, n in feeds.items()]
+        logits = runner.step(inputs)
+        for s, n in feeds.items():
+            fed[s] += n
+        yield step_no, list(feeds), logits, [(seqs[s] + extra[s])[:fed[s]] for s in feeds]
+
+
+@pytest.mark.parametrize("mode", ["stack", "own-ops", "aten-ops"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_mixed_batch(name, own_ops, pairs, monkeypatch):
-    """Prefills, second prompt chunks (start_pos > 0) and decodes in the same steps; with Lanner's C++
-    RMSNorm / RoPE + KV store (app/models/ops.py) and with the ATen ops used where they are not built."""
-    if own_ops and not ops.own_ops():
+def test_mixed_batch(name, mode, pairs, monkeypatch):
+    """Prefills, second prompt chunks (start_pos > 0) and decodes in the same steps: all layers in one C++
+    call (app/models/stack.py), the Python layers over Lanner's C++ RMSNorm / RoPE + KV store / decode
+    attention (app/models/ops.py), and the ATen ops used where the library is not built."""
+    if mode != "aten-ops" and not ops.own_ops():
         pytest.skip("Lanner's kernels library is not built here")
-    monkeypatch.setattr(ops, "own_ops", lambda: own_ops)
+    monkeypatch.setattr(ops, "own_ops", lambda: mode != "aten-ops")
+    monkeypatch.setenv(stack.ENABLE_ENV, "1" if mode == "stack" else "0")
     hf, info = pairs[name]
     runner = load_runner(info, MAX_LEN, 4)
-    seqs = {s: random_ids(n, 10 + s) for s, n in ((0, 60), (1, 33), (2, 9), (3, 20))}
-    fed = {s: 0 for s in seqs}
-    plan = [  # per step: seq -> tokens to feed now
-        {0: 25, 1: 33, 2: 8},  # three prefills (seq 0 only its first chunk)
-        {2: 1, 0: 30, 3: 20, 1: 1},  # decode, 2nd chunk at start_pos 25, new prefill, decode
-        {1: 1, 0: 1, 2: 1, 3: 1},  # decodes only
-        {3: 1, 0: 1, 1: 1},
-    ]
-    extra = {s: random_ids(8, 100 + s) for s in seqs}  # "sampled" tokens appended after the prompt
-    for step_no, feeds in enumerate(plan):
-        inputs = []
-        for s, n in feeds.items():
-            full = seqs[s] + extra[s]
-            inputs.append(StepInput(s, full[fed[s]:fed[s] + n], fed[s]))
-        logits = runner.step(inputs)
-        for row, inp in enumerate(inputs):
-            fed[inp.seq_id] += len(inp.token_ids)
-            prefix = (seqs[inp.seq_id] + extra[inp.seq_id])[:fed[inp.seq_id]]
-            assert_close(logits[row], ref_last_logits(hf, prefix), f"{name} step {step_no} seq {inp.seq_id}")
+    for step_no, seq_ids, logits, prefixes in mixed_steps(runner):
+        for row, (s, prefix) in enumerate(zip(seq_ids, prefixes)):
+            assert_close(logits[row], ref_last_logits(hf, prefix), f"{name} step {step_no} seq {s}")
+    assert (runner.model.stack_cache.get(runner.model, runner.kv) is not None) == (mode == "stack")
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decoder_stack_equals_python_layers(name, quantize, pairs, monkeypatch):
+    """The C++ stack runs the Python layers' ops in the same order, so every logit is bit-identical, for
+    fp32 and for Lanner's int8 / int4 layers, through prefills, second chunks and decodes."""
+    if not ops.own_ops():
+        pytest.skip("Lanner's kernels library is not built here")
+    _, info = pairs[name]
+    results = {}
+    for use_stack in (True, False):
+        monkeypatch.setenv(stack.ENABLE_ENV, "1" if use_stack else "0")
+        runner = load_runner(info, MAX_LEN, 4, quantize=quantize)
+        assert (runner.model.stack_cache.get(runner.model, runner.kv) is not None) == use_stack
+        results[use_stack] = [logits for _, _, logits, _ in mixed_steps(runner)]
+    for step_no, (a, b) in enumerate(zip(results[True], results[False])):
+        assert torch.equal(a, b), f"{name} {quantize} step {step_no}: max diff {(a - b).abs().max().item()}"
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-bias", "falcon-40b"])

@@ -101,3 +101,25 @@ def test_decode_attention_refuses_bad_rows():
     with pytest.raises(RuntimeError, match="shape mismatch"):
         ops.decode_attention(torch.randn(1, 3, 16), torch.zeros(2, 2, 8, 16), torch.zeros(2, 2, 8, 16),
                              torch.tensor([0]), torch.tensor([0]))
+
+
+@needs_ops
+def test_decoder_stack_refuses_bad_encodings():
+    """app/models/stack.py's encoding is checked where it is read: a wrong count of tensors or ints, a bad
+    configuration or Linear kind is an error, not a crash in a later step."""
+    stack_cls = torch.classes.lanner.DecoderStack
+    header = [0, 0, 0, 2, 1, 16, 64, 1]  # RMSNorm, sequential, SiLU-gated, 2 heads, 1 KV head, d 16, 1 layer
+    w = torch.zeros(64, 32)
+    linear = [w, torch.empty(0), torch.empty(0), torch.empty(0)]
+    tensors = 4 * linear + [torch.ones(32), torch.empty(0), torch.ones(32), torch.empty(0),
+                            torch.zeros(1, 1, 8, 16), torch.zeros(1, 1, 8, 16)]
+    ints = header + 4 * [0, 0, 64]
+    stack_cls(tensors, ints, 1e-5)  # well-formed
+    with pytest.raises(RuntimeError, match="tensors"):
+        stack_cls(tensors[:-1], ints, 1e-5)
+    with pytest.raises(RuntimeError, match="ints too short"):
+        stack_cls(tensors, ints[:3], 1e-5)
+    with pytest.raises(RuntimeError, match="bad configuration"):
+        stack_cls(tensors, [0, 0, 0, 3, 2, 16, 64, 1] + ints[8:], 1e-5)  # 3 heads over 2 KV heads
+    with pytest.raises(RuntimeError, match="bad Linear"):
+        stack_cls(tensors, header + [5, 0, 64] + ints[11:], 1e-5)
