@@ -22,6 +22,7 @@
 #include <ATen/ops/relu.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <ATen/ops/silu.h>
+#include <ATen/record_function.h>
 #include <c10/util/Exception.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -54,6 +55,8 @@ struct Linear {
   // x [T, K] contiguous fp32 -> [T, n]; as app/quant/woq.py's _TiledLinear.forward / nn.Linear
   at::Tensor operator()(const at::Tensor& x) const {
     if (kind == kFp32) return at::linear(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+    // called directly, not through the dispatcher: named for torch.profiler (free when it is off)
+    RECORD_FUNCTION(kind == kInt8 ? "lanner::int8_mm" : "lanner::int4_mm", std::vector<c10::IValue>());
     at::Tensor y = kind == kInt8 ? lanner::int8_mm(x, w, s, n) : lanner::int4_mm(x, w, s, z, group, n);
     if (bias.defined()) y.add_(bias);
     return y;
@@ -104,7 +107,10 @@ struct DecoderStack : torch::CustomClassHolder {
   }
 
   at::Tensor norm_(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) const {
-    if (norm == kRmsNorm) return lanner::rms_norm(x, w, eps);
+    if (norm == kRmsNorm) {
+      RECORD_FUNCTION("lanner::rms_norm", std::vector<c10::IValue>());
+      return lanner::rms_norm(x, w, eps);
+    }
     return at::layer_norm(x, {x.size(1)}, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt, eps);
   }
 
@@ -114,12 +120,17 @@ struct DecoderStack : torch::CustomClassHolder {
                        const std::vector<Span>& spans) const {
     const at::Tensor qkv = L.qkv(h);
     const int64_t T = qkv.size(0);
-    lanner::rope_store(qkv, cos, sin, L.k, L.v, slots, positions, nh, nkv);
+    {
+      RECORD_FUNCTION("lanner::rope_store", std::vector<c10::IValue>());
+      lanner::rope_store(qkv, cos, sin, L.k, L.v, slots, positions, nh, nkv);
+    }
     const at::Tensor q = qkv.narrow(1, 0, nh * d).view({T, nh, d});
     std::vector<at::Tensor> outs;
-    if (nd > 0)
+    if (nd > 0) {
+      RECORD_FUNCTION("lanner::decode_attention", std::vector<c10::IValue>());
       outs.push_back(lanner::decode_attention(q.narrow(0, 0, nd), L.k, L.v, slots.narrow(0, 0, nd),
                                               positions.narrow(0, 0, nd), std::pow(static_cast<double>(d), -0.5)));
+    }
     for (const Span& s : spans) {
       const at::Tensor qp = q.narrow(0, s.offset, s.length).transpose(0, 1).unsqueeze(0);  // [1, nh, n, d]
       const at::Tensor kp = L.k.select(0, s.slot).narrow(1, 0, s.kv_len).unsqueeze(0);  // [1, nkv, kv_len, d]
