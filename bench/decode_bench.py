@@ -366,8 +366,7 @@ def run_child(engine: str, args: argparse.Namespace, prompt_file: Path, gguf: Pa
         cmd += ["--lanner-root", str(args.lanner_root)]
     if gguf:
         cmd += ["--gguf", str(gguf)]
-    if args.profile:
-        cmd += ["--profile"]
+    cmd += ["--profile" if args.profile else "--no-profile"]  # the child's own default is to profile
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     print(f"[{time.strftime('%H:%M:%S')}] {engine} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -380,6 +379,26 @@ def run_child(engine: str, args: argparse.Namespace, prompt_file: Path, gguf: Pa
           f"prefill {s['prefill_s']:.3f} s, peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB, weights "
           f"{s['weight_bytes'] / 2**20:.0f} MiB ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     return raw
+
+
+def extra_rounds(args: argparse.Namespace, engines: list[str], first: dict[str, Any], prompt_file: Path,
+                 ggufs: dict[str, Path]) -> dict[str, Any] | None:
+    """With --rounds N > 1: the engines of the decode pairs run N - 1 more times, one after the other as in
+    the first round (no profile), and each pair's decode ratio is taken within each round.  On a noisy VM
+    the spread of these same-round ratios says how far one round can be trusted."""
+    paired = [e for e in engines if any(e in pair for pair in PAIRS if pair[0] != "lanner-fp32")]
+    if args.rounds <= 1 or not paired:
+        return None
+    tok_s = [{e: first[e]["summary"]["decode_tok_s"] for e in paired}]
+    quiet = argparse.Namespace(**{**vars(args), "profile": False})
+    with tempfile.TemporaryDirectory() as scratch:
+        quiet.logits_dir = Path(scratch)
+        for r in range(1, args.rounds):
+            print(f"round {r + 1} of {args.rounds}", file=sys.stderr, flush=True)
+            tok_s.append({e: run_child(e, quiet, prompt_file, ggufs.get(e.split("-", 1)[1]))["summary"]["decode_tok_s"]
+                          for e in paired})
+    pair_ratios = {f"{a} vs {b}": [t[a] / t[b] for t in tok_s] for a, b in PAIRS if a in paired and b in paired}
+    return {"decode_tok_s": tok_s, "decode_ratios": pair_ratios}
 
 
 def ratios(engines: dict[str, Any]) -> list[dict[str, Any]]:
@@ -507,6 +526,22 @@ def markdown(result: dict[str, Any]) -> str:
             rss_t = _verdict(x["peak_rss_over_weights"] <= RSS_TARGET) if tgt else "—"
             lines.append(f"| {r['lanner']} vs {r['llama_cpp']} | {r['decode']:.2f} | {dec_t} | {r['prefill']:.2f} | "
                          f"{pre_t} | {r['peak_rss']:.2f} | {r['weights']:.2f} | {x['peak_rss_over_weights']:.2f} | {rss_t} |")
+    rounds = result.get("rounds")
+    if rounds:
+        n = len(rounds["decode_tok_s"])
+        lines += ["", f"Decode ratio in each of {n} rounds (every paired engine once per round, in the same order; "
+                      "round 1 is the table above):", "",
+                  "| pair | " + " | ".join(f"round {i + 1}" for i in range(n)) + " | median | target |",
+                  "|---|" + "---|" * (n + 2)]
+        for pair, rs in rounds["decode_ratios"].items():
+            tgt = TARGETS.get(pair.split(" vs ")[0], {}).get("decode_vs")
+            med = statistics.median(rs)
+            verdict = f"≥{tgt:.2f} {_verdict(med >= tgt)} (median; {sum(r >= tgt for r in rs)}/{n} rounds)" if tgt else "—"
+            lines.append(f"| {pair} | " + " | ".join(f"{r:.2f}" for r in rs) + f" | {med:.2f} | {verdict} |")
+        lines += ["", "| engine | " + " | ".join(f"round {i + 1} tok/s" for i in range(n)) + " |",
+                  "|---|" + "---|" * n]
+        for e in rounds["decode_tok_s"][0]:
+            lines.append(f"| {e} | " + " | ".join(f"{t[e]:.2f}" for t in rounds["decode_tok_s"]) + " |")
     acc = result.get("accuracy") or {}
     if acc:
         lines += ["", f"Logits on the same inputs (the prompt, then {s.get('accuracy_tokens')} fixed tokens fed one by "
@@ -613,11 +648,11 @@ def parent_main(args: argparse.Namespace) -> int:
         args.logits_dir = Path(logits_dir)
         try:
             for e in engines:
-                gguf = ggufs.get(e.split("-", 1)[1]) if e.startswith("llama.cpp") else None
-                results[e] = run_child(e, args, prompt_file, gguf)
+                results[e] = run_child(e, args, prompt_file, ggufs.get(e.split("-", 1)[1]))
+            accuracy = logit_accuracy(engines, args.logits_dir)
+            rounds = extra_rounds(args, engines, results, prompt_file, ggufs)
         finally:
             prompt_file.unlink(missing_ok=True)
-        accuracy = logit_accuracy(engines, args.logits_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
     lanner_root = Path(args.lanner_root or REPO_ROOT).resolve()
     result = {
@@ -631,6 +666,7 @@ def parent_main(args: argparse.Namespace) -> int:
                      "lanner_dirty_files": _git(lanner_root, "status", "--porcelain", "--", "app").splitlines(),
                      "ggufs": {k: str(v) for k, v in ggufs.items()}},
         "engines": results, "ratios": ratios(results), "agreement": agreement(results), "accuracy": accuracy,
+        "rounds": rounds,
     }
     out_dir = Path(args.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -663,6 +699,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                         help="torch.profiler of the Lanner int8/int4 decode step (after the measurement)")
     parser.add_argument("--profile-steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the paired engines this many times in all and report each round's decode ratios "
+                             "(the VM's noise moves single runs by 10-25%%)")
     parser.add_argument("--gguf-dir", type=Path, default=None, help="GGUF cache (default ~/.cache/lanner/gguf)")
     parser.add_argument("--results-dir", type=Path, default=BENCH / "results" / "decode")
     parser.add_argument("--note", default="", help="a line for the report (e.g. what else ran)")
