@@ -15,7 +15,7 @@ zero points) mean cosine 0.9742 (demo-llama, min row 0.937), 0.9835 (llama3-rope
 others), pooled top-1 0.82.  With bf16 float zero points (checkpoint format 1, 5 bits per weight instead
 of 4.625) it was 0.9761 (min 0.95) / 0.9839 / 0.9895-0.9980, pooled 0.83; with group 64 and float zeros
 0.9737 / 0.9716 / 0.9845-0.9973, pooled 0.80.  The 1.1B shape (`test_tinyllama_shape`, slow): int8
-0.998, int4 0.87 with float zeros (group 128: 0.825).
+0.998, int4 0.867 (0.868 with float zeros; group 128: 0.825).
 
 The issue's int4 target of 0.99 is not met on these random-weight models, and cannot be by a better
 4-bit grid: the quantization error here behaves exactly like white noise.  Replacing every int4 matrix
@@ -219,7 +219,8 @@ def test_reference_runner_refuses_quantize(model_dirs):
 # Measured with ATen's kernels (bf16 activations): int8 mean cosine 0.9981 (min 0.9972), top-1 0.91, top-1
 # within fp32's top-2 1.0; int4 (group 32, head int8) 0.868 (min 0.819), top-1 0.23 (group 128: 0.825,
 # 0.20).  With Lanner's kernels (activations quantized per 32-block): int8 0.9976 (min 0.9965), top-1 0.875,
-# top-2 1.0; int4 0.867 (min 0.818), top-1 0.25.  Bounds sit a little below.
+# top-2 1.0; int4 0.867 (min 0.818), top-1 0.25; with integer zero points 0.8666 (min 0.803), top-1 0.16.
+# Bounds sit a little below.
 TINYLLAMA_BOUNDS = {"int8": {"mean_cos": 0.997, "min_cos": 0.995, "top1": 0.85, "top1_in_ref_top2": 0.95},
                     "int4": {"mean_cos": 0.85, "min_cos": 0.79}}
 
