@@ -395,8 +395,8 @@ def extra_rounds(args: argparse.Namespace, engines: list[str], first: dict[str, 
         quiet.logits_dir = Path(scratch)
         for r in range(1, args.rounds):
             print(f"round {r + 1} of {args.rounds}", file=sys.stderr, flush=True)
-            tok_s.append({e: run_child(e, quiet, prompt_file, ggufs.get(e.split("-", 1)[1]))["summary"]["decode_tok_s"]
-                          for e in paired})
+            runs = {e: run_child(e, quiet, prompt_file, ggufs.get(e.split("-", 1)[1])) for e in paired}
+            tok_s.append({e: raw["summary"]["decode_tok_s"] for e, raw in runs.items()})
     pair_ratios = {f"{a} vs {b}": [t[a] / t[b] for t in tok_s] for a, b in PAIRS if a in paired and b in paired}
     return {"decode_tok_s": tok_s, "decode_ratios": pair_ratios}
 
@@ -536,7 +536,8 @@ def markdown(result: dict[str, Any]) -> str:
         for pair, rs in rounds["decode_ratios"].items():
             tgt = TARGETS.get(pair.split(" vs ")[0], {}).get("decode_vs")
             med = statistics.median(rs)
-            verdict = f"≥{tgt:.2f} {_verdict(med >= tgt)} (median; {sum(r >= tgt for r in rs)}/{n} rounds)" if tgt else "—"
+            verdict = (f"≥{tgt:.2f} {_verdict(med >= tgt)} (median; {sum(r >= tgt for r in rs)}/{n} rounds)"
+                       if tgt else "—")
             lines.append(f"| {pair} | " + " | ".join(f"{r:.2f}" for r in rs) + f" | {med:.2f} | {verdict} |")
         lines += ["", "| engine | " + " | ".join(f"round {i + 1} tok/s" for i in range(n)) + " |",
                   "|---|" + "---|" * n]

@@ -227,9 +227,11 @@ def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
         log.info("%s: RMSNorm, RoPE + KV store and decode attention run as %s", info.path.name,
                  "Lanner's C++ ops" if ops.own_ops() else "ATen ops (Lanner's kernels are not built)")
         if runner.model.stack_cache.get(runner.model, runner.kv) is not None:
-            log.info("%s: every decoder layer of a step runs in one C++ call (app/models/stack.py)", info.path.name)
+            log.info("%s: every decoder layer of a step runs in one C++ call (app/models/stack.py)",
+                     info.path.name)
         else:
-            log.info("%s: decoder layers run one by one from Python (%s)", info.path.name, stack.why_not(runner.model))
+            log.info("%s: decoder layers run one by one from Python (%s)", info.path.name,
+                     stack.why_not(runner.model))
         return runner
     except UnsupportedModelError as exc:
         raise ModelLoadError(f"Model in {info.path} cannot be served: {exc}") from exc

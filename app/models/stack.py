@@ -1,13 +1,13 @@
-"""All decoder layers of a step in one C++ call (app/quant/csrc/decoder_stack.cpp), when the kernels are built.
+"""All decoder layers of a step in one C++ call (app/quant/csrc/decoder_stack.cpp) where the kernels build.
 
 The Python layers (llama.py, falcon.py) call ~10 C++ ops per layer; between them a decode step of the
 TinyLlama-1.1B shape spent 2.5-5 ms of ~27 in Python (module calls, views, small tensors).  `DecoderStack`
 holds references to every layer's tensors, built once per (model, KV cache), and `forward` runs the same
 ops in the same order in C++, so the hidden states equal the Python layers' bit for bit
-(tests/unit/test_decoder_stack.py).  A model gets a stack only when every Linear in its layers is one of
-Lanner's own-kernel modules (TiledInt8Linear, TiledInt4Linear) or a plain fp32 nn.Linear; other WOQ
-backends (ATen's packed kernels, torchao, IPEX) keep the Python layers.  LANNER_DECODER_STACK=0 turns it
-off (for comparisons).
+(tests/model/test_parity.py `test_decoder_stack_equals_python_layers`).  A model gets a stack only when
+every Linear in its layers is one of Lanner's own-kernel modules (TiledInt8Linear, TiledInt4Linear) or a
+plain fp32 nn.Linear; other WOQ backends (ATen's packed kernels, torchao, IPEX) keep the Python layers.
+LANNER_DECODER_STACK=0 turns it off (for comparisons).
 
 Encoding (what the C++ constructor reads), per layer, in order:
     tensors: for each Linear of (qkv, o, up or gate|up, down): weight, scales, zeros, bias;
@@ -40,7 +40,8 @@ def enabled() -> bool:
 
 
 def _linear(module: nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:
-    bias = _NONE if module.bias is None else module.bias
+    bias = getattr(module, "bias", None)
+    bias = _NONE if bias is None else bias
     if isinstance(module, TiledInt8Linear):
         return [module.weight, module.scales, _NONE, bias], [1, 0, module.out_features]
     if isinstance(module, TiledInt4Linear):
@@ -78,8 +79,9 @@ def build(model: nn.Module, kv: KVCache):
         header = [1, LAYOUTS[first.layout], act, first.num_heads, first.num_kv_heads, first.head_dim, 0]
         eps = first.eps
         parts = [((l.qkv_proj, l.o_proj, l.up_proj, l.down_proj),
-                  (l.ln_attn.weight, l.ln_attn.bias, *((l.ln_mlp.weight, l.ln_mlp.bias) if l.ln_mlp is not None
-                                                       else (None, None)))) for l in layers]
+                  (l.ln_attn.weight, l.ln_attn.bias,
+                   *((l.ln_mlp.weight, l.ln_mlp.bias) if l.ln_mlp is not None else (None, None))))
+                 for l in layers]
     else:
         return None
     tensors: list[torch.Tensor] = []

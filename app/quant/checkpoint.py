@@ -471,6 +471,9 @@ def _stored_weight(name: str, entry: Mapping[str, Any], weights: SourceScope,
             raise ModelLoadError(f"Pre-quantized model in {path}: {name}.{attr} is {t.dtype} "
                                  f"{list(t.shape)}, "
                                  f"expected {dtype} {list(want_shape)} for this config.")
+    if qw.zeros is not None and qw.zeros.numel() and int(qw.zeros.max()) > 15:  # they are packed as nibbles
+        raise ModelLoadError(f"Pre-quantized model in {path}: {name}.zeros holds values above 15; int4 zero "
+                             "points are 0..15.")
     return qw
 
 

@@ -252,6 +252,12 @@ def test_damaged_checkpoint_refused(checkpoints, tmp_path):
     save_file(tensors, str(d / WEIGHTS_FILE))
     with pytest.raises(ModelLoadError, match=r"layers.1.o_proj.scales is torch.bfloat16 \[3\], expected"):
         load_runner(inspect_model_dir(d), MAX_LEN, 1)
+    shutil.copy(checkpoints["demo-llama", "int4"] / WEIGHTS_FILE, d / WEIGHTS_FILE)
+    tensors = load_file(str(d / WEIGHTS_FILE))
+    tensors["layers.1.o_proj.zeros"][0, 0] = 16  # would spill into the next row's nibble when packed
+    save_file(tensors, str(d / WEIGHTS_FILE))
+    with pytest.raises(ModelLoadError, match="layers.1.o_proj.zeros holds values above 15"):
+        load_runner(inspect_model_dir(d), MAX_LEN, 1)
 
 
 def test_quantize_refuses_quantized_source_and_used_output(checkpoints, sources, tmp_path):

@@ -11,7 +11,7 @@
 //
 // Why: a decode step of the TinyLlama-1.1B shape spent 2.5-5 ms of its ~27 ms in Python between the C++
 // ops (module calls, views, ~17 small tensors a layer); this runs the very same ops in the same order, so
-// its results equal the Python layers' bit for bit (tests/unit/test_decoder_stack.py), minus that time.
+// its results equal the Python layers' bit for bit (tests/model/test_parity.py), minus that time.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
