@@ -359,12 +359,18 @@ def int4_range_search(g: torch.Tensor, clip_ratios: tuple[float, ...]) -> tuple[
     return best[1], best[2]
 
 
-def quantize_int4(w: torch.Tensor, group_size: int, clip_ratios: tuple[float, ...] = INT4_CLIP_RATIOS
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4(w: torch.Tensor, group_size: int, clip_ratios: tuple[float, ...] = INT4_CLIP_RATIOS,
+                  native: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # w: [N, K] float -> q: [N, K] uint8 in [0, 15], scales [N, K // G] fp32 (bf16-exact), zeros
     # [N, K // G] uint8 in [0, 15], so that w ~= (q - zeros) * scales per group.  Each group's range is
     # shrunk about its middle by every ratio in clip_ratios and the ratio with the smallest squared error is
-    # kept (the search runs on blocks of rows to bound its temporaries).
+    # kept (the search runs on blocks of rows to bound its temporaries).  `native` (default: wherever
+    # Lanner's kernels are built) runs the same search as one C++ pass per group (`lanner::int4_quantize`,
+    # 2-3x faster); this Python code is its reference, and the fallback.
+    if native is None:
+        native = kernels.available()
+    if native:
+        return torch.ops.lanner.int4_quantize(w.float().contiguous(), group_size, list(clip_ratios))
     n, k = w.shape
     q = torch.empty(n, k, dtype=torch.uint8)
     scales = torch.empty(n, k // group_size)

@@ -15,13 +15,16 @@ import torch.nn.functional as F
 
 from app.quant import kernels
 from app.quant.woq import (
+    INT4_CLIP_RATIOS,
     KERNEL_ENV,
     Int4Linear,
     Int8Linear,
     TiledInt4Linear,
     TiledInt8Linear,
     build_module,
+    dequantize_int4,
     kernel_plan,
+    quantize_int4,
     quantize_weight,
     unpack_nibbles,
 )
@@ -188,7 +191,8 @@ torch.ops.load_library(sys.argv[1])
 from app.quant import kernels
 inputs = torch.load(sys.argv[2])
 torch.save({"int8": kernels.int8_mm(*inputs["int8"]), "int4": kernels.int4_mm(*inputs["int4"]),
-            "isa": torch.ops.lanner.isa()}, sys.argv[3])
+            "quantize": torch.ops.lanner.int4_quantize(*inputs["quantize"]), "isa": torch.ops.lanner.isa()},
+           sys.argv[3])
 """
 
 
@@ -202,7 +206,8 @@ def test_isa_variants_give_bit_identical_results(variant, tmp_path, monkeypatch)
     qw = random_int4(100, 256, 64, seed=12)
     inputs = {"int8": (torch.randn(7, 176, generator=gen(13)), *kernels.pack_int8(q, s), 100),
               "int4": (torch.randn(7, 256, generator=gen(14)),
-                       *kernels.pack_int4(qw.qweight, qw.scales, qw.zeros), 64, 100)}
+                       *kernels.pack_int4(qw.qweight, qw.scales, qw.zeros), 64, 100),
+              "quantize": (torch.randn(64, 256, generator=gen(15)) * 0.02, 32, list(INT4_CLIP_RATIOS))}
     torch.save(inputs, tmp_path / "in.pt")
     done = subprocess.run([sys.executable, "-c", VARIANT_CHILD, str(library), str(tmp_path / "in.pt"),
                            str(tmp_path / "out.pt")], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -211,6 +216,28 @@ def test_isa_variants_give_bit_identical_results(variant, tmp_path, monkeypatch)
     assert theirs["isa"] == variant  # the variant really runs the other code path
     assert torch.equal(theirs["int8"], kernels.int8_mm(*inputs["int8"]))
     assert torch.equal(theirs["int4"], kernels.int4_mm(*inputs["int4"]))
+    for a, b in zip(theirs["quantize"], torch.ops.lanner.int4_quantize(*inputs["quantize"])):
+        assert torch.equal(a, b)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,group", [((300, 2048), 32), ((40, 4544), 64), ((17, 512), 128), ((8, 256), 256)])
+def test_int4_quantize_matches_the_python_reference(shape, group):
+    """lanner::int4_quantize runs woq.quantize_int4's search in C++: the same grid, and the same choice in
+    all but near-ties (its error sums run in another order), so the same quantization error."""
+    w = torch.randn(*shape, generator=gen(21)) * 0.02
+    w[0, :group] = 0.25  # a constant group, and a one-signed one
+    w[1, :group] = -w[1, :group].abs()
+    w[2, :group] = 0.0
+    ours = quantize_int4(w, group, native=True)
+    ref = quantize_int4(w, group, native=False)
+    assert [t.dtype for t in ours] == [t.dtype for t in ref] and [t.shape for t in ours] == [t.shape for t in ref]
+    same = (ours[1] == ref[1]) & (ours[2] == ref[2])
+    assert same.float().mean() >= 0.998 and same[:3, 0].all()
+    q_same = (ours[0] == ref[0]).view(shape[0], -1, group).all(-1)
+    assert torch.equal(q_same | ~same, torch.ones_like(same))  # where the grid agrees, so does every q
+    err = [(dequantize_int4(*t, group) - w).norm() / w.norm() for t in (ours, ref)]
+    assert abs(err[0] - err[1]) <= 1e-4 * err[1]
 
 
 def test_avx_vnni_variant_assembles(tmp_path, monkeypatch):

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
+#include <vector>
 
 namespace lanner {
 
@@ -14,6 +16,8 @@ namespace lanner {
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& scales, int64_t n);
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& nib, const at::Tensor& scales, const at::Tensor& zeros,
                    int64_t group, int64_t n);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_quantize(const at::Tensor& w, int64_t group,
+                                                             const std::vector<double>& ratios);
 std::string isa();
 
 // decoder_ops.cpp

@@ -41,7 +41,9 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -401,6 +403,65 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& nib, const at::Tensor&
   });
 }
 
+// Group-wise int4 quantization, app/quant/woq.py's `quantize_int4` (its Python code is the reference and
+// the fallback; see there for the grid): per group of `group` weights, the range [min(w, 0), max(w, 0)] is
+// shrunk about its middle by each ratio; z = where 0 falls on 16 levels, s = the smallest bf16 step that
+// reaches both ends from z; the ratio with the least squared error wins (the first of equal ones).  One
+// pass over each group, in cache, instead of ~8 whole-matrix tensor ops per ratio: the 1.1B shape's int4
+// load spent most of its time there.  Float steps as in the Python code; the error sums run in another
+// order, so a near-tie between two ratios may go the other way (tests/unit/test_own_kernels.py bounds it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_quantize(const at::Tensor& w, int64_t group,
+                                                             const std::vector<double>& ratios) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(),
+              "int4_quantize: w must be a contiguous fp32 [N, K] tensor");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(group > 0 && K % group == 0 && !ratios.empty(), "int4_quantize: the group must divide K");
+  const int64_t groups = N * (K / group);
+  at::Tensor q = at::empty({N, K}, w.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({N, K / group}, w.options());
+  at::Tensor zeros = at::empty({N, K / group}, w.options().dtype(at::kByte));
+  const float* wp = w.data_ptr<float>();
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  float* sp = scales.data_ptr<float>();
+  uint8_t* zp = zeros.data_ptr<uint8_t>();
+  const std::vector<float> rs(ratios.begin(), ratios.end());
+  // round half to even, then clamp to 0..15 (NaN -> 0); min/max so that the loops below vectorize
+  const auto level = [](float p) { return std::min(std::max(0.f, std::nearbyint(p)), 15.f); };
+  TORCH_CHECK(group % 8 == 0, "int4_quantize: the group size must be a multiple of 8");
+  at::parallel_for(0, groups, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* g = wp + i * group;  // groups are consecutive in row-major [N, K]
+      float lo = 0.f, hi = 0.f;
+      for (int64_t k = 0; k < group; ++k) lo = std::min(lo, g[k]), hi = std::max(hi, g[k]);
+      const float mid = (lo + hi) / 2.f, half = (hi - lo) / 2.f;
+      float best_err = 0.f, best_s = 0.f, best_z = 0.f;
+      for (size_t j = 0; j < rs.size(); ++j) {
+        const float l = mid - half * rs[j], h = mid + half * rs[j];
+        const float z = std::min(std::max(0.f, std::nearbyint(l / std::max(h - l, 1e-12f) * -15.f)), 15.f);
+        const float reach_hi = z < 15.f ? h / std::max(15.f - z, 1.f) : 0.f;
+        const float reach_lo = z > 0.f ? -l / std::max(z, 1.f) : 0.f;
+        const float sc = static_cast<float>(c10::BFloat16(std::max(std::max(reach_hi, reach_lo), 1e-6f)));
+        const float inv = 1.f / sc;
+        float part[8] = {};  // 8 partial sums in a fixed order: the same on every ISA (no FMA contraction
+        for (int64_t k0 = 0; k0 < group; k0 += 8)  // under -std=c++20), and the compiler vectorizes them
+          for (int l8 = 0; l8 < 8; ++l8) {
+            const float p = g[k0 + l8] * inv + z;
+            const float d = level(p) - p;
+            part[l8] += d * d;
+          }
+        const float err = (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))) *
+                          (sc * sc);
+        if (j == 0 || err < best_err) best_err = err, best_s = sc, best_z = z;
+      }
+      const float inv = 1.f / best_s;
+      for (int64_t k = 0; k < group; ++k) qp[i * group + k] = static_cast<uint8_t>(level(g[k] * inv + best_z));
+      sp[i] = best_s;
+      zp[i] = static_cast<uint8_t>(best_z);
+    }
+  });
+  return {q, scales, zeros};
+}
+
 // The integer dot-product code this build uses (for logs, metrics and tests).
 std::string isa() {
 #if LANNER_VNNI && defined(__AVX512VNNI__)
@@ -420,9 +481,11 @@ TORCH_LIBRARY(lanner, m) {
   m.def("int8_mm(Tensor x, Tensor wt, Tensor scales, int n) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor nib, Tensor scales, Tensor zeros, int group, int n) -> Tensor");
   m.def("isa() -> str", &lanner::isa);
+  m.def("int4_quantize(Tensor w, int group, float[] ratios) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lanner, CPU, m) {
   m.impl("int8_mm", &lanner::int8_mm);
   m.impl("int4_mm", &lanner::int4_mm);
+  m.impl("int4_quantize", &lanner::int4_quantize);
 }
