@@ -7,7 +7,7 @@ ops in the same order in C++, so the hidden states equal the Python layers' bit 
 (tests/model/test_parity.py `test_decoder_stack_equals_python_layers`).  A model gets a stack only when
 every Linear in its layers is one of Lanner's own-kernel modules (TiledInt8Linear, TiledInt4Linear) or a
 plain fp32 nn.Linear; other WOQ backends (ATen's packed kernels, torchao, IPEX) keep the Python layers.
-LANNER_DECODER_STACK=0 turns it off (for comparisons).
+LANNER_DECODER_STACK=0 (or false/no/off) turns it off (for comparisons).
 
 Encoding (what the C++ constructor reads), per layer, in order:
     tensors: for each Linear of (qkv, o, up or gate|up, down): weight, scales, zeros, bias;
@@ -20,13 +20,12 @@ gated MLP's intermediate size, layers.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from app.models import ops
 from app.models.kv_cache import BatchMeta, KVCache
+from app.quant import kernels
 from app.quant.woq import TiledInt4Linear, TiledInt8Linear
 
 ENABLE_ENV = "LANNER_DECODER_STACK"
@@ -36,7 +35,7 @@ _NONE = torch.empty(0)
 
 
 def enabled() -> bool:
-    return os.environ.get(ENABLE_ENV, "1").strip() != "0" and ops.own_ops()
+    return not kernels.switched_off(ENABLE_ENV) and ops.own_ops()
 
 
 def _linear(module: nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:
@@ -53,7 +52,7 @@ def _linear(module: nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:
 
 def why_not(model: nn.Module) -> str:
     """Why `model` runs without a stack (for the load log)."""
-    if os.environ.get(ENABLE_ENV, "1").strip() == "0":
+    if kernels.switched_off(ENABLE_ENV):
         return f"{ENABLE_ENV}=0"
     if not ops.own_ops():
         return "Lanner's kernels are not built"
@@ -99,10 +98,10 @@ def build(model: nn.Module, kv: KVCache):
 
 
 def forward(stack, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
-    # x: [T, H] embeddings -> [T, H] after every layer
+    # x: [T, H] embeddings -> [T, H] after every layer (prompt chunks attend with KVCache.plan's masks)
     spans = [v for s in meta.prefills for v in (s.offset, s.length, s.slot, s.kv_len)]
     return torch.ops.lanner.decoder_stack(stack, x, meta.cos, meta.sin, meta.slot_ids, meta.positions,
-                                          meta.num_decode, spans)
+                                          meta.num_decode, spans, [s.mask for s in meta.prefills])
 
 
 class StackCache:

@@ -19,8 +19,9 @@ AVX-VNNI, AVX2 or plain C++ are picked where they exist), registered as `torch.o
 with at::parallel_for (torch's own OpenMP pool, the size `torch.set_num_threads` gave).  The shared object is
 cached under $LANNER_KERNEL_CACHE (default ~/.cache/lanner/kernels) by a hash of the sources, the flags,
 the compiler, torch's version and the CPU's flags, so a fresh machine pays the build once (~20 s on 2
-cores: the sources compile in parallel); processes that race for it build under a file lock.  No compiler, a failed
-build or LANNER_OWN_KERNELS=0 leave Lanner on ATen's kernels and ops (the reason is logged and reported).
+cores: the sources compile in parallel); processes that race for it build under a file lock.  No
+compiler, a failed build or LANNER_OWN_KERNELS=0 leave Lanner on ATen's kernels and ops (the reason is
+logged and reported).
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ def _commands(cxx: str, out: Path, extra: tuple[str, ...] = ()) -> tuple[list[li
     return compiles, [cxx, *FLAGS, *extra, *map(str, objects), "-o", str(out), *libdirs, "-ltorch_cpu", "-lc10"]
 
 
+def switched_off(env: str) -> bool:
+    """Whether an on/off environment variable (on by default) says off: 0, false, no or off."""
+    return os.environ.get(env, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def _build_key(cxx: str, extra: tuple[str, ...] = ()) -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     h = hashlib.sha256()
@@ -139,9 +145,9 @@ def build(cxx: str, extra: tuple[str, ...] = ()) -> Path:
 @cache
 def load() -> KernelBuild:
     """Build (if needed) and load the kernels into this process, once; never raises."""
-    if os.environ.get(ENABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(ENABLE_ENV):
         return KernelBuild(False, f"{ENABLE_ENV}=0")
-    missing = [str(src) for src in SOURCES if not src.exists()]
+    missing = [str(src) for src in (*SOURCES, *HEADERS) if not src.exists()]
     if missing:
         return KernelBuild(False, f"kernel source {missing[0]} is missing")
     cxx = _compiler()

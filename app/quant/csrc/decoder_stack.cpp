@@ -5,16 +5,16 @@
 //       Holds (references to, no copies of) every layer's weights and its KV cache tensors; built once per
 //       model and KV cache by app/models/stack.py, which documents the encoding.
 //   lanner::decoder_stack(DecoderStack stack, Tensor x [T, H], Tensor cos, Tensor sin, Tensor slots,
-//                         Tensor positions, int num_decode, int[] spans) -> Tensor [T, H]
+//                         Tensor positions, int num_decode, int[] spans, Tensor?[] masks) -> Tensor [T, H]
 //       x after every layer, for the flat varlen batch of app/models/kv_cache.py: the first num_decode rows
-//       are single-token inputs; `spans` holds (offset, length, slot, kv_len) of each multi-token input.
+//       are single-token inputs; `spans` holds (offset, length, slot, kv_len) of each multi-token input and
+//       `masks` its attention mask from KVCache.plan (None: causal from position 0).
 //
 // Why: a decode step of the TinyLlama-1.1B shape spent 2.5-5 ms of its ~27 ms in Python between the C++
 // ops (module calls, views, ~17 small tensors a layer); this runs the very same ops in the same order, so
 // its results equal the Python layers' bit for bit (tests/model/test_parity.py), minus that time.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/layer_norm.h>
@@ -156,18 +156,17 @@ struct DecoderStack : torch::CustomClassHolder {
   }
 
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
-                     const at::Tensor& positions, int64_t nd, const std::vector<int64_t>& flat_spans) const {
+                     const at::Tensor& positions, int64_t nd, const std::vector<int64_t>& flat_spans,
+                     const std::vector<std::optional<at::Tensor>>& masks) const {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "decoder_stack: x must be fp32 [T, H]");
-    TORCH_CHECK(flat_spans.size() % 4 == 0 && nd >= 0 && nd <= x.size(0), "decoder_stack: bad spans");
+    TORCH_CHECK(flat_spans.size() == 4 * masks.size() && nd >= 0 && nd <= x.size(0),
+                "decoder_stack: bad spans");
     std::vector<Span> spans;
     for (size_t i = 0; i < flat_spans.size(); i += 4) {
-      Span s{flat_spans[i], flat_spans[i + 1], flat_spans[i + 2], flat_spans[i + 3], at::Tensor()};
+      Span s{flat_spans[i], flat_spans[i + 1], flat_spans[i + 2], flat_spans[i + 3],
+             masks[i / 4].value_or(at::Tensor())};
       TORCH_CHECK(s.offset >= nd && s.length > 0 && s.offset + s.length <= x.size(0) && s.kv_len >= s.length,
                   "decoder_stack: bad span");
-      const int64_t start = s.kv_len - s.length;
-      if (start > 0)  // rows attend keys up to their own position (KVCache.plan's mask)
-        s.mask = at::arange(s.kv_len, positions.options()).unsqueeze(0) <=
-                 at::arange(start, s.kv_len, positions.options()).unsqueeze(1);
       spans.push_back(std::move(s));
     }
     x = x.contiguous();
@@ -188,8 +187,9 @@ struct DecoderStack : torch::CustomClassHolder {
 
 at::Tensor decoder_stack(const c10::intrusive_ptr<DecoderStack>& stack, const at::Tensor& x, const at::Tensor& cos,
                          const at::Tensor& sin, const at::Tensor& slots, const at::Tensor& positions,
-                         int64_t num_decode, std::vector<int64_t> spans) {
-  return stack->forward(x, cos, sin, slots, positions, num_decode, spans);
+                         int64_t num_decode, std::vector<int64_t> spans,
+                         std::vector<std::optional<at::Tensor>> masks) {
+  return stack->forward(x, cos, sin, slots, positions, num_decode, spans, masks);
 }
 
 }  // namespace
@@ -198,6 +198,6 @@ TORCH_LIBRARY_FRAGMENT(lanner, m) {
   m.class_<DecoderStack>("DecoderStack")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double>());
   m.def("decoder_stack(__torch__.torch.classes.lanner.DecoderStack stack, Tensor x, Tensor cos, Tensor sin, "
-        "Tensor slots, Tensor positions, int num_decode, int[] spans) -> Tensor",
+        "Tensor slots, Tensor positions, int num_decode, int[] spans, Tensor?[] masks) -> Tensor",
         &decoder_stack);
 }

@@ -416,6 +416,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_quantize(const at::Tensor& w
               "int4_quantize: w must be a contiguous fp32 [N, K] tensor");
   const int64_t N = w.size(0), K = w.size(1);
   TORCH_CHECK(group > 0 && K % group == 0 && !ratios.empty(), "int4_quantize: the group must divide K");
+  TORCH_CHECK(group % 8 == 0, "int4_quantize: the group size must be a multiple of 8");
   const int64_t groups = N * (K / group);
   at::Tensor q = at::empty({N, K}, w.options().dtype(at::kByte));
   at::Tensor scales = at::empty({N, K / group}, w.options());
@@ -427,7 +428,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_quantize(const at::Tensor& w
   const std::vector<float> rs(ratios.begin(), ratios.end());
   // round half to even, then clamp to 0..15 (NaN -> 0); min/max so that the loops below vectorize
   const auto level = [](float p) { return std::min(std::max(0.f, std::nearbyint(p)), 15.f); };
-  TORCH_CHECK(group % 8 == 0, "int4_quantize: the group size must be a multiple of 8");
   at::parallel_for(0, groups, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const float* g = wp + i * group;  // groups are consecutive in row-major [N, K]
