@@ -9,17 +9,18 @@ gate/up fused, Falcon's QKV rows permuted).  Each source matrix of a Linear is r
 (`SourceScope`: the safetensors files memory-mapped, closed again after the read, so its pages leave the
 process) and quantized to the portable form (`QuantizedWeight`, app/quant/woq.py) in blocks of rows;
 a fused Linear is the row-wise concatenation of its parts' quantized rows (quantization is per row), so
-no fused fp32 copy is ever made.  The part's quantized Linears and its unquantized tensors (norms,
-embedding) then go to a consumer:
+no fused fp32 copy is ever made.  The token embedding becomes int8 per row the same way (woq.Int8Embedding;
+nothing is read for it when the model is tied and its head int8: the embedding is then the head's rows).
+The part's quantized Linears, its embedding and its unquantized tensors (norms) then go to a consumer:
 * `SafetensorsWriter` (`lanner quantize`): appends them to the output file and drops them; the process
   holds one source matrix and the quantizer's temporaries at a time, never the model.
 * `_Assembler` (serve): builds the Int8Linear / Int4Linear modules into a decoder created on the meta
   device and copies the unquantized tensors it keeps out of the mapping; peak memory is the quantized
-  model plus one source matrix (the largest: the output head or embedding).
+  model plus one source matrix (the largest: the output head or embedding) and its quantizer's blocks.
 Loading a pre-quantized directory runs the same assembler over the stored parts (no fp32 weight, no
 re-quantization), so a checkpoint and quantize-at-load on the same source give bit-identical modules.
 
-Directory format (FORMAT_VERSION 2)
+Directory format (FORMAT_VERSION 3)
 -----------------------------------
 A checkpoint is an ordinary model directory (config.json, tokenizer files, generation_config.json
 copied unchanged) whose `model.safetensors` holds Lanner's decoder state dict (fused `qkv_proj`,
@@ -28,8 +29,11 @@ copied unchanged) whose `model.safetensors` holds Lanner's decoder state dict (f
     <module>.scales    bf16 [N] (int8)     |  bf16 [N, K/G] (int4)
     <module>.zeros     uint8 [N, K/G] (int4 only: integer zero points 0..15; w = (q - zero) * scale)
     <module>.bias      fp32 [N] (when the layer has one)
-and the other tensors (norms, embedding) under their state-dict names, unchanged in value (stored as
-bf16/fp16 when that is lossless, else fp32).  The layouts are plain and CPU-independent: the kernels'
+the token embedding as int8 rows (manifest `embedding: int8`), or nothing when the model is tied and its
+head int8 (`embedding: lm_head`: the embedding is the head's rows):
+    embed_tokens.qweight  int8 [V, H];  embed_tokens.scales  bf16 [V];  row v = q[v] * scales[v]
+and the other tensors (norms) under their state-dict names, unchanged in value (stored as bf16/fp16 when
+that is lossless, else fp32).  The layouts are plain and CPU-independent: the kernels'
 own layouts (Lanner's tiles of 16 rows, or ATen's ISA-dependent int4 packing) are made at load, so a
 checkpoint made on AVX2 loads on AVX-512/AMX.
 `lanner_quant.json` (the manifest, which is what marks a checkpoint -- never the file name) records the
@@ -68,8 +72,10 @@ from app.quant.woq import (
     QuantizedWeight,
     QuantReport,
     ReportBuilder,
+    build_embedding,
     build_module,
     check_mode,
+    embedding_kind,
     kernel_plan,
     linear_plan,
     pick_group_size,
@@ -81,7 +87,7 @@ log = logging.getLogger("lanner.quant")
 MANIFEST_FILE = "lanner_quant.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_NAME = "lanner-woq"
-FORMAT_VERSION = 2  # 2: int4 zero points are integers (were bf16 floats, w = (q - 8) * s + z)
+FORMAT_VERSION = 3  # 3: int8 token embedding (was fp32/bf16); 2: integer int4 zero points (were bf16)
 # What a loader must know to read the tensors.  Any change to the layout (names, dtypes, nibble order, the
 # meaning of scales/zeros, the decoders' fused state-dict layout) changes FORMAT_HASH; bump FORMAT_VERSION
 # with it (tests/unit/test_woq_checkpoint.py pins the pair).
@@ -94,6 +100,8 @@ FORMAT_SPEC = MappingProxyType({
             "<m>.scales bf16 [N, K/G]; <m>.zeros uint8 [N, K/G], 0..15; "
             "w = (q - zeros[n, k // G]) * scales[n, k // G]",
     "bias": "<m>.bias fp32 [N]",
+    "embedding": "manifest embedding=int8: embed_tokens.qweight int8 [V, H], embed_tokens.scales bf16 [V], "
+                 "row v = q[v] * scales[v]; embedding=lm_head (tied, int8 head): no tensor, lm_head's rows",
     "other": "state-dict name, fp32 or a lossless bf16/fp16",
 })
 FORMAT_HASH = hashlib.sha256(json.dumps(dict(FORMAT_SPEC), sort_keys=True).encode()).hexdigest()[:16]
@@ -107,6 +115,9 @@ DECODER_PARTS = MappingProxyType({
     "falcon": (FalconDecoder, falcon_global_readers, falcon_layer_readers),
 })
 GLOBAL_PART = "embeddings and head"
+EMBEDDING = "embed_tokens"  # the decoders' token embedding module
+HEAD = "lm_head"
+EmbeddingPlan = QuantizedWeight | Literal["lm_head"] | None  # Part.embedding
 
 SAFETENSORS_DTYPES = MappingProxyType({
     torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
@@ -296,6 +307,8 @@ class Part:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     linears: dict[str, QuantizedWeight] = field(default_factory=dict)
     fallbacks: dict[str, str] = field(default_factory=dict)  # module -> why it is not quantized as asked
+    # the int8 token embedding: its table, "lm_head" (tied: the int8 head's rows), None (not in this part)
+    embedding: EmbeddingPlan = None
     detach: Callable[..., torch.Tensor] = lambda t, dtype=None: t.to(dtype or t.dtype)  # owned copy (SourceScope)
 
 
@@ -327,6 +340,7 @@ def stream_quantized_parts(info: ModelInfo, mode: Literal["int8", "int4"], consu
     shapes = linear_shapes(meta_decoder(info))
     source = SafetensorsSource(info.path)
     config = info.config
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     parts: list[tuple[str, dict[str, Reader]]] = [(GLOBAL_PART, global_readers(config))]
     parts += [(f"layer {i}", layer_readers(config, i)) for i in range(config.num_hidden_layers)]
     for label, readers in parts:
@@ -347,6 +361,15 @@ def stream_quantized_parts(info: ModelInfo, mode: Literal["int8", "int4"], consu
             trim_heap()  # the quantizer's freed blocks, before the next matrix is read
             if fallback:
                 part.fallbacks[module] = fallback
+        embed_reader = readers.pop(f"{EMBEDDING}.weight", None)
+        if embed_reader is not None:
+            head = part.linears.get(HEAD)
+            if tied and head is not None and head.mode == "int8":
+                part.embedding = "lm_head"  # the same matrix, quantized the same way per row: not read again
+            else:
+                with source.scope() as weights:
+                    part.embedding = quantize_weight(embed_reader(weights), "int8", release=weights.release)
+                trim_heap()
         with source.scope() as weights:
             part.tensors = {name: reader(weights) for name, reader in readers.items()}
             part.detach = weights.detach
@@ -371,6 +394,7 @@ class _Assembler:
         self.report = ReportBuilder(mode, self.plan)
 
     def __call__(self, part: Part) -> None:
+        head_qw = part.linears[HEAD] if isinstance(part.embedding, str) else None
         for name in list(part.linears):
             qw = part.linears.pop(name)  # freed once its module is built (the tiles are a new tensor)
             if qw.mode == "int8" and "int8" not in self.plan.own:
@@ -382,11 +406,30 @@ class _Assembler:
             self.report.add(name, qw, module, part.fallbacks.get(name))
             parent, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+        if part.embedding is not None:
+            self._embedding(part, head_qw)
         tensors = {name: part.detach(t, torch.float32) for name, t in part.tensors.items()}
         result = self.model.load_state_dict(tensors, strict=False, assign=True)
         if result.unexpected_keys:
             raise ModelLoadError(f"Weights of {self.info.path} have tensors the {self.info.arch} decoder "
                                  f"does not know: {', '.join(sorted(result.unexpected_keys)[:5])}")
+
+    def _embedding(self, part: Part, head_qw: QuantizedWeight | None) -> None:
+        if isinstance(part.embedding, str):  # HEAD
+            assert head_qw is not None and head_qw.mode == "int8"
+            head = self.model.get_submodule(HEAD)
+            if callable(getattr(head, "rows", None)):
+                module = build_embedding(head_qw, head)
+            else:  # a backend's head module that cannot hand out rows: a table of its own
+                module = build_embedding(replace(head_qw, qweight=part.detach(head_qw.qweight),
+                                                 scales=part.detach(head_qw.scales)))
+        else:
+            qw = part.embedding
+            assert isinstance(qw, QuantizedWeight)
+            module = build_embedding(replace(qw, qweight=part.detach(qw.qweight), scales=part.detach(qw.scales)))
+        setattr(self.model, EMBEDDING, module)
+        self.report.embedding = embedding_kind(module)
+        part.embedding = None
 
     def finish(self) -> tuple[nn.Module, QuantReport]:
         tensors = (*self.model.named_parameters(), *self.model.named_buffers())
@@ -496,13 +539,19 @@ def load_quantized(info: ModelInfo, quantize: str = "none", *, kernel: str = "au
                              f"but its config.json describes {info.arch!r}.")
     assembler = _Assembler(info, mode, kernel, backend)
     shapes = linear_shapes(assembler.model)
+    table = assembler.model.get_submodule(EMBEDDING)
+    vocab_and_hidden = (table.num_embeddings, table.embedding_dim)
     modules: dict[str, Any] = manifest["modules"]
     if set(modules) != set(shapes):
         diff = sorted(set(modules) ^ set(shapes))
         raise ModelLoadError(f"Pre-quantized model in {info.path} does not match its config: modules "
                              f"{', '.join(diff[:5])} differ.")
+    embedding = manifest.get("embedding")
+    if embedding not in ("int8", HEAD) or (embedding == HEAD and modules.get(HEAD, {}).get("kind") != "int8"):
+        raise ModelLoadError(f"Pre-quantized model in {info.path} has no valid `embedding` in {MANIFEST_FILE} "
+                             f"(int8, or lm_head when the model is tied and its head int8): {embedding!r}.")
     source = SafetensorsSource(info.path)
-    stored = {f"{m}.{s}" for m in modules for s in ("qweight", "scales", "zeros", "bias")}
+    stored = {f"{m}.{s}" for m in (*modules, EMBEDDING) for s in ("qweight", "scales", "zeros", "bias")}
     plain = [name for name in source.file_of if name not in stored]
     groups: dict[str, list[str]] = {}  # part label -> module names / tensor names
     for name in (*modules, *plain):
@@ -515,6 +564,9 @@ def load_quantized(info: ModelInfo, quantize: str = "none", *, kernel: str = "au
                     part.linears[name] = _stored_weight(name, modules[name], weights, shapes[name], info.path)
                 else:
                     part.tensors[name] = weights[name]
+            if label == GLOBAL_PART:
+                part.embedding = HEAD if embedding == HEAD else _stored_weight(
+                    EMBEDDING, {"kind": "int8"}, weights, (*vocab_and_hidden, False), info.path)
             assembler(part)
             del part
         trim_heap()
@@ -607,6 +659,7 @@ def quantize_checkpoint(info: ModelInfo, out: Path, mode: Literal["int8", "int4"
     writer = SafetensorsWriter(tmp / WEIGHTS_FILE, metadata={"format": "pt", "lanner": MANIFEST_FILE})
     modules: dict[str, dict[str, Any]] = {}
     fallbacks: list[str] = []
+    embedding: list[str] = []
     fp32_bytes = 0
 
     def write(part: Part) -> None:
@@ -618,6 +671,12 @@ def quantize_checkpoint(info: ModelInfo, out: Path, mode: Literal["int8", "int4"
                              "group_size": qw.group_size, "bias": qw.bias is not None}
             fp32_bytes += qw.fp32_nbytes
         fallbacks.extend(part.fallbacks.values())
+        if isinstance(part.embedding, QuantizedWeight):
+            for key, t in _quantized_tensors(EMBEDDING, part.embedding).items():
+                writer.add(key, t)
+            embedding.append("int8")
+        elif part.embedding is not None:
+            embedding.append(HEAD)
         for name, t in part.tensors.items():
             writer.add(name, _compact(t))
 
@@ -645,6 +704,7 @@ def quantize_checkpoint(info: ModelInfo, out: Path, mode: Literal["int8", "int4"
             "group_sizes": sorted({m["group_size"] for m in modules.values() if m["group_size"]}),
             "kinds": sorted(kinds),
             "head": modules.get("lm_head", {}).get("kind"),
+            "embedding": embedding[0] if embedding else None,  # int8 | lm_head (tied: the head's rows)
             "fallbacks": fallbacks,
             "source": {"name": source or str(info.path), "path": str(info.path)},
             "isa": detect_isa().describe(),

@@ -188,6 +188,13 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales[:, None]
 
 
+def int8_rows(q: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    # q: [N, K] int8, scales: [N] fp32, ids: any shape of row numbers -> [*ids.shape, K] fp32
+    flat = ids.reshape(-1)
+    out = q.index_select(0, flat).float().mul_(scales.index_select(0, flat).unsqueeze(1))
+    return out.view(*ids.shape, q.shape[1])
+
+
 def _chunk_rows(n: int, k: int, align: int = 1) -> int:
     """Rows per dequant chunk: at most DEQUANT_CHUNK_BYTES of fp32, a multiple of `align`."""
     rows = max(align, (DEQUANT_CHUNK_BYTES // (4 * k)) // align * align)
@@ -222,6 +229,10 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         # -> [N, K] fp32
         return dequantize_int8(self.weight, self.scales)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Weight rows `ids` dequantized, [*ids.shape, K] fp32 (a tied model's token embedding)."""
+        return int8_rows(self.weight, self.scales, ids)
 
     @property
     def nbytes(self) -> int:
@@ -302,11 +313,82 @@ class TiledInt8Linear(_TiledLinear):
         n = self.out_features
         return dequantize_int8(kernels.unpack_int8(self.weight, n, self.in_features), self.scales[:n])
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Weight rows `ids` dequantized, [*ids.shape, K] fp32 (a tied model's token embedding): row n is
+        lane n % 16 of tile n // 16, its k in quads."""
+        flat = ids.reshape(-1)
+        # advanced indices on dims 0 and 2 around a slice: the index dim comes first -> [B, Kp/4, 4]
+        q = self.weight[flat // kernels.TILE, :, flat % kernels.TILE, :].reshape(flat.numel(), -1)
+        out = q[:, :self.in_features].float().mul_(self.scales.index_select(0, flat).unsqueeze(1))
+        return out.view(*ids.shape, self.in_features)
+
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.int8_mm(x, self.weight, self.scales, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# --------------------------------------------------------------------------- the token embedding
+
+
+class Int8Embedding(nn.Module):
+    """A quantized model's token embedding: int8 rows with one bf16-exact scale per row (the int8 scheme of
+    the Linears, per token instead of per output channel).  A lookup dequantizes only the rows it reads, so
+    it costs nothing per step; the table is 4x smaller than fp32 (TinyLlama 250 -> 63 MiB, falcon-7b 1.1 ->
+    0.28 GiB).  llama.cpp's Q8_0 / Q4_0 files quantize their token embedding too."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        # qweight: [V, H] int8, scales: [V]
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.register_buffer("weight", qweight.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight) -> Int8Embedding:
+        assert qw.mode == "int8"
+        return cls(qw.qweight, qw.scales)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids: any shape -> [*ids.shape, H] fp32
+        return int8_rows(self.weight, self.scales, ids)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
+class TiedInt8Embedding(nn.Module):
+    """The token embedding of a tied model (lm_head.weight is the embedding) whose head is int8: lookups
+    read the head's own rows, which hold the same per-row int8 quantization of the same matrix, so the
+    table is not stored twice (falcon-7b: 0.28 GiB).  The head stays the module that owns the weights."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self._rows = head.rows  # a bound method, not a submodule: the head's buffers are counted once
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._rows(ids)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8, rows of the output head"
+
+
+def build_embedding(qw: QuantizedWeight, head: nn.Module | None = None) -> nn.Module:
+    """The int8 token embedding of the quantized table `qw`.  `head` is a tied model's output head, built
+    from the same `qw`: when its module can hand out rows (Lanner's and ATen's int8 modules), the embedding
+    reads them instead of keeping a copy."""
+    if head is not None and callable(getattr(head, "rows", None)):
+        return TiedInt8Embedding(head)
+    return Int8Embedding.from_quantized(qw)
+
+
+def embedding_kind(module: nn.Module) -> str:
+    """What a decoder's token embedding is, for reports: fp32 | int8 | int8 (the head's rows)."""
+    if isinstance(module, TiedInt8Embedding):
+        return "int8 (the head's rows)"
+    return "int8" if isinstance(module, Int8Embedding) else "fp32"
 
 
 # --------------------------------------------------------------------------- int4
@@ -688,6 +770,7 @@ class QuantReport:
     head: str = "fp32"  # what the output head became: fp32 | int8 | int4
     fallbacks: tuple[str, ...] = field(default=())  # "module: reason" for layers not quantized as asked
     backend: str = "native"  # the WOQ backend whose modules run the layers (app/quant/backends)
+    embedding: str = "fp32"  # the token embedding: fp32 | int8 | int8 (the head's rows), see embedding_kind
 
     def summary(self) -> str:
         if self.mode == "none":
@@ -699,7 +782,7 @@ class QuantReport:
                 f"cpu: {self.isa}")
         if self.group_sizes:
             text += f"; group sizes {list(self.group_sizes)}"
-        text += f"; head {self.head}"
+        text += f"; head {self.head}; embedding {self.embedding}"
         if self.fallbacks:
             text += f"; fallbacks: {'; '.join(self.fallbacks)}"
         return text
@@ -819,6 +902,7 @@ class ReportBuilder:
         self.used: set[str] = set()
         self.fallbacks: list[str] = []
         self.head = "fp32"
+        self.embedding = "fp32"  # set by whoever swaps the embedding (embedding_kind)
 
     def add(self, name: str, qw: QuantizedWeight, module: nn.Module, fallback: str | None = None) -> None:
         self.swapped += 1
@@ -837,7 +921,8 @@ class ReportBuilder:
         report = QuantReport(mode=self.mode, num_swapped=self.swapped, bytes_before=self.before,
                              bytes_after=self.after, kernel=self.plan.describe(self.used),
                              isa=self.plan.isa.describe(), group_sizes=tuple(sorted(self.groups)),
-                             head=self.head, fallbacks=tuple(self.fallbacks), backend=self.plan.backend)
+                             head=self.head, fallbacks=tuple(self.fallbacks), backend=self.plan.backend,
+                             embedding=self.embedding)
         log.info("%s", report.summary())
         return report
 
@@ -845,8 +930,10 @@ class ReportBuilder:
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: QuantMode, *, group_size: int | None = None, kernel: str = "auto",
                    include_head: bool = True, int4_head: Literal["int8", "int4"] = "int8",
-                   isa: CpuIsa | None = None, backend: str = "native") -> QuantReport:
-    """Swap every nn.Linear of `model` (in place) for its WOQ module; see the module comment.
+                   isa: CpuIsa | None = None, backend: str = "native", embedding: bool = True) -> QuantReport:
+    """Swap every nn.Linear of `model` (in place) for its WOQ module; see the module comment.  With
+    `embedding`, an nn.Embedding `model.embed_tokens` becomes int8 too (`build_embedding`; when the model
+    is tied -- lm_head.weight is that embedding's weight -- and its head int8, the head's rows).
 
     `backend` (native | torchao | ipex, app/quant/backends) decides whose modules those are; the quantized
     values are the same on every backend.
@@ -861,6 +948,12 @@ def quantize_model(model: nn.Module, mode: QuantMode, *, group_size: int | None 
         return QuantReport(mode="none")
     plan = kernel_plan(mode, kernel, isa, backend)
     report = ReportBuilder(mode, plan)
+    embed = getattr(model, "embed_tokens", None) if embedding else None
+    if not isinstance(embed, nn.Embedding):
+        embed = None
+    head = getattr(model, "lm_head", None)
+    tied = embed is not None and isinstance(head, nn.Linear) and head.weight is embed.weight
+    head_qw = None
     for name in _linear_names(model, include_head):
         linear = model.get_submodule(name)
         kind, g, fallback = linear_plan(name, linear.in_features, mode, group_size, int4_head)
@@ -869,7 +962,15 @@ def quantize_model(model: nn.Module, mode: QuantMode, *, group_size: int | None 
         report.add(name, qw, new, fallback)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+        if name == "lm_head" and kind == "int8":
+            head_qw = qw
         del linear, qw
+    if embed is not None:
+        if tied and head_qw is not None:
+            model.embed_tokens = build_embedding(head_qw, model.lm_head)
+        else:
+            model.embed_tokens = build_embedding(quantize_weight(embed.weight.detach(), "int8"))
+        report.embedding = embedding_kind(model.embed_tokens)
     return report.build()
 
 
@@ -879,7 +980,8 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 __all__ = [
-    "CROSSOVER_M", "KERNEL_ENV", "OWN_KERNEL_MODES", "Int4Layout", "Int4Linear", "Int8Linear", "KernelPlan",
+    "CROSSOVER_M", "KERNEL_ENV", "OWN_KERNEL_MODES", "Int4Layout", "Int4Linear", "Int8Embedding", "Int8Linear",
+    "KernelPlan", "TiedInt8Embedding", "build_embedding", "embedding_kind", "int8_rows",
     "QuantReport", "TiledInt4Linear", "TiledInt8Linear",
     "WoqBackendName", "check_backend",
     "QuantizedWeight", "ReportBuilder", "build_module", "crossover_rows", "dequantize_int4",

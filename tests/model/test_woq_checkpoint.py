@@ -38,7 +38,7 @@ from app.quant.checkpoint import (
     WEIGHTS_FILE,
     quantize_checkpoint,
 )
-from app.quant.woq import KERNEL_ENV, probe_int4_layout, quantize_model
+from app.quant.woq import KERNEL_ENV, TiedInt8Embedding, probe_int4_layout, quantize_model
 from tests.model.test_parity import save_parity_models
 
 MAX_LEN = 256
@@ -118,12 +118,34 @@ def test_checkpoint_directory(mode, sources, checkpoints):
             else:
                 assert q.dtype == torch.uint8 and q.shape == (linears[name].out_features, k // 2)
                 assert f.get_tensor(f"{name}.zeros").dtype == torch.uint8  # integer zero points
-        assert torch.equal(f.get_tensor("embed_tokens.weight").float(), decoder.embed_tokens.weight)
+        # the token embedding: int8 rows, one bf16 scale per row, within half a step of the fp32 table
+        assert manifest["embedding"] == "int8" and "embed_tokens.weight" not in keys
+        q, s = f.get_tensor("embed_tokens.qweight"), f.get_tensor("embed_tokens.scales")
+        table = decoder.embed_tokens.weight
+        assert q.dtype == torch.int8 and q.shape == table.shape and s.dtype == torch.bfloat16
+        assert ((q.float() * s.float()[:, None] - table).abs() <= s.float()[:, None] / 2 + 1e-7).all()
     if mode == "int4":  # down_proj has K=176: no int4 group size, int8, and the manifest says why
         assert manifest["modules"]["layers.0.down_proj"]["kind"] == "int8"
         assert any(f.startswith("layers.0.down_proj:") for f in manifest["fallbacks"])
         assert manifest["modules"]["layers.0.qkv_proj"]["kind"] == "int4"
     assert inspect_model_dir(out).arch == "llama"  # an ordinary model directory otherwise
+
+
+def test_tied_checkpoint_stores_the_table_once(checkpoints):
+    """A tied model whose head is int8: the embedding is the head's rows, in the file and in memory."""
+    for mode in MODES:
+        out = checkpoints["llama-tied-linear-rope", mode]
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
+        assert manifest["embedding"] == "lm_head" and manifest["modules"]["lm_head"]["kind"] == "int8"
+        with safe_open(str(out / WEIGHTS_FILE), framework="pt") as f:
+            assert not any(k.startswith("embed_tokens.") for k in f.keys())  # noqa: SIM118
+        runner = load_runner(inspect_model_dir(out), MAX_LEN, 1)
+        model = runner.model
+        assert isinstance(model.embed_tokens, TiedInt8Embedding)
+        assert runner.quant_report.embedding == "int8 (the head's rows)"
+        assert not list(model.embed_tokens.buffers())
+        ids = torch.tensor([0, 5, model.vocab_size - 1])
+        assert torch.equal(model.embed_tokens(ids), model.lm_head.dequantize()[ids])
 
 
 # --------------------------------------------------------------------------- same logits as quantize-at-load
@@ -173,7 +195,6 @@ def test_bf16_source(sources, tmp_path, monkeypatch):
     info = inspect_model_dir(src)
     quantize_checkpoint(info, tmp_path / "q", "int4")
     with safe_open(str(tmp_path / "q" / WEIGHTS_FILE), framework="pt") as f:
-        assert f.get_tensor("embed_tokens.weight").dtype == torch.bfloat16
         assert f.get_tensor("layers.0.input_norm").dtype == torch.bfloat16
     model = build_decoder(info.arch, info.config, SafetensorsWeights(info.path))
     quantize_model(model, "int4")

@@ -14,8 +14,10 @@ from app.quant.woq import (
     KERNEL_ENV,
     NEVER,
     Int4Linear,
+    Int8Embedding,
     Int8Linear,
     TiledInt4Linear,
+    TiedInt8Embedding,
     TiledInt8Linear,
     crossover_rows,
     dequantize_int4,
@@ -231,7 +233,8 @@ def test_quantize_model_swaps_exactly_the_linears(mode, monkeypatch):
     report = quantize_model(model, mode, isa=AVX2)
     assert report.num_swapped == len(linears) == 6
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
-    assert isinstance(model.layers[0]["norm"], nn.LayerNorm) and isinstance(model.embed_tokens, nn.Embedding)
+    assert isinstance(model.layers[0]["norm"], nn.LayerNorm) and isinstance(model.embed_tokens, Int8Embedding)
+    assert report.embedding == "int8"
     assert report.bytes_before == fp32_bytes and 0 < report.bytes_after < fp32_bytes / 2
     own = kernels.available()  # Lanner's own kernels where they build
     int8_kind = TiledInt8Linear if own else Int8Linear
@@ -252,6 +255,29 @@ def test_int4_head_can_be_int4():
     model = Toy()
     report = quantize_model(model, "int4", int4_head="int4", isa=AVX2)
     assert isinstance(model.lm_head, (Int4Linear, TiledInt4Linear)) and report.head == "int4"
+
+
+@pytest.mark.parametrize("kernel", ["auto", "packed"])  # Lanner's tiles (where built) / ATen's Int8Linear
+def test_int8_embedding_and_the_tied_heads_rows(kernel, monkeypatch):
+    """The token embedding becomes int8 per row; a tied model's embedding reads the int8 head's rows (both
+    head layouts), which are the same numbers, without a second table."""
+    monkeypatch.setenv(KERNEL_ENV, kernel)
+    untied, tied = Toy(), Toy()
+    tied.lm_head.weight = tied.embed_tokens.weight
+    table = tied.embed_tokens.weight.detach().clone()
+    untied_table = untied.embed_tokens.weight.detach().clone()
+    quantize_model(untied, "int8", isa=AVX2)
+    report = quantize_model(tied, "int8", isa=AVX2)
+    assert isinstance(untied.embed_tokens, Int8Embedding) and isinstance(tied.embed_tokens, TiedInt8Embedding)
+    assert report.embedding == "int8 (the head's rows)" and not list(tied.embed_tokens.buffers())
+    q, s = quantize_int8(table)
+    ids = torch.tensor([[3, 0, 49], [7, 7, 1]])  # any shape of ids, repeats, the last row
+    want = (q.float() * s[:, None])[ids]
+    assert torch.equal(tied.embed_tokens(ids), want)
+    assert torch.equal(tied.lm_head.dequantize()[ids], want)
+    q, s = quantize_int8(untied_table)
+    assert torch.equal(untied.embed_tokens(ids), (q.float() * s[:, None])[ids])
+    assert untied.embed_tokens(ids).shape == (2, 3, 64)
 
 
 def test_quantize_model_head_optional_and_none_is_noop():
