@@ -37,13 +37,19 @@ weights.
 
 Memory: VmHWM (peak RSS over the process's life: imports, loading/quantizing, running), and VmRSS /
 RssAnon / RssFile after loading and at the end. "weight bytes" is what the engine holds as model weights:
-Lanner, the unique storages of the decoder's parameters and buffers (quantized Linear buffers plus the
-fp32 embedding and norms; KV cache not included); llama.cpp, `llama_model_size` (all tensors of the GGUF).
+Lanner, the unique storages of the decoder's parameters and buffers (quantized Linear buffers, the
+embedding -- int8 when quantized, none of its own when tied to an int8 head -- and norms; KV cache not
+included); llama.cpp, `llama_model_size` (all tensors of the GGUF).
 
 Profile (`--profile`, default on): in the Lanner int8 and int4 processes, after the measurement,
 `torch.profiler` records one prefill and `--profile-steps` decode steps, and the markdown gets where the
 time goes (WOQ matmuls, fp32 matmuls, attention, casts, everything else, time outside ATen ops), plus the
 largest ops.
+
+Interleaved (`--interleave N`, after the rounds): the VM's speed drifts by 10-25% over minutes, so two
+engines run one after the other can land in different phases.  Here each target pair runs with both
+engines loaded (two processes), decoding N chunks of `--chunk-tokens` steps in turns (a b b a a b ...),
+only one computing at a time; each chunk pair's ratio compares runs seconds apart (`interleaved`).
 
 Output: `<results-dir>/decode-<model>.{json,md,png}` with machine info (bench/loadgen.py), every setting,
 each engine's numbers and token ids, and ratios against llama.cpp in the same run:
@@ -105,6 +111,26 @@ def _timed_decode(step, first_token: int, n: int) -> tuple[list[float], list[int
         times.append(time.perf_counter() - t0)
     fed.append(tok)
     return times, fed
+
+
+CHUNK_MARK = "@chunk "  # the line prefix of a chunk's step times on an interleaved child's stdout
+
+
+def serve_chunks(step, tok: int) -> dict[str, Any]:
+    """An interleaved child (--interleave): after loading, warm-up and the prefills, decode the chunks the
+    parent asks for on stdin (a line with a token count; "quit" ends), continuing one greedy sequence, and
+    answer each with a CHUNK_MARK line of the per-step seconds.  The process idles (blocked on stdin) while
+    the other engine runs."""
+    print("@ready", flush=True)
+    chunks = 0
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        times, fed = _timed_decode(step, tok, int(line))
+        tok = fed[-1]
+        chunks += 1
+        print(CHUNK_MARK + json.dumps(times), flush=True)
+    return {"chunks": chunks}
 
 
 def accuracy_tokens(prompt: list[int], n: int) -> list[int]:
@@ -174,6 +200,8 @@ def child_lanner(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any]:
         prefill_times.append(time.perf_counter() - t0)
         if i < args.prefill_reps - 1:
             runner.free(seq[0])
+    if args.interleave_child:
+        return serve_chunks(make_step(), tok)
     times, fed = _timed_decode(make_step(), tok, args.decode_tokens)
     result = {"load_s": load_s, "prefill_s": prefill_times, "decode_step_s": times, "tokens": fed,
               "weight_bytes": weight_bytes, "kv_cache_bytes": kv_bytes,
@@ -275,6 +303,8 @@ def child_llamacpp(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any
         t0 = time.perf_counter()
         tok = prefill()
         prefill_times.append(time.perf_counter() - t0)
+    if args.interleave_child:
+        return serve_chunks(step, tok)
     times, fed = _timed_decode(step, tok, args.decode_tokens)
     mem_end = proc_status()
 
@@ -301,6 +331,8 @@ def child_llamacpp(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any
 def child_main(args: argparse.Namespace) -> int:
     prompt = json.loads(Path(args.prompt_file).read_text())
     result = child_lanner(args, prompt) if args.child.startswith("lanner") else child_llamacpp(args, prompt)
+    if args.interleave_child:
+        return 0
     result["engine"] = args.child
     if args.child.startswith("lanner"):
         import app
@@ -354,23 +386,31 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_child(engine: str, args: argparse.Namespace, prompt_file: Path, gguf: Path | None) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
-        out = Path(fh.name)
+def child_cmd(engine: str, args: argparse.Namespace, prompt_file: Path, gguf: Path | None, out: Path,
+              decode_tokens: int) -> list[str]:
     cmd = [sys.executable, __file__, "--child", engine, "--child-out", str(out), "--prompt-file", str(prompt_file),
            "--model-dir", str(args.model_dir), "--threads", str(args.threads),
-           "--decode-tokens", str(args.decode_tokens), "--warmup-tokens", str(args.warmup_tokens),
+           "--decode-tokens", str(decode_tokens), "--warmup-tokens", str(args.warmup_tokens),
            "--prefill-reps", str(args.prefill_reps), "--profile-steps", str(args.profile_steps),
            "--accuracy-tokens", str(args.accuracy_tokens), "--logits-out", str(args.logits_dir / f"{engine}.npy")]
     if args.lanner_root:
         cmd += ["--lanner-root", str(args.lanner_root)]
     if gguf:
         cmd += ["--gguf", str(gguf)]
-    cmd += ["--profile" if args.profile else "--no-profile"]  # the child's own default is to profile
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    return cmd + ["--profile" if args.profile else "--no-profile"]  # the child's own default is to profile
+
+
+def child_env(args: argparse.Namespace) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+
+
+def run_child(engine: str, args: argparse.Namespace, prompt_file: Path, gguf: Path | None) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        out = Path(fh.name)
+    cmd = child_cmd(engine, args, prompt_file, gguf, out, args.decode_tokens)
     print(f"[{time.strftime('%H:%M:%S')}] {engine} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env)
+    subprocess.run(cmd, check=True, env=child_env(args))
     raw = json.loads(out.read_text())
     out.unlink()
     raw["summary"] = summarize(raw)
@@ -399,6 +439,70 @@ def extra_rounds(args: argparse.Namespace, engines: list[str], first: dict[str, 
             tok_s.append({e: raw["summary"]["decode_tok_s"] for e, raw in runs.items()})
     pair_ratios = {f"{a} vs {b}": [t[a] / t[b] for t in tok_s] for a, b in PAIRS if a in paired and b in paired}
     return {"decode_tok_s": tok_s, "decode_ratios": pair_ratios}
+
+
+def _read_marked(proc: subprocess.Popen, mark: str, engine: str) -> str:
+    """The rest of the next line of `proc`'s stdout that starts with `mark` (other lines are echoed)."""
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if line.startswith(mark):
+            return line[len(mark):]
+        sys.stderr.write(f"[{engine}] {line}")
+    raise RuntimeError(f"{engine} exited (status {proc.wait()}) before printing {mark.strip()!r}")
+
+
+def interleaved(args: argparse.Namespace, engines: list[str], prompt_file: Path,
+                ggufs: dict[str, Path]) -> dict[str, Any] | None:
+    """With --interleave N: each decode pair with a target runs with both engines loaded at once (each in its
+    own process, loaded one after the other, warmed up and prefilled as in the main run), then decoding in
+    turns: N chunks of --chunk-tokens greedy steps each, in ABBA order (a, b, b, a, a, ...) so neither
+    engine always goes first.  Only one engine computes at a time; the other waits on its stdin.  A chunk
+    pair's ratio compares two runs seconds apart, so a slow or fast phase of the VM (they last minutes)
+    lands on both engines instead of on one round of one engine."""
+    if args.interleave <= 0:
+        return None
+    out: dict[str, Any] = {}
+    k = args.chunk_tokens
+    for a, b in PAIRS:
+        if a not in engines or b not in engines or a not in TARGETS:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] interleaved {a} / {b}: {args.interleave} chunks of {k} tokens",
+              file=sys.stderr, flush=True)
+        quiet = argparse.Namespace(**{**vars(args), "profile": False})
+        procs: dict[str, subprocess.Popen] = {}
+        times: dict[str, list[list[float]]] = {a: [], b: []}
+        try:
+            for e in (a, b):
+                cmd = child_cmd(e, quiet, prompt_file, ggufs.get(e.split("-", 1)[1]), Path(os.devnull),
+                                args.interleave * k) + ["--interleave-child"]
+                procs[e] = subprocess.Popen(cmd, env=child_env(args), stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True, bufsize=1)
+                _read_marked(procs[e], "@ready", e)
+            for c in range(args.interleave):
+                for e in ((a, b) if c % 2 == 0 else (b, a)):  # a b b a a b ...
+                    procs[e].stdin.write(f"{k}\n")  # type: ignore[union-attr]
+                    procs[e].stdin.flush()  # type: ignore[union-attr]
+                    times[e].append(json.loads(_read_marked(procs[e], CHUNK_MARK, e)))
+            for proc in procs.values():
+                proc.stdin.write("quit\n")  # type: ignore[union-attr]
+                proc.stdin.close()  # type: ignore[union-attr]
+                if proc.wait(timeout=120) != 0:
+                    raise RuntimeError(f"an interleaved child exited with status {proc.returncode}")
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        ratios_ = [sum(tb) / sum(ta) for ta, tb in zip(times[a], times[b])]  # tok/s of a over b
+        total = {e: sum(map(sum, times[e])) for e in (a, b)}
+        out[f"{a} vs {b}"] = {"chunk_tokens": k, "chunks": args.interleave, "ratios": ratios_,
+                              "ratio": total[b] / total[a], "median": statistics.median(ratios_),
+                              "tok_s": {e: args.interleave * k / total[e] for e in (a, b)},
+                              "chunk_tok_s": {e: [k / sum(t) for t in times[e]] for e in (a, b)},
+                              "step_s": times, "target": TARGETS[a]["decode_vs"]}
+        r = out[f"{a} vs {b}"]
+        print(f"[{time.strftime('%H:%M:%S')}] {a} vs {b}: {r['ratio']:.2f}x overall, chunk median "
+              f"{r['median']:.2f}, range {min(ratios_):.2f}-{max(ratios_):.2f}", file=sys.stderr, flush=True)
+    return out
 
 
 def ratios(engines: dict[str, Any]) -> list[dict[str, Any]]:
@@ -543,6 +647,21 @@ def markdown(result: dict[str, Any]) -> str:
                   "|---|" + "---|" * n]
         for e in rounds["decode_tok_s"][0]:
             lines.append(f"| {e} | " + " | ".join(f"{t[e]:.2f}" for t in rounds["decode_tok_s"]) + " |")
+    inter = result.get("interleaved")
+    if inter:
+        first = next(iter(inter.values()))
+        lines += ["", f"Interleaved decode: each pair with both engines loaded at once, {first['chunks']} chunks of "
+                      f"{first['chunk_tokens']} greedy steps each, taken in turns (a b b a a b ...; only one engine "
+                      "computes at a time), continuing one sequence per engine after the prompt. A chunk ratio "
+                      "compares two runs seconds apart.", "",
+                  "| pair | tok/s (Lanner, llama.cpp) | overall × | chunk median × | chunk min – max | "
+                  "chunks ≥ target | target |", "|---|---|---|---|---|---|---|"]
+        for pair, r in inter.items():
+            a, b = pair.split(" vs ")
+            rs, tgt = r["ratios"], r["target"]
+            lines.append(f"| {pair} | {r['tok_s'][a]:.2f}, {r['tok_s'][b]:.2f} | {r['ratio']:.2f} | "
+                         f"{r['median']:.2f} | {min(rs):.2f} – {max(rs):.2f} | {sum(x >= tgt for x in rs)}/{len(rs)} | "
+                         f"≥{tgt:.2f} {_verdict(r['ratio'] >= tgt)} (overall) |")
     acc = result.get("accuracy") or {}
     if acc:
         lines += ["", f"Logits on the same inputs (the prompt, then {s.get('accuracy_tokens')} fixed tokens fed one by "
@@ -566,7 +685,7 @@ def markdown(result: dict[str, Any]) -> str:
                   "part from it after a few tokens on these random-weight models (quantization error adds up over "
                   "the layers, see app/quant/woq.py on logit cosine), whichever engine quantizes."]
     lines += ["", "Weight bytes: Lanner = unique storages of the decoder's parameters and buffers (quantized Linear "
-                  "buffers + fp32 embedding + norms); llama.cpp = `llama_model_size` (all GGUF tensors). "
+                  "buffers + embedding, int8 when quantized + norms); llama.cpp = `llama_model_size` (all GGUF tensors). "
                   "Peak RSS = VmHWM of the engine's own process (imports + load/quantize + run)."]
     for name, raw in engines.items():
         if raw.get("quant"):
@@ -652,6 +771,7 @@ def parent_main(args: argparse.Namespace) -> int:
                 results[e] = run_child(e, args, prompt_file, ggufs.get(e.split("-", 1)[1]))
             accuracy = logit_accuracy(engines, args.logits_dir)
             rounds = extra_rounds(args, engines, results, prompt_file, ggufs)
+            inter = interleaved(args, engines, prompt_file, ggufs)
         finally:
             prompt_file.unlink(missing_ok=True)
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -667,7 +787,7 @@ def parent_main(args: argparse.Namespace) -> int:
                      "lanner_dirty_files": _git(lanner_root, "status", "--porcelain", "--", "app").splitlines(),
                      "ggufs": {k: str(v) for k, v in ggufs.items()}},
         "engines": results, "ratios": ratios(results), "agreement": agreement(results), "accuracy": accuracy,
-        "rounds": rounds,
+        "rounds": rounds, "interleaved": inter,
     }
     out_dir = Path(args.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -703,6 +823,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the paired engines this many times in all and report each round's decode ratios "
                              "(the VM's noise moves single runs by 10-25%%)")
+    parser.add_argument("--interleave", type=int, default=0, metavar="N",
+                        help="after the rounds, run each target pair with both engines loaded, decoding N chunks "
+                             "each in turns (ABBA): ratios of chunks seconds apart, immune to the VM's slow phases")
+    parser.add_argument("--chunk-tokens", type=int, default=16, help="decode steps per interleaved chunk")
     parser.add_argument("--gguf-dir", type=Path, default=None, help="GGUF cache (default ~/.cache/lanner/gguf)")
     parser.add_argument("--results-dir", type=Path, default=BENCH / "results" / "decode")
     parser.add_argument("--note", default="", help="a line for the report (e.g. what else ran)")
@@ -715,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logits-out", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-file", help=argparse.SUPPRESS)
     parser.add_argument("--gguf", help=argparse.SUPPRESS)
+    parser.add_argument("--interleave-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child_main(args)
