@@ -33,6 +33,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "ipex (optional installs; LANNER_WOQ_BACKEND)")
     p.add_argument("--int4-group-size", type=int, choices=[32, 64, 128, 256], default=env("LANNER_INT4_GROUP_SIZE"),
                    help="int4 group size for --model (default 32; LANNER_INT4_GROUP_SIZE)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp32", "bf16"], default=env("LANNER_KV_CACHE_DTYPE"),
+                   help="KV cache element type for --model: auto (default) = bf16 when quantized, else fp32 "
+                        "(LANNER_KV_CACHE_DTYPE)")
     p.add_argument("--cpus", default=env("LANNER_CPUS"), help='cores for --model, e.g. "0-1"')
     p.add_argument("--max-num-seqs", type=int, default=env("LANNER_MAX_NUM_SEQS"),
                    help="max concurrent sequences for --model")
@@ -57,7 +60,7 @@ def _cli_models(args: argparse.Namespace) -> list | None:
     local = looks_like_local_path(args.model) or Path(args.model).expanduser().is_dir()
     model_id = args.model_id or (Path(args.model.rstrip("/")).name if local else args.model)
     spec: dict = {"id": model_id, "source": args.model}
-    for key in ("quantize", "woq_backend", "int4_group_size", "cpus", "max_num_seqs"):
+    for key in ("quantize", "woq_backend", "int4_group_size", "kv_cache_dtype", "cpus", "max_num_seqs"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
     return [ModelSpec(**spec)]

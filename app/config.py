@@ -61,6 +61,9 @@ class ModelSpec(BaseModel):
     # int4 group size (input features per scale and zero point): 32 by default; 64 stores 4.5 bits per
     # weight (llama.cpp Q4_0's size), 128/256 fewer still, each a little less accurate (docs/quantization.md)
     int4_group_size: Literal[32, 64, 128, 256] | None = None
+    # KV cache element type: auto = bf16 for a quantized model (half the bytes: twice the slots in a budget,
+    # half the attention reads), fp32 otherwise (exact against transformers); app/models/kv_cache.py
+    kv_cache_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     cpus: str | None = None  # e.g. "0-1"; default: every core this process may use
     num_threads: int | None = None  # default: one per pinned core
     max_model_len: int | None = None  # default: the model's max_position_embeddings

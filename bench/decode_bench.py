@@ -206,6 +206,7 @@ def child_lanner(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any]:
     result = {"load_s": load_s, "prefill_s": prefill_times, "decode_step_s": times, "tokens": fed,
               "weight_bytes": weight_bytes, "kv_cache_bytes": kv_bytes,
               "quant": runner.quant_report.summary(), "quant_linear_bytes": runner.quant_report.bytes_after,
+              "kv_cache_dtype": str(runner.kv.k[0].dtype).removeprefix("torch."),
               "threads": torch.get_num_threads(), "mem_after_imports": mem_imports,
               "mem_after_load": mem_loaded, "mem_end": proc_status()}
     # the logit check: a fresh sequence, the prompt, then the fixed continuation (every engine sees the
@@ -689,7 +690,8 @@ def markdown(result: dict[str, Any]) -> str:
                   "Peak RSS = VmHWM of the engine's own process (imports + load/quantize + run)."]
     for name, raw in engines.items():
         if raw.get("quant"):
-            lines.append(f"- {name}: {raw['quant']}")
+            kv = f"; KV cache {raw['kv_cache_dtype']}" if raw.get("kv_cache_dtype") else ""
+            lines.append(f"- {name}: {raw['quant']}{kv}")
     return "\n".join(lines) + "\n"
 
 

@@ -46,6 +46,7 @@ class WorkerConfig:
     quantize: str = "none"  # none | int8 | int4 (weight-only, app/quant/woq.py)
     woq_backend: str = "native"  # native | torchao | ipex (app/quant/backends)
     int4_group_size: int | None = None  # None: the quantizer's default (32)
+    kv_cache_dtype: str = "auto"  # auto | fp32 | bf16 (app/models/kv_cache.py)
 
 
 def cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
@@ -98,12 +99,14 @@ def worker_main(cfg: WorkerConfig, commands: Connection, outputs: Connection) ->
         outputs.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     report = getattr(core.runner, "quant_report", None)
+    kv = getattr(core.runner, "kv", None)
     outputs.send(("ready", {"pid": os.getpid(), "cpus": cpus, "num_threads": threads,
                             "max_num_seqs": core.runner.max_num_seqs, "runner": type(core.runner).__name__,
                             "quantization": report.mode if report else cfg.quantize,
                             "backend": report.backend if report else "transformers",
                             "kernel": report.kernel if report else "transformers",
-                            "isa": report.isa if report else ""}))
+                            "isa": report.isa if report else "",
+                            "kv_cache_dtype": str(kv.k[0].dtype).removeprefix("torch.") if kv else "transformers"}))
     threading.Thread(target=_pump_commands, args=(commands, core), daemon=True, name="lanner-commands").start()
     core.run_forever()
 
@@ -132,18 +135,21 @@ def _build_core(cfg: WorkerConfig, emit: Callable[[list, Any], None]) -> Any:
     info = inspect_model_dir(cfg.model_path)
     tokenizer = load_tokenizer(info.path)
     runner = build_runner(cfg.runner, info, cfg.max_model_len, cfg.max_num_seqs, cfg.kv_cache_bytes,
-                          cfg.quantize, cfg.woq_backend, cfg.int4_group_size)
+                          cfg.quantize, cfg.woq_backend, cfg.int4_group_size, cfg.kv_cache_dtype)
     return EngineCore(runner, tokenizer, info.eos_token_ids, emit_batch=emit,
                       max_num_batched_tokens=cfg.max_num_batched_tokens)
 
 
 def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv_cache_bytes: int | None,
-                 quantize: str = "none", woq_backend: str = "native", int4_group_size: int | None = None) -> Any:
+                 quantize: str = "none", woq_backend: str = "native", int4_group_size: int | None = None,
+                 kv_cache_dtype: str = "auto") -> Any:
     if kind == "reference":
         if quantize != "none":
             raise ValueError(f"quantize={quantize!r} needs runner: batched (the reference runner is fp32)")
         if woq_backend != "native":
             log.warning("woq_backend=%s has no effect with runner: reference (fp32)", woq_backend)
+        if kv_cache_dtype == "bf16":
+            log.warning("kv_cache_dtype=bf16 has no effect with runner: reference (transformers' own cache)")
         from app.models.loader import load_hf_model
         from app.models.reference import ReferenceRunner
 
@@ -151,7 +157,7 @@ def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv
     from app.models.runner import load_runner
 
     return load_runner(info, max_model_len, max_num_seqs, kv_cache_bytes, quantize=quantize,
-                       woq_backend=woq_backend, int4_group_size=int4_group_size)
+                       woq_backend=woq_backend, int4_group_size=int4_group_size, kv_cache_dtype=kv_cache_dtype)
 
 
 class ProcessEngine:

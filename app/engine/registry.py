@@ -115,6 +115,7 @@ class ModelRegistry:
                     "quantization": info.get("quantization", handle.spec.quantize),
                     "backend": info.get("backend", ""), "kernel": info.get("kernel", ""),
                     "runner": info.get("runner", handle.spec.runner),
+                    "kv_cache_dtype": info.get("kv_cache_dtype", ""),
                     "cpus": ",".join(map(str, info.get("cpus", []))), "num_threads": info.get("num_threads", ""),
                     "version": __version__})
                 self.metrics.watch_worker(handle.id, lambda e=handle.engine: e.pid if e.is_alive else None)
@@ -138,6 +139,7 @@ class ModelRegistry:
             quantize=spec.quantize,
             woq_backend=spec.woq_backend,
             int4_group_size=spec.int4_group_size,
+            kv_cache_dtype=spec.kv_cache_dtype,
         ))
         engine.start()
         handle.admission.slots = engine.info.get("max_num_seqs", handle.admission.slots)  # after the KV budget

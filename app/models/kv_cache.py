@@ -2,8 +2,12 @@
 
 Layout and algorithm
 --------------------
-Each layer owns two fp32 tensors `k`, `v` of shape [num_slots, n_kv_heads, max_len, head_dim], allocated
-(zeroed) once at start-up and never grown. A sequence gets one slot for its whole life (`allocate` on its
+Each layer owns two tensors `k`, `v` of shape [num_slots, n_kv_heads, max_len, head_dim], allocated
+(zeroed) once at start-up and never grown.  They are fp32, or bf16 (`kv_cache_dtype`, bf16 by default for
+quantized models): half the bytes, so twice the slots in a budget and half the bytes a decode step's
+attention reads.  Keys and values are computed in fp32, rounded to bf16 when stored, and widened back to
+fp32 when read (the C++ attention widens as it loads; the ATen paths and the prompt chunks' SDPA take an
+fp32 copy of what they read), so all arithmetic stays fp32. A sequence gets one slot for its whole life (`allocate` on its
 first step, `free` when it finishes); freed slots are reused lowest-first, which keeps the running
 sequences packed at the low slot ids. The number of slots comes from a byte budget, capped by the
 scheduler's `max_num_seqs`.
@@ -224,14 +228,14 @@ class KVCache:
                 if meta.decode_scatter is not None:
                     packed = qd.new_zeros(rng, self.num_kv_heads, group, hd)
                     qd = packed.index_copy_(0, meta.decode_scatter, qd)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask)
+            od = F.scaled_dot_product_attention(qd, kd.float(), vd.float(), attn_mask=meta.decode_mask)
             if meta.decode_scatter is not None:
                 od = od.index_select(0, meta.decode_scatter)
             outs.append(od.reshape(nd, n_heads * hd))
         for span in meta.prefills:
             qp = q[span.offset:span.offset + span.length].transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
-            kp = kc[span.slot, :, :span.kv_len].unsqueeze(0)  # [1, n_kv, kv_len, hd]
-            vp = vc[span.slot, :, :span.kv_len].unsqueeze(0)
+            kp = kc[span.slot, :, :span.kv_len].unsqueeze(0).float()  # [1, n_kv, kv_len, hd], fp32
+            vp = vc[span.slot, :, :span.kv_len].unsqueeze(0).float()
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, is_causal=span.mask is None,
                                                 enable_gqa=group > 1)
             outs.append(op[0].transpose(0, 1).reshape(span.length, n_heads * hd))

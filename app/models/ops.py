@@ -48,13 +48,13 @@ def rope_store(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     t = qkv.shape[0]
     d = k_cache.shape[-1]
     q_size, kv_size = num_heads * d, num_kv_heads * d
-    if own_ops() and qkv.is_contiguous() and k_cache.dtype == torch.float32:
+    if own_ops() and qkv.is_contiguous() and k_cache.dtype in (torch.float32, torch.bfloat16):
         torch.ops.lanner.rope_store(qkv, cos, sin, k_cache, v_cache, slots, positions, num_heads, num_kv_heads)
         return qkv[:, :q_size].view(t, num_heads, d)
     q = apply_rope(qkv[:, :q_size].view(t, num_heads, d), cos, sin)
     k = apply_rope(qkv[:, q_size:q_size + kv_size].view(t, num_kv_heads, d), cos, sin)
-    k_cache[slots, :, positions] = k
-    v_cache[slots, :, positions] = qkv[:, q_size + kv_size:].view(t, num_kv_heads, d)
+    k_cache[slots, :, positions] = k.to(k_cache.dtype)  # a bf16 cache: rounded to nearest even
+    v_cache[slots, :, positions] = qkv[:, q_size + kv_size:].view(t, num_kv_heads, d).to(v_cache.dtype)
     return q
 
 

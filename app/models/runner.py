@@ -92,13 +92,14 @@ def build_decoder(arch: str, config, weights: Mapping[str, torch.Tensor]) -> nn.
 
 class BatchedRunner:
     def __init__(self, model: nn.Module, max_model_len: int, max_num_seqs: int,
-                 kv_cache_bytes: int | None = None) -> None:
+                 kv_cache_bytes: int | None = None, kv_dtype: torch.dtype = torch.float32) -> None:
         self.model = model.eval()
         self.vocab_size = int(model.vocab_size)
         self.max_model_len = int(max_model_len)
         num_slots = KVCache.slots_for_budget(kv_cache_bytes, max_num_seqs, model.num_layers,
-                                             model.num_kv_heads, model.head_dim, self.max_model_len)
-        self.kv = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, self.max_model_len, num_slots)
+                                             model.num_kv_heads, model.head_dim, self.max_model_len, kv_dtype)
+        self.kv = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, self.max_model_len, num_slots,
+                          kv_dtype)
         self.max_num_seqs = num_slots
         self._cos, self._sin = rope_tables(rope_inv_freq(model.config, model.head_dim), self.max_model_len)
         self._slot_of: dict[int, int] = {}  # seq_id -> slot
@@ -193,9 +194,25 @@ class BatchedRunner:
         return logits
 
 
+KV_DTYPES = MappingProxyType({"fp32": torch.float32, "bf16": torch.bfloat16})
+KV_DTYPE_NAMES = MappingProxyType({v: k for k, v in KV_DTYPES.items()})
+
+
+def resolve_kv_dtype(kv_cache_dtype: str, quantize: str) -> torch.dtype:
+    """The KV cache dtype for a `kv_cache_dtype` setting and the model's quantization mode: "auto" is bf16 for
+    an int8/int4 model (its weights already differ from fp32 by more than bf16 keys and values add, see
+    tests/model/test_woq_accuracy.py) and fp32 for an unquantized one (exact against transformers)."""
+    if kv_cache_dtype == "auto":
+        return torch.bfloat16 if quantize != "none" else torch.float32
+    if kv_cache_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of auto, {', '.join(KV_DTYPES)}, got {kv_cache_dtype!r}")
+    return KV_DTYPES[kv_cache_dtype]
+
+
 def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
                 kv_cache_bytes: int | None = None, quantize: str = "none",
-                woq_backend: str = "native", int4_group_size: int | None = None) -> BatchedRunner:
+                woq_backend: str = "native", int4_group_size: int | None = None,
+                kv_cache_dtype: str = "auto") -> BatchedRunner:
     """A BatchedRunner for a checked model directory, weights read from its safetensors files.
 
     `quantize` (none|int8|int4, from the model's config) builds every Linear as its weight-only-quantized
@@ -205,7 +222,7 @@ def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
     quantized layers; an optional backend that cannot run here is a ModelLoadError saying what to install.
     `int4_group_size` (32/64/128/256, default 32) applies when quantizing to int4 at load; a pre-quantized
     directory keeps the group sizes it was written with.  The report is kept on the runner as
-    `quant_report`.
+    `quant_report`.  `kv_cache_dtype` (auto|fp32|bf16): auto is bf16 for a quantized model, fp32 otherwise.
     """
     try:
         check_mode(quantize)
@@ -221,8 +238,11 @@ def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
                             info.path)
             model = build_decoder(info.arch, info.config, SafetensorsWeights(info.path))
             report = QuantReport("none")
-        runner = BatchedRunner(model, max_model_len, max_num_seqs, kv_cache_bytes)
+        kv_dtype = resolve_kv_dtype(kv_cache_dtype, report.mode)
+        runner = BatchedRunner(model, max_model_len, max_num_seqs, kv_cache_bytes, kv_dtype)
         runner.quant_report = report
+        log.info("%s: KV cache %s, %d slot(s) of %d tokens, %.1f MiB", info.path.name, KV_DTYPE_NAMES[kv_dtype],
+                 runner.kv.num_slots, runner.max_model_len, runner.kv.nbytes / 2**20)
         # built (once per machine) while loading, not in the first step
         log.info("%s: RMSNorm, RoPE + KV store and decode attention run as %s", info.path.name,
                  "Lanner's C++ ops" if ops.own_ops() else "ATen ops (Lanner's kernels are not built)")

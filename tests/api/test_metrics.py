@@ -47,7 +47,7 @@ def test_every_documented_metric_is_exported(http, client):
     assert not missing, f"documented but not exported: {missing}"
     info = [lbl for (n, lbl) in samples if n == "lanner_model_info"]
     assert any(dict(lbl).get("model_name") == MODEL and dict(lbl).get("quantization") == "none"
-               and dict(lbl).get("kernel") for lbl in info), info
+               and dict(lbl).get("kernel") and dict(lbl).get("kv_cache_dtype") == "float32" for lbl in info), info
     assert value(samples, "lanner_model_ready", model_name=MODEL) == 1
     assert value(samples, "lanner_worker_resident_memory_bytes", model_name=MODEL) > 10e6
     # every reason exists at 0 before it ever happens

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import openai
 import pytest
 
@@ -30,11 +31,16 @@ def test_quantize_then_serve(tmp_path, demo_models_dir):
                                                max_tokens=8, temperature=0)
         assert completion.usage.completion_tokens > 0
         assert completion.choices[0].finish_reason in ("length", "stop")
+        metrics = httpx.get(f"{base}/metrics", timeout=30).text  # a quantized model keeps K/V in bf16
+        info = [line for line in metrics.splitlines()
+                if line.startswith("lanner_model_info{") and 'model_name="demo-llama-int4"' in line]
+        assert len(info) == 1 and 'kv_cache_dtype="bfloat16"' in info[0], info
     finally:
         code = stop_server(proc)
     log = (tmp_path / "server.log").read_text()
     assert code == 0, log
     assert "quantize=int4:" in log  # the worker built int4 modules from the checkpoint
+    assert "embedding int8" in log and "KV cache bf16" in log
 
 
 def test_quantize_errors_are_clear(tmp_path, demo_models_dir, capsys):

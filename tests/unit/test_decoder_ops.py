@@ -1,5 +1,6 @@
 """Lanner's C++ decoder ops (app/quant/csrc/decoder_ops.cpp through app/models/ops.py) against the ATen
-ops they replace: RMSNorm, and RoPE on a fused QKV output with the keys and values stored in the KV cache."""
+ops they replace: RMSNorm, and RoPE on a fused QKV output with the keys and values stored in the KV cache
+(fp32 or bf16), and the decode attention over it."""
 
 from __future__ import annotations
 
@@ -27,17 +28,21 @@ def test_rms_norm_matches_aten(rows, width):
     torch.testing.assert_close(ours, F.rms_norm(x, (width,), w, 1e-5), rtol=1e-5, atol=1e-6)
 
 
+KV_DTYPES = [torch.float32, torch.bfloat16]
+
+
 def aten_rope_store(qkv, kc, vc, cos, sin, slots, pos, nh, nkv):
     t, d = qkv.shape[0], kc.shape[-1]
     q = ops.apply_rope(qkv[:, :nh * d].view(t, nh, d), cos, sin)
-    kc[slots, :, pos] = ops.apply_rope(qkv[:, nh * d:(nh + nkv) * d].view(t, nkv, d), cos, sin)
-    vc[slots, :, pos] = qkv[:, (nh + nkv) * d:].view(t, nkv, d)
+    kc[slots, :, pos] = ops.apply_rope(qkv[:, nh * d:(nh + nkv) * d].view(t, nkv, d), cos, sin).to(kc.dtype)
+    vc[slots, :, pos] = qkv[:, (nh + nkv) * d:].view(t, nkv, d).to(vc.dtype)
     return q
 
 
 @needs_ops
+@pytest.mark.parametrize("dtype", KV_DTYPES)
 @pytest.mark.parametrize("nh,nkv,d", [(8, 2, 16), (4, 1, 32), (4, 4, 8)])
-def test_rope_store_matches_aten(nh, nkv, d):
+def test_rope_store_matches_aten(nh, nkv, d, dtype):
     """Queries rotated in place, keys rotated into the cache, values copied, at each row's own slot and
     position (decode rows of several slots and a prompt chunk at positions 5..9 in one batch)."""
     cos_t, sin_t = rope_tables(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)), 64)
@@ -45,15 +50,19 @@ def test_rope_store_matches_aten(nh, nkv, d):
     pos = torch.tensor([17, 3, 5, 6, 7, 8, 9])
     cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)
     qkv = torch.randn(len(pos), (nh + 2 * nkv) * d, generator=gen(d))
-    caches = [torch.randn(3, nkv, 64, d, generator=gen(i)) for i in range(2)]
+    caches = [torch.randn(3, nkv, 64, d, generator=gen(i)).to(dtype) for i in range(2)]
     ref_k, ref_v = caches[0].clone(), caches[1].clone()
     ref_q = aten_rope_store(qkv.clone(), ref_k, ref_v, cos, sin, slots, pos, nh, nkv)
     ours = qkv.clone()
     k, v = caches[0].clone(), caches[1].clone()
     q = ops.rope_store(ours, k, v, cos, sin, slots, pos, nh, nkv)
+    assert k.dtype == v.dtype == dtype
     torch.testing.assert_close(q, ref_q, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(k, ref_k, rtol=1e-6, atol=1e-6)
-    assert torch.equal(v, ref_v)
+    # bf16: both round the fp32 key to nearest even; a key whose fp32 differs in its last bit (FMA) may
+    # round one bf16 step apart
+    torch.testing.assert_close(k.float(), ref_k.float(), rtol=1e-6 if dtype == torch.float32 else 2**-7,
+                               atol=1e-6)
+    assert torch.equal(v, ref_v)  # values: the same conversion of the same fp32
     assert torch.equal(ours[:, nh * d:], qkv[:, nh * d:])  # only the queries change inside qkv
 
 
@@ -74,19 +83,22 @@ def test_rope_store_refuses_out_of_range_rows_before_writing():
 
 
 @needs_ops
+@pytest.mark.parametrize("dtype", KV_DTYPES)
 @pytest.mark.parametrize("nh,nkv,d", [(32, 4, 64), (8, 8, 16), (6, 1, 12), (4, 2, 128)])
-def test_decode_attention_matches_sdpa(nh, nkv, d):
+def test_decode_attention_matches_sdpa(nh, nkv, d, dtype):
     """Rows of scattered slots with different lengths (1 to 70 keys, across the 8-key and 16-value blocks
-    of the vector code; d = 12 takes the plain loops) against masked SDPA with grouped-query heads."""
+    of the vector code; d = 12 takes the plain loops) against masked SDPA with grouped-query heads; a bf16
+    cache against SDPA on its exact fp32 widening."""
     slots = torch.tensor([3, 0, 5, 2])
     pos = torch.tensor([0, 69, 8, 23])
-    kc, vc = (torch.randn(6, nkv, 80, d, generator=gen(i)) for i in (1, 2))
+    kc, vc = (torch.randn(6, nkv, 80, d, generator=gen(i)).to(dtype) for i in (1, 2))
     qkv = torch.randn(len(slots), (nh + 2 * nkv) * d, generator=gen(3))
     q = qkv[:, :nh * d].view(len(slots), nh, d)  # rows strided, as in a fused QKV output
     ours = ops.decode_attention(q, kc, vc, slots, pos)
     for r, (slot, p) in enumerate(zip(slots.tolist(), pos.tolist())):
         qr = q[r].view(1, nkv, nh // nkv, d)
-        ref = F.scaled_dot_product_attention(qr, kc[slot:slot + 1, :, :p + 1], vc[slot:slot + 1, :, :p + 1])
+        ref = F.scaled_dot_product_attention(qr, kc[slot:slot + 1, :, :p + 1].float(),
+                                             vc[slot:slot + 1, :, :p + 1].float())
         torch.testing.assert_close(ours[r], ref.reshape(nh * d), rtol=1e-5, atol=1e-5)
 
 
@@ -101,6 +113,9 @@ def test_decode_attention_refuses_bad_rows():
     with pytest.raises(RuntimeError, match="shape mismatch"):
         ops.decode_attention(torch.randn(1, 3, 16), torch.zeros(2, 2, 8, 16), torch.zeros(2, 2, 8, 16),
                              torch.tensor([0]), torch.tensor([0]))
+    for k, v in ((kc, kc.bfloat16()), (kc.half(), kc.half())):  # mixed, or a dtype the ops do not take
+        with pytest.raises(RuntimeError, match="both fp32 or both bf16"):
+            ops.decode_attention(q, k, v, torch.tensor([0]), torch.tensor([0]))
 
 
 @needs_ops

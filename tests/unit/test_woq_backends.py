@@ -139,3 +139,24 @@ def test_broken_torchao_install_is_a_clear_error(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "UNAVAILABLE woq_backend=torchao: importing torchao failed" in r.stdout
     assert "undefined symbol" in r.stdout and "lanner[torchao]" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_kv_cache_dtype_setting(monkeypatch, tmp_path):
+    """`kv_cache_dtype` (ModelSpec, `--kv-cache-dtype`, LANNER_KV_CACHE_DTYPE): auto is bf16 for a quantized
+    model and fp32 for an unquantized one; anything but auto/fp32/bf16 is refused."""
+    from app.models.runner import resolve_kv_dtype
+
+    monkeypatch.delenv("LANNER_KV_CACHE_DTYPE", raising=False)
+    assert ModelSpec(id="m", source="/x").kv_cache_dtype == "auto"
+    with pytest.raises(ValidationError, match="kv_cache_dtype"):
+        ModelSpec(id="m", source="/x", kv_cache_dtype="fp8")
+    [spec] = _cli_models(_serve_args(["--model", str(tmp_path), "--kv-cache-dtype", "bf16"]))
+    assert spec.kv_cache_dtype == "bf16"
+    monkeypatch.setenv("LANNER_KV_CACHE_DTYPE", "fp32")
+    [spec] = _cli_models(_serve_args(["--model", str(tmp_path)]))
+    assert spec.kv_cache_dtype == "fp32"
+    assert [resolve_kv_dtype("auto", q) for q in ("none", "int8", "int4")] == [
+        torch.float32, torch.bfloat16, torch.bfloat16]
+    assert resolve_kv_dtype("fp32", "int4") == torch.float32 and resolve_kv_dtype("bf16", "none") == torch.bfloat16
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        resolve_kv_dtype("fp16", "none")

@@ -14,6 +14,10 @@
 //       Row r attends keys 0..positions[r] of slot slots[r] (no mask tensors); the nh / nkv query heads of
 //       a KV head are adjacent (grouped-query attention).  Replaces the masked SDPA of the decode rows.
 //
+// The KV caches are fp32 or bf16 (both the same; app/models/kv_cache.py).  bf16 elements are stored rounded
+// to nearest even from the fp32 result, as ATen's conversion does, and widened back to fp32 (exact) when read:
+// all arithmetic stays fp32.
+//
 // rms_norm and rope_store are plain loops that the compiler vectorizes (-O3 -march=native); their rows are
 // split across torch's threads only when there are many of them (a decode row is a few microseconds of
 // work, less than a fork/join of the thread pool).  decode_attention runs one task per (row, KV head),
@@ -22,6 +26,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -42,6 +47,20 @@ namespace {
 constexpr int64_t kRowsPerTask = 16;  // rows a thread takes at once: fewer rows run on the calling thread
 
 bool is_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous(); }
+
+// a pair of KV caches: contiguous, 4-d, same shape, both fp32 or both bf16
+bool is_kv_pair(const at::Tensor& kc, const at::Tensor& vc) {
+  return kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 4 && kc.sizes() == vc.sizes() &&
+         kc.scalar_type() == vc.scalar_type() &&
+         (kc.scalar_type() == at::kFloat || kc.scalar_type() == at::kBFloat16);
+}
+
+using bf16 = c10::BFloat16;
+
+inline float widen(float x) { return x; }
+inline float widen(bf16 x) { return static_cast<float>(x); }
+inline void narrow_to(float* p, float x) { *p = x; }
+inline void narrow_to(bf16* p, float x) { *p = bf16(x); }  // round to nearest even, as ATen converts
 
 }  // namespace
 
@@ -85,28 +104,11 @@ inline void rotate(const float* x, const float* cs, const float* sn, float* out,
 
 }  // namespace
 
-void rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kc,
-                const at::Tensor& vc, const at::Tensor& slots, const at::Tensor& positions, int64_t nh,
-                int64_t nkv) {
-  TORCH_CHECK(qkv.dim() == 2 && is_f32(qkv) && is_f32(cos) && is_f32(sin) && is_f32(kc) && is_f32(vc) &&
-                  kc.dim() == 4 && kc.sizes() == vc.sizes(),
-              "rope_store: contiguous fp32 qkv [T, (nh + 2 nkv) d], cos/sin [T, d], caches [S, nkv, L, d]");
-  const int64_t T = qkv.size(0), S = kc.size(0), L = kc.size(2), d = kc.size(3);
-  TORCH_CHECK(nh > 0 && nkv == kc.size(1) && d % 2 == 0 && qkv.size(1) == (nh + 2 * nkv) * d &&
-                  cos.numel() == T * d && sin.numel() == T * d, "rope_store: shape mismatch");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong &&
-                  slots.is_contiguous() && positions.is_contiguous() && slots.numel() == T && positions.numel() == T,
-              "rope_store: slots and positions must be contiguous int64 [T]");
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  const int64_t* pp = positions.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t)  // checked before anything is written
-    TORCH_CHECK(sp[t] >= 0 && sp[t] < S && pp[t] >= 0 && pp[t] < L, "rope_store: slot or position out of range");
-  float* qp = qkv.data_ptr<float>();
-  const float* cp = cos.data_ptr<float>();
-  const float* snp = sin.data_ptr<float>();
-  float* kp = kc.data_ptr<float>();
-  float* vp = vc.data_ptr<float>();
-  TORCH_CHECK(d <= 1024, "rope_store: head_dim above 1024");
+namespace {
+
+template <typename KV>
+void rope_store_rows(float* qp, const float* cp, const float* snp, KV* kp, KV* vp, const int64_t* sp,
+                     const int64_t* pp, int64_t T, int64_t L, int64_t d, int64_t nh, int64_t nkv) {
   const int64_t width = (nh + 2 * nkv) * d;
   at::parallel_for(0, T, kRowsPerTask, [&](int64_t t0, int64_t t1) {
     float tmp[1024];
@@ -119,29 +121,61 @@ void rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& 
         rotate(x, cs, sn, tmp, d);
         for (int64_t i = 0; i < d; ++i) x[i] = tmp[i];
       }
-      for (int64_t h = 0; h < nkv; ++h) {  // keys rotated straight into the cache, values copied
+      for (int64_t h = 0; h < nkv; ++h) {  // keys rotated into the cache, values copied
         const int64_t at = ((sp[t] * nkv + h) * L + pp[t]) * d;
-        rotate(row + (nh + h) * d, cs, sn, kp + at, d);
+        rotate(row + (nh + h) * d, cs, sn, tmp, d);
         const float* v = row + (nh + nkv + h) * d;
-        for (int64_t i = 0; i < d; ++i) vp[at + i] = v[i];
+        for (int64_t i = 0; i < d; ++i) {
+          narrow_to(kp + at + i, tmp[i]);
+          narrow_to(vp + at + i, v[i]);
+        }
       }
     }
   });
+}
+
+}  // namespace
+
+void rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kc,
+                const at::Tensor& vc, const at::Tensor& slots, const at::Tensor& positions, int64_t nh,
+                int64_t nkv) {
+  TORCH_CHECK(qkv.dim() == 2 && is_f32(qkv) && is_f32(cos) && is_f32(sin) && is_kv_pair(kc, vc),
+              "rope_store: contiguous fp32 qkv [T, (nh + 2 nkv) d], cos/sin [T, d], caches [S, nkv, L, d] "
+              "(both fp32 or both bf16)");
+  const int64_t T = qkv.size(0), S = kc.size(0), L = kc.size(2), d = kc.size(3);
+  TORCH_CHECK(nh > 0 && nkv == kc.size(1) && d % 2 == 0 && qkv.size(1) == (nh + 2 * nkv) * d &&
+                  cos.numel() == T * d && sin.numel() == T * d, "rope_store: shape mismatch");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong &&
+                  slots.is_contiguous() && positions.is_contiguous() && slots.numel() == T && positions.numel() == T,
+              "rope_store: slots and positions must be contiguous int64 [T]");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)  // checked before anything is written
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < S && pp[t] >= 0 && pp[t] < L, "rope_store: slot or position out of range");
+  TORCH_CHECK(d <= 1024, "rope_store: head_dim above 1024");
+  float* qp = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* snp = sin.data_ptr<float>();
+  if (kc.scalar_type() == at::kBFloat16)
+    rope_store_rows(qp, cp, snp, kc.data_ptr<bf16>(), vc.data_ptr<bf16>(), sp, pp, T, L, d, nh, nkv);
+  else
+    rope_store_rows(qp, cp, snp, kc.data_ptr<float>(), vc.data_ptr<float>(), sp, pp, T, L, d, nh, nkv);
 }
 
 // ------------------------------------------------------------------------------- decode attention
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t d) {
+template <typename KV>
+inline float dot(const float* a, const KV* b, int64_t d) {
   float part[16] = {};
   int64_t k = 0;
   for (; k + 16 <= d; k += 16)
-    for (int l = 0; l < 16; ++l) part[l] += a[k + l] * b[k + l];
+    for (int l = 0; l < 16; ++l) part[l] += a[k + l] * widen(b[k + l]);
   for (int w = 8; w > 0; w /= 2)  // a tree, so the compiler reduces in vector registers
     for (int l = 0; l < w; ++l) part[l] += part[l + w];
   float s = part[0];
-  for (; k < d; ++k) s += a[k] * b[k];
+  for (; k < d; ++k) s += a[k] * widen(b[k]);
   return s;
 }
 
@@ -168,6 +202,17 @@ inline float exp_nonpositive(float x) {
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define LANNER_ATTN_AVX2 1
+// n (a multiple of 8) cache elements as fp32: the cache itself when it is fp32; a bf16 block is widened once
+// into buf (the 16 bits become the upper half), so the g query heads that read it do not widen it g times
+inline const float* as_f32(const float* p, int64_t, float*) { return p; }
+inline const float* as_f32(const bf16* p, int64_t n, float* buf) {
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
+    _mm256_storeu_ps(buf + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+  return buf;
+}
+
 // out[jj] = q . K[jj] for the 8 keys at K (rows of d floats, d % 8 == 0): 8 accumulators, then one
 // transposing reduction (hadd tree) instead of 8 horizontal sums.
 inline void qk8(const float* q, const float* K, int64_t d, float* out) {
@@ -204,49 +249,35 @@ inline void pv_acc(const float* p, const float* V, int64_t n, int64_t d, float* 
 
 }  // namespace
 
-// Attention of single-token rows over their own cached keys/values: row r (query heads nkv x g, the g heads
-// of a KV head adjacent) attends positions 0..positions[r] of slot slots[r].  One task per (row, KV head):
-// scores of its g query heads against every key, softmax, weighted sum of the values.
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
-                            const at::Tensor& slots, const at::Tensor& positions, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
-                  is_f32(kc) && is_f32(vc) && kc.dim() == 4 && kc.sizes() == vc.sizes(),
-              "decode_attention: fp32 q [R, nh, d] (rows may be strided), caches contiguous [S, nkv, L, d]");
-  const int64_t R = q.size(0), nh = q.size(1), d = q.size(2), S = kc.size(0), nkv = kc.size(1), L = kc.size(2);
-  TORCH_CHECK(kc.size(3) == d && nh % nkv == 0, "decode_attention: shape mismatch");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && slots.is_contiguous() &&
-                  positions.is_contiguous() && slots.numel() == R && positions.numel() == R,
-              "decode_attention: slots and positions must be contiguous int64 [R]");
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  const int64_t* pp = positions.data_ptr<int64_t>();
-  for (int64_t r = 0; r < R; ++r)
-    TORCH_CHECK(sp[r] >= 0 && sp[r] < S && pp[r] >= 0 && pp[r] < L, "decode_attention: slot or position out of range");
-  const int64_t g = nh / nkv, ldq = q.stride(0);
-  at::Tensor out = at::empty({R, nh * d}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  const float* qp = q.data_ptr<float>();
-  const float* kp = kc.data_ptr<float>();
-  const float* vp = vc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
+namespace {
+
+// One task per (row, KV head): scores of its g query heads against every key, softmax, weighted sum of the
+// values (see decode_attention).
+template <typename KV>
+void attend_rows(const float* qp, int64_t ldq, const KV* kp, const KV* vp, float* op, const int64_t* sp,
+                 const int64_t* pp, int64_t R, int64_t nh, int64_t nkv, int64_t L, int64_t d, float sc) {
+  const int64_t g = nh / nkv;
   at::parallel_for(0, R * nkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> prob;
+    std::vector<float> prob, block(16 * d);  // block: a bf16 cache's keys / values widened (as_f32)
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = i / nkv, h = i % nkv, n = pp[r] + 1;
-      const float* K = kp + (sp[r] * nkv + h) * L * d;
-      const float* V = vp + (sp[r] * nkv + h) * L * d;
+      const KV* K = kp + (sp[r] * nkv + h) * L * d;
+      const KV* V = vp + (sp[r] * nkv + h) * L * d;
       prob.resize(g * n);
       const float* Q = qp + r * ldq + h * g * d;  // this KV head's g query heads, d apart
       float* O = op + r * nh * d + h * g * d;
       int64_t j = 0;
 #if LANNER_ATTN_AVX2
-      // blocks of 8 keys (8 d floats: L1-resident) against all g query heads
+      // blocks of 8 keys (8 d elements: L1-resident) against all g query heads
       if (d % 8 == 0) {
         float s8[8];
-        for (; j + 8 <= n; j += 8)
+        for (; j + 8 <= n; j += 8) {
+          const float* Kj = as_f32(K + j * d, 8 * d, block.data());
           for (int64_t a = 0; a < g; ++a) {
-            qk8(Q + a * d, K + j * d, d, s8);
+            qk8(Q + a * d, Kj, d, s8);
             for (int l = 0; l < 8; ++l) prob[a * n + j + l] = s8[l] * sc;
           }
+        }
       }
 #endif
       for (; j < n; ++j)
@@ -267,20 +298,51 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
       std::fill(O, O + g * d, 0.f);
 #if LANNER_ATTN_AVX2
       if (d % 8 == 0) {
-        for (int64_t j0 = 0; j0 < n; j0 += 16)  // blocks of 16 value rows against all g heads
-          for (int64_t a = 0; a < g; ++a)
-            pv_acc(prob.data() + a * n + j0, V + j0 * d, std::min<int64_t>(16, n - j0), d, O + a * d);
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {  // blocks of 16 value rows against all g heads
+          const int64_t rows = std::min<int64_t>(16, n - j0);
+          const float* Vj = as_f32(V + j0 * d, rows * d, block.data());
+          for (int64_t a = 0; a < g; ++a) pv_acc(prob.data() + a * n + j0, Vj, rows, d, O + a * d);
+        }
         continue;
       }
 #endif
       for (int64_t a = 0; a < g; ++a)
         for (int64_t jj = 0; jj < n; ++jj) {
           const float w = prob[a * n + jj];
-          const float* v = V + jj * d;
-          for (int64_t k = 0; k < d; ++k) O[a * d + k] += w * v[k];
+          const KV* v = V + jj * d;
+          for (int64_t k = 0; k < d; ++k) O[a * d + k] += w * widen(v[k]);
         }
     }
   });
+}
+
+}  // namespace
+
+// Attention of single-token rows over their own cached keys/values: row r (query heads nkv x g, the g heads
+// of a KV head adjacent) attends positions 0..positions[r] of slot slots[r].
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                            const at::Tensor& slots, const at::Tensor& positions, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
+                  is_kv_pair(kc, vc),
+              "decode_attention: fp32 q [R, nh, d] (rows may be strided), caches contiguous [S, nkv, L, d] "
+              "(both fp32 or both bf16)");
+  const int64_t R = q.size(0), nh = q.size(1), d = q.size(2), S = kc.size(0), nkv = kc.size(1), L = kc.size(2);
+  TORCH_CHECK(kc.size(3) == d && nh % nkv == 0, "decode_attention: shape mismatch");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && slots.is_contiguous() &&
+                  positions.is_contiguous() && slots.numel() == R && positions.numel() == R,
+              "decode_attention: slots and positions must be contiguous int64 [R]");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(sp[r] >= 0 && sp[r] < S && pp[r] >= 0 && pp[r] < L, "decode_attention: slot or position out of range");
+  at::Tensor out = at::empty({R, nh * d}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const float sc = static_cast<float>(scale);
+  if (kc.scalar_type() == at::kBFloat16)
+    attend_rows(q.data_ptr<float>(), q.stride(0), kc.data_ptr<bf16>(), vc.data_ptr<bf16>(), out.data_ptr<float>(),
+                sp, pp, R, nh, nkv, L, d, sc);
+  else
+    attend_rows(q.data_ptr<float>(), q.stride(0), kc.data_ptr<float>(), vc.data_ptr<float>(),
+                out.data_ptr<float>(), sp, pp, R, nh, nkv, L, d, sc);
   return out;
 }
 

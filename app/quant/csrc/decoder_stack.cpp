@@ -133,8 +133,9 @@ struct DecoderStack : torch::CustomClassHolder {
     }
     for (const Span& s : spans) {
       const at::Tensor qp = q.narrow(0, s.offset, s.length).transpose(0, 1).unsqueeze(0);  // [1, nh, n, d]
-      const at::Tensor kp = L.k.select(0, s.slot).narrow(1, 0, s.kv_len).unsqueeze(0);  // [1, nkv, kv_len, d]
-      const at::Tensor vp = L.v.select(0, s.slot).narrow(1, 0, s.kv_len).unsqueeze(0);
+      // [1, nkv, kv_len, d], fp32 (a bf16 cache is widened for the chunk: prefill is compute-bound)
+      const at::Tensor kp = L.k.select(0, s.slot).narrow(1, 0, s.kv_len).unsqueeze(0).to(at::kFloat);
+      const at::Tensor vp = L.v.select(0, s.slot).narrow(1, 0, s.kv_len).unsqueeze(0).to(at::kFloat);
       const at::Tensor op = at::scaled_dot_product_attention(
           qp, kp, vp, s.mask.defined() ? std::optional<at::Tensor>(s.mask) : std::nullopt, 0.0,
           !s.mask.defined(), std::nullopt, nh > nkv);
