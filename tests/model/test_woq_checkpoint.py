@@ -172,14 +172,15 @@ def test_checkpoint_logits_equal_quantize_at_load(mode, sources, checkpoints, mo
 
 @pytest.mark.parametrize("mode", MODES)
 def test_streaming_quantize_at_load_equals_whole_model_swap(mode, sources, monkeypatch):
-    """The layer-by-layer path builds the same modules as quantizing a fully loaded fp32 decoder."""
+    """The layer-by-layer path builds the same modules as quantizing a fully loaded fp32 decoder (both over
+    the bf16 KV cache a quantized model gets by default)."""
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     for name in ("demo-falcon", "falcon-sequential", "llama-tied-linear-rope"):
         info = inspect_model_dir(sources[name])
         model = build_decoder(info.arch, info.config, SafetensorsWeights(info.path))
         quantize_model(model, mode)
         prompts = prompts_for(info.path, info.vocab_size)
-        a = logit_rows(BatchedRunner(model, MAX_LEN, 4), prompts, steps=2)
+        a = logit_rows(BatchedRunner(model, MAX_LEN, 4, kv_dtype=torch.bfloat16), prompts, steps=2)
         b = logit_rows(load_runner(info, MAX_LEN, 4, quantize=mode), prompts, steps=2)
         assert torch.equal(a, b), name
 
@@ -199,7 +200,7 @@ def test_bf16_source(sources, tmp_path, monkeypatch):
     model = build_decoder(info.arch, info.config, SafetensorsWeights(info.path))
     quantize_model(model, "int4")
     prompts = prompts_for(src, info.vocab_size)
-    whole = logit_rows(BatchedRunner(model, MAX_LEN, 4), prompts, steps=2)
+    whole = logit_rows(BatchedRunner(model, MAX_LEN, 4, kv_dtype=torch.bfloat16), prompts, steps=2)
     at_load = logit_rows(load_runner(info, MAX_LEN, 4, quantize="int4"), prompts, steps=2)
     stored = logit_rows(load_runner(inspect_model_dir(tmp_path / "q"), MAX_LEN, 4), prompts, steps=2)
     assert torch.equal(whole, at_load) and torch.equal(at_load, stored)
