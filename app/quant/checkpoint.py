@@ -363,8 +363,8 @@ def stream_quantized_parts(info: ModelInfo, mode: Literal["int8", "int4"], consu
                 part.fallbacks[module] = fallback
         embed_reader = readers.pop(f"{EMBEDDING}.weight", None)
         if embed_reader is not None:
-            head = part.linears.get(HEAD)
-            if tied and head is not None and head.mode == "int8":
+            # (no local name for the head's weight: it would stay alive, and resident, for the whole load)
+            if tied and getattr(part.linears.get(HEAD), "mode", None) == "int8":
                 part.embedding = "lm_head"  # the same matrix, quantized the same way per row: not read again
             else:
                 with source.scope() as weights:
