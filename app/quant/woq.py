@@ -319,7 +319,9 @@ class TiledInt8Linear(_TiledLinear):
         flat = ids.reshape(-1)
         # advanced indices on dims 0 and 2 around a slice: the index dim comes first -> [B, Kp/4, 4]
         q = self.weight[flat // kernels.TILE, :, flat % kernels.TILE, :].reshape(flat.numel(), -1)
-        out = q[:, :self.in_features].float().mul_(self.scales.index_select(0, flat).unsqueeze(1))
+        # scales past out_features (the last tile's padding) are not rows: an id there raises IndexError
+        scales = self.scales[:self.out_features].index_select(0, flat)
+        out = q[:, :self.in_features].float().mul_(scales.unsqueeze(1))
         return out.view(*ids.shape, self.in_features)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:

@@ -278,6 +278,9 @@ def test_int8_embedding_and_the_tied_heads_rows(kernel, monkeypatch):
     q, s = quantize_int8(untied_table)
     assert torch.equal(untied.embed_tokens(ids), (q.float() * s[:, None])[ids])
     assert untied.embed_tokens(ids).shape == (2, 3, 64)
+    for model in (tied, untied):  # an id past the vocabulary (50; the head's last tile pads to 64) is refused
+        with pytest.raises(IndexError):
+            model.embed_tokens(torch.tensor([50]))
 
 
 def test_quantize_model_head_optional_and_none_is_noop():
