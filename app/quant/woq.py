@@ -45,9 +45,10 @@ multiply them with integer dot products (VNNI or AVX2) against activations quant
 32 (llama.cpp's Q8 activation scheme; int8 logits stay within the accuracy bounds of the tests).  They are
 compiled for the running CPU on first use; where that is impossible (no C++ compiler,
 LANNER_OWN_KERNELS=0) the model uses ATen's kernels below and the report says why.  Measured (2-core EPYC,
-AVX-512 VNNI, bench/results/decode/, all layers in one C++ call): the TinyLlama-1.1B shape decodes int8 at
-a median 1.35x and int4 at 1.13x (0.94-1.39x over 8 rounds) llama.cpp's Q8_0 / Q4_0 on the same weights
-(ATen's kernels: 0.6x / 0.5x), and prefills 128 tokens in 0.6-0.7 s (int8) against llama.cpp's 1.6-2.0 s;
+AVX-512 VNNI, bench/results/decode/, all layers in one C++ call, both engines loaded and decoding in
+turns): the TinyLlama-1.1B shape decodes int8 at 1.13-1.38x and int4 at 1.09-1.13x llama.cpp's Q8_0 / Q4_0
+on the same weights (ATen's kernels: 0.6x / 0.5x), and prefills 128 tokens in 0.7 s (int8) against
+llama.cpp's 1.5-2.1 s;
 per-call numbers at OWN_KERNEL_MODES.
 
 ATen's kernels ("packed", "dequant", and "auto" without own kernels), per call, by the number of activation
