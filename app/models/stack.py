@@ -57,26 +57,23 @@ def why_not(model: nn.Module) -> str:
     if not ops.own_ops():
         return "Lanner's kernels are not built"
     kinds = sorted({type(m).__name__ for layer in model.layers for m in layer.modules()
-                    if isinstance(m, nn.Module) and hasattr(m, "in_features") and _linear(m) is None})
+                    if hasattr(m, "in_features") and _linear(m) is None})
     return f"Linear modules the stack cannot run: {', '.join(kinds)}" if kinds else "unsupported activation"
 
 
 def build(model: nn.Module, kv: KVCache):
     """The stack of `model`'s layers over `kv`'s caches, or None when a layer cannot run in it."""
     layers = list(model.layers)
+    first = layers[0]
     if model.arch == "llama":
-        first = layers[0]
         header = [0, 0, 0, first.num_heads, first.num_kv_heads, first.head_dim, first.inter]
-        eps = first.eps
         parts = [((l.qkv_proj, l.o_proj, l.gate_up_proj, l.down_proj),
                   (l.input_norm, None, l.post_attn_norm, None)) for l in layers]
     elif model.arch == "falcon":
-        first = layers[0]
         act = FALCON_ACTS.get(model.config.activation)
         if act is None:
             return None
         header = [1, LAYOUTS[first.layout], act, first.num_heads, first.num_kv_heads, first.head_dim, 0]
-        eps = first.eps
         parts = [((l.qkv_proj, l.o_proj, l.up_proj, l.down_proj),
                   (l.ln_attn.weight, l.ln_attn.bias,
                    *((l.ln_mlp.weight, l.ln_mlp.bias) if l.ln_mlp is not None else (None, None))))
@@ -94,7 +91,7 @@ def build(model: nn.Module, kv: KVCache):
             ints += enc[1]
         tensors += [_NONE if t is None else t.detach() for t in norms]
         tensors += [kv.k[i], kv.v[i]]
-    return torch.classes.lanner.DecoderStack(tensors, ints, float(eps))
+    return torch.classes.lanner.DecoderStack(tensors, ints, float(first.eps))
 
 
 def forward(stack, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:

@@ -415,18 +415,10 @@ class _Assembler:
                                  f"does not know: {', '.join(sorted(result.unexpected_keys)[:5])}")
 
     def _embedding(self, part: Part, head_qw: QuantizedWeight | None) -> None:
-        if isinstance(part.embedding, str):  # HEAD
-            assert head_qw is not None and head_qw.mode == "int8"
-            head = self.model.get_submodule(HEAD)
-            if callable(getattr(head, "rows", None)):
-                module = build_embedding(head_qw, head)
-            else:  # a backend's head module that cannot hand out rows: a table of its own
-                module = build_embedding(replace(head_qw, qweight=part.detach(head_qw.qweight),
-                                                 scales=part.detach(head_qw.scales)))
-        else:
-            qw = part.embedding
-            assert isinstance(qw, QuantizedWeight)
-            module = build_embedding(replace(qw, qweight=part.detach(qw.qweight), scales=part.detach(qw.scales)))
+        tied = isinstance(part.embedding, str)  # HEAD: the int8 head's rows, if its module hands them out
+        qw = head_qw if tied else part.embedding
+        assert isinstance(qw, QuantizedWeight) and qw.mode == "int8"
+        module = build_embedding(qw, self.model.get_submodule(HEAD) if tied else None, detach=part.detach)
         setattr(self.model, EMBEDDING, module)
         self.report.embedding = embedding_kind(module)
         part.embedding = None

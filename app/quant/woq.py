@@ -348,11 +348,6 @@ class Int8Embedding(nn.Module):
         self.register_buffer("weight", qweight.contiguous())
         self.register_buffer("scales", scales.float().contiguous())
 
-    @classmethod
-    def from_quantized(cls, qw: QuantizedWeight) -> Int8Embedding:
-        assert qw.mode == "int8"
-        return cls(qw.qweight, qw.scales)
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # ids: any shape -> [*ids.shape, H] fp32
         return int8_rows(self.weight, self.scales, ids)
@@ -378,13 +373,15 @@ class TiedInt8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8, rows of the output head"
 
 
-def build_embedding(qw: QuantizedWeight, head: nn.Module | None = None) -> nn.Module:
+def build_embedding(qw: QuantizedWeight, head: nn.Module | None = None,
+                    detach: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> nn.Module:
     """The int8 token embedding of the quantized table `qw`.  `head` is a tied model's output head, built
     from the same `qw`: when its module can hand out rows (Lanner's and ATen's int8 modules), the embedding
-    reads them instead of keeping a copy."""
+    reads them instead of keeping a copy.  A table of its own keeps `detach` of qw's tensors (the loader's
+    owned copy of what may still live in a memory-mapped file)."""
     if head is not None and callable(getattr(head, "rows", None)):
         return TiedInt8Embedding(head)
-    return Int8Embedding.from_quantized(qw)
+    return Int8Embedding(detach(qw.qweight), detach(qw.scales))
 
 
 def embedding_kind(module: nn.Module) -> str:
@@ -965,8 +962,8 @@ def quantize_model(model: nn.Module, mode: QuantMode, *, group_size: int | None 
         report.add(name, qw, new, fallback)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-        if name == "lm_head" and kind == "int8":
-            head_qw = qw
+        if tied and name == "lm_head" and kind == "int8":
+            head_qw = qw  # the embedding's table (kept only when it is one)
         del linear, qw
     if embed is not None:
         if tied and head_qw is not None:
