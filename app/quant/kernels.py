@@ -173,7 +173,14 @@ def available() -> bool:
 
 BLOCK = 32  # activation quantization block along K (kBlock); K is padded to a multiple of it
 QUAD = 4  # k per weight group of the dot-product instructions
-PACK_TILES = 256  # tiles (4096 rows) repacked at once: bounds the packing temporaries to a few MiB
+PACK_BYTES = 4 << 20  # weight bytes (int8: rows x K) repacked at once: bounds the packing temporaries
+
+
+def _pack_step(k: int) -> int:
+    """Tiles repacked at once for rows of k weights: PACK_BYTES of int8 rows, at least one tile.  (A fixed
+    256 tiles was 4096 rows: 74 MB of int8 at falcon-7b's K = 18176, plus temporaries of the same size,
+    which made the load's peak ~100-190 MiB above its resident size on each such layer.)"""
+    return max(1, PACK_BYTES // (TILE * max(1, k)))
 
 
 def padded_k(k: int) -> int:
@@ -187,8 +194,9 @@ def pack_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torc
     n, k = q.shape
     tiles, kp = -(-n // TILE), padded_k(k)
     out = torch.empty(tiles, kp // QUAD, TILE, QUAD, dtype=torch.int8)
-    for t0 in range(0, tiles, PACK_TILES):
-        t1 = min(t0 + PACK_TILES, tiles)
+    step = _pack_step(kp)
+    for t0 in range(0, tiles, step):
+        t1 = min(t0 + step, tiles)
         rows = q[t0 * TILE:t1 * TILE]
         if rows.shape[0] < (t1 - t0) * TILE or k < kp:  # padding needed: go through a zeroed chunk
             chunk = torch.zeros((t1 - t0) * TILE, kp, dtype=torch.int8)
@@ -218,8 +226,9 @@ def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     k, groups = 2 * half, scales.shape[1]
     tiles = -(-n // TILE)
     nib = torch.empty(tiles, k // QUAD, TILE // 2, QUAD, dtype=torch.uint8)
-    for t0 in range(0, tiles, PACK_TILES):
-        t1 = min(t0 + PACK_TILES, tiles)
+    step = _pack_step(k)
+    for t0 in range(0, tiles, step):
+        t1 = min(t0 + step, tiles)
         rows = qweight[t0 * TILE:t1 * TILE]
         q = torch.zeros((t1 - t0) * TILE, k, dtype=torch.uint8)
         q[:rows.shape[0], 0::2] = rows & 0x0F

@@ -96,7 +96,7 @@ def test_packing_in_chunks_gives_the_same_tiles(monkeypatch):
     q, s = random_int8(90, 40, seed=8)
     qw = random_int4(90, 64, 32, seed=9)
     whole8, whole4 = kernels.pack_int8(q, s), kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
-    monkeypatch.setattr(kernels, "PACK_TILES", 2)  # 6 tiles: chunks of 2, 2, 2
+    monkeypatch.setattr(kernels, "PACK_BYTES", 2 * kernels.TILE * 64)  # 6 tiles: chunks of 2, 2, 2 (K = 64)
     for a, b in zip((*whole8, *whole4), (*kernels.pack_int8(q, s), *kernels.pack_int4(qw.qweight, qw.scales,
                                                                                       qw.zeros))):
         assert torch.equal(a, b)
