@@ -144,7 +144,10 @@ class LlamaDecoder(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.vocab_size = config.vocab_size
         self.eps = config.rms_norm_eps
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # a given (uninitialised) table: the weights are always loaded, and Embedding's own random init on
+        # the meta device imports torch._dynamo (800 modules, ~68 MiB resident in every worker)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(LlamaLayer(config, self.head_dim)
                                     for _ in range(config.num_hidden_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
