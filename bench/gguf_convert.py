@@ -9,11 +9,14 @@ Steps, all from the same safetensors file Lanner loads:
    `vendor/llama.cpp`; the installed wheel does not. We fetch the sdist of the *installed* version with pip
    (`pip download llama-cpp-python==X --no-binary :all: --no-deps`, the package index's own file) into
    `~/.cache/lanner/llama-cpp-sdist/` and unpack it once.
-2. `convert_hf_to_gguf.py --outtype f32` writes an fp32 GGUF: the weights bit for bit.
+2. `convert_hf_to_gguf.py --outtype f32` writes an fp32 GGUF: the weights bit for bit.  A model stored in
+   bf16 (`falcon-7b`, whose fp32 form would not fit the disk) is converted with `--outtype bf16`, again
+   bit for bit, and has no f32 GGUF.
 3. `llama_cpp.llama_model_quantize` (llama.cpp's `llama-quantize`, from the built library) turns that
    into Q8_0 and Q4_0 with llama.cpp's default rules for those file types (e.g. Q4_0 keeps
-   `output.weight` at Q6_K). Quantizing from f32, not requantizing Q8_0, so both formats see the same
-   weights. The f32 GGUF is deleted afterwards unless `--keep-f32` (or asked for in `--types`).
+   `output.weight` at Q6_K). Quantizing from the source precision, not requantizing Q8_0, so both formats
+   see the same weights. The intermediate GGUF is deleted afterwards unless `--keep-f32` (or f32 is asked
+   for in `--types`).
 
 The pre-tokenizer problem, and the fix used here
 ------------------------------------------------
@@ -148,15 +151,27 @@ def _mark(path: Path, marker: dict[str, object]) -> None:
     path.with_name(path.name + MARKER_SUFFIX).write_text(json.dumps(marker, indent=2) + "\n")
 
 
-def convert_f32(model_dir: Path, out: Path, tree: Path) -> None:
+def source_outtype(model_dir: Path) -> str:
+    """The converter's lossless output type for `model_dir`: bf16 when every float matrix is stored in bf16,
+    else f32."""
+    dtypes: set[str] = set()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(path, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 2}
+    return "bf16" if dtypes == {"BF16"} else "f32"
+
+
+def convert(model_dir: Path, out: Path, tree: Path, outtype: str = "f32") -> None:
     tmp = out.with_name(out.name + ".part")
-    cmd = [sys.executable, __file__, "--_convert", str(tree), str(model_dir), "--outtype", "f32", "--outfile", str(tmp)]
+    cmd = [sys.executable, __file__, "--_convert", str(tree), str(model_dir), "--outtype", outtype,
+           "--outfile", str(tmp)]
     subprocess.run(cmd, check=True)
     os.replace(tmp, out)
 
 
 def quantize(src: Path, out: Path, kind: str, nthread: int) -> None:
-    """llama-quantize, from llama-cpp-python's library: `src` (f32 GGUF) -> `out` of type `kind`."""
+    """llama-quantize, from llama-cpp-python's library: `src` (f32 or bf16 GGUF) -> `out` of type `kind`."""
     import llama_cpp  # noqa: PLC0415
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -181,23 +196,26 @@ def ensure_ggufs(model_dir: Path, types: list[str], out_dir: Path = GGUF_CACHE, 
     todo = [t for t in types if not _is_current(paths[t], marker)]
     if not todo:
         return paths
-    f32 = out_dir / f"{model_dir.name}-f32.gguf"
-    if not _is_current(f32, marker):
+    outtype = source_outtype(model_dir)
+    if outtype != "f32" and "f32" in types:
+        raise ValueError(f"{model_dir} is stored in {outtype}: there is no f32 GGUF of it")
+    full = out_dir / f"{model_dir.name}-{outtype}.gguf"  # the weights bit for bit, quantized from
+    if not _is_current(full, marker):
         tree = ensure_sdist(version=version)
         t0 = time.perf_counter()
-        convert_f32(model_dir, f32, tree)
-        _mark(f32, marker)
-        log.info("converted %s -> %s in %.0f s", model_dir, f32, time.perf_counter() - t0)
+        convert(model_dir, full, tree, outtype)
+        _mark(full, marker)
+        log.info("converted %s -> %s in %.0f s", model_dir, full, time.perf_counter() - t0)
     for t in todo:
         if t == "f32":
             continue
         t0 = time.perf_counter()
-        quantize(f32, paths[t], t, nthread or len(os.sched_getaffinity(0)))
+        quantize(full, paths[t], t, nthread or len(os.sched_getaffinity(0)))
         _mark(paths[t], marker)
         log.info("quantized %s in %.0f s", paths[t].name, time.perf_counter() - t0)
     if not keep_f32 and "f32" not in types:
-        f32.unlink(missing_ok=True)
-        f32.with_name(f32.name + MARKER_SUFFIX).unlink(missing_ok=True)
+        full.unlink(missing_ok=True)
+        full.with_name(full.name + MARKER_SUFFIX).unlink(missing_ok=True)
     return paths
 
 

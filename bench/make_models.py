@@ -1,6 +1,6 @@
 """Build random-weight benchmark models with the sizes of real models, as ordinary HF directories.
 
-Two models, written to a cache outside the repo (default `~/.cache/lanner/bench-models`):
+Three models, written to a cache outside the repo (default `~/.cache/lanner/bench-models`):
 
 * `tinyllama-1.1b`: TinyLlama-1.1B's shape (LlamaForCausalLM, hidden 2048, 22 layers, 32 heads,
   4 KV heads, intermediate 5632, vocab 32000, 2048 positions, rope theta 10000). 1.10B params, 4.4 GB fp32.
@@ -10,6 +10,11 @@ Two models, written to a cache outside the repo (default `~/.cache/lanner/bench-
   8 layers and an untied output head the model has ~2.25B params (9.0 GB fp32). Per-layer cost is exactly
   falcon-7b's, so per-token time scales to 32 layers by ~32/8 for the layer part. `num_kv_heads: 1`
   is written to config.json (llama.cpp's converter reads it for multi-query models).
+* `falcon-7b`: falcon-7b's full shape (the layout above with its 32 layers, 7.2B params), stored in
+  **bf16** (14.4 GB; fp32 would be 29 GB, more than this machine's RAM and free disk). Values are drawn
+  in fp32 like the others and rounded to bf16 once: every engine reads those bf16 values (Lanner widens
+  them to fp32 exactly; llama.cpp's GGUFs are made from a bf16 GGUF), so all see the same weights. No
+  fp32 engine can run it here; it measures Lanner's int8/int4 and llama.cpp's Q8_0/Q4_0 at real size.
 
 Tokenizer: the project's demo recipe (`app/models/demo.py`: byte-level BPE trained on the bundled
 corpus, deterministic), asked for as many tokens as the corpus allows (~10k). The model's vocab
@@ -59,14 +64,15 @@ from app.models import demo  # noqa: E402
 
 BUILD_VERSION = "1"  # bump when anything below changes the bytes of a built model
 MARKER_FILE = "lanner_bench.json"
-MODEL_NAMES: tuple[str, ...] = ("tinyllama-1.1b", "falcon-7b-layout")
+MODEL_NAMES: tuple[str, ...] = ("tinyllama-1.1b", "falcon-7b-layout", "falcon-7b")
 DEFAULT_OUT = Path("~/.cache/lanner/bench-models").expanduser()
 MAX_POSITIONS = 2048
 TOKENIZER_VOCAB = 32000  # asked of the BPE trainer; the bundled corpus yields ~10k
 INIT_STD = 0.02
 LOGIT_STD = 10.0  # output head std = LOGIT_STD / sqrt(hidden)
 HEAD_NAME = "lm_head.weight"  # same name in LlamaForCausalLM and FalconForCausalLM
-SEEDS = {"tinyllama-1.1b": 11, "falcon-7b-layout": 77}
+SEEDS = {"tinyllama-1.1b": 11, "falcon-7b-layout": 77, "falcon-7b": 78}
+STORED_DTYPES = {"falcon-7b": torch.bfloat16}  # others: fp32
 DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 Progress = Callable[[int], None]  # called with the number of bytes just written
@@ -80,9 +86,17 @@ class Recipe:
     build_version: str
     seed: int
     num_layers: int
+    dtype: str = "F32"  # the stored dtype (safetensors name)
 
     def marker(self) -> dict[str, object]:
-        return asdict(self)
+        marker = asdict(self)
+        if self.dtype == "F32":  # the fp32 models' markers from before the field existed stay current
+            del marker["dtype"]
+        return marker
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return next(t for t, name in DTYPE_NAMES.items() if name == self.dtype)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -160,15 +174,16 @@ def safetensors_header(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -
 
 
 def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]],
-                      tensors: Iterable[tuple[str, torch.Tensor]], progress: Progress | None = None) -> None:
-    """Stream tensors (yielded in sorted-name order) into one safetensors file."""
+                      tensors: Iterable[tuple[str, torch.Tensor]], progress: Progress | None = None,
+                      dtype: torch.dtype = torch.float32) -> None:
+    """Stream tensors (yielded in sorted-name order) into one safetensors file, each stored as `dtype`."""
     expected = sorted(shapes)
     with open(path, "wb") as fh:
-        fh.write(safetensors_header(shapes, torch.float32))
+        fh.write(safetensors_header(shapes, dtype))
         for i, (name, tensor) in enumerate(tensors):
             if name != expected[i] or tuple(tensor.shape) != shapes[name]:
                 raise ValueError(f"tensor {i} is {name} {tuple(tensor.shape)}, expected {expected[i]}")
-            data = tensor.contiguous().numpy().tobytes()
+            data = tensor.to(dtype).contiguous().view(torch.uint8).numpy().tobytes()  # little-endian raw bytes
             fh.write(data)
             if progress is not None:
                 progress(len(data))
@@ -187,8 +202,9 @@ def generate_weights(config: PretrainedConfig, seed: int, head_rows: list[int]
 
 
 def recipe_for(name: str, falcon_layers: int) -> Recipe:
-    layers = 22 if name == "tinyllama-1.1b" else falcon_layers
-    return Recipe(name=name, build_version=BUILD_VERSION, seed=SEEDS[name], num_layers=layers)
+    layers = {"tinyllama-1.1b": 22, "falcon-7b": 32}.get(name, falcon_layers)
+    return Recipe(name=name, build_version=BUILD_VERSION, seed=SEEDS[name], num_layers=layers,
+                  dtype=DTYPE_NAMES[STORED_DTYPES.get(name, torch.float32)])
 
 
 def is_current(model_dir: Path, recipe: Recipe) -> bool:
@@ -199,8 +215,8 @@ def is_current(model_dir: Path, recipe: Recipe) -> bool:
     return marker == recipe.marker()
 
 
-def num_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
-    return sum(math.prod(s) for s in shapes.values()) * 4
+def num_bytes(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float32) -> int:
+    return sum(math.prod(s) for s in shapes.values()) * torch.empty(0, dtype=dtype).element_size()
 
 
 def write_model_dir(recipe: Recipe, target: Path, progress_factory: Callable[[int], Progress] | None = None
@@ -220,9 +236,9 @@ def write_model_dir(recipe: Recipe, target: Path, progress_factory: Callable[[in
         demo.generation_config(tok, spec).save_pretrained(tmp)
         tok.save_pretrained(tmp)
         demo._write_special_tokens_map(spec, tmp)  # same helper as the demo models (older tools read it)
-        progress = progress_factory(num_bytes(shapes)) if progress_factory else None
+        progress = progress_factory(num_bytes(shapes, recipe.torch_dtype)) if progress_factory else None
         weights = generate_weights(config, recipe.seed, printable_token_ids(tok))
-        write_safetensors(tmp / "model.safetensors", shapes, weights, progress)
+        write_safetensors(tmp / "model.safetensors", shapes, weights, progress, recipe.torch_dtype)
         (tmp / MARKER_FILE).write_text(json.dumps(recipe.marker(), indent=2) + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)
         if target.exists():
@@ -273,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"models to build: {', '.join(MODEL_NAMES)} (default: all)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"cache directory (default {DEFAULT_OUT})")
     parser.add_argument("--falcon-layers", type=int, default=8,
-                        help="decoder layers of falcon-7b-layout (falcon-7b has 32; default 8 = ~2.25B params)")
+                        help="decoder layers of falcon-7b-layout (default 8 = ~2.25B params; `falcon-7b` has 32)")
     parser.add_argument("--force", action="store_true", help="rebuild even when a matching build exists")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.models) - set(MODEL_NAMES))

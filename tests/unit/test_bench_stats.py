@@ -83,3 +83,27 @@ def test_streamed_safetensors_loads_in_transformers(tmp_path: Path) -> None:
     assert torch.equal(model.model.embed_tokens.weight, tensors["model.embed_tokens.weight"])
     again = dict(mm.generate_weights(config, 3, head_rows))  # deterministic
     assert all(torch.equal(again[k], tensors[k]) for k in shapes)
+
+
+def test_streamed_safetensors_in_bf16(tmp_path: Path) -> None:
+    """`falcon-7b` is stored in bf16: the same draws, rounded once, and the GGUF converter is told so."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig
+
+    import gguf_convert
+    import make_models as mm
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    shapes = mm.parameter_shapes(config)
+    mm.write_safetensors(tmp_path / "model.safetensors", shapes, mm.generate_weights(config, 3, [1, 5]),
+                         dtype=torch.bfloat16)
+    tensors = load_file(tmp_path / "model.safetensors")
+    fp32 = dict(mm.generate_weights(config, 3, [1, 5]))
+    assert all(tensors[k].dtype == torch.bfloat16 and torch.equal(tensors[k], fp32[k].bfloat16()) for k in shapes)
+    assert (tmp_path / "model.safetensors").stat().st_size - 8 < 2 * mm.num_bytes(shapes, torch.bfloat16)
+    assert gguf_convert.source_outtype(tmp_path) == "bf16"
+    mm.write_safetensors(tmp_path / "model.safetensors", shapes, mm.generate_weights(config, 3, [1, 5]))
+    assert gguf_convert.source_outtype(tmp_path) == "f32"
+    assert mm.recipe_for("falcon-7b", 8).marker()["dtype"] == "BF16" and mm.recipe_for("falcon-7b", 8).num_layers == 32
+    assert "dtype" not in mm.recipe_for("tinyllama-1.1b", 8).marker()  # fp32 builds keep their markers
