@@ -487,6 +487,29 @@ def test_streaming_holds_one_part_at_a_time(name, sources):
     assert len(earlier) > 3
 
 
+CHILD_MODULES = """
+import json, sys
+from pathlib import Path
+from app.models.base import StepInput
+from app.models.loader import inspect_model_dir
+from app.models.runner import load_runner
+out = {}
+for path in sys.argv[1:]:
+    runner = load_runner(inspect_model_dir(Path(path)), 64, 1, quantize="int8")
+    runner.step([StepInput(1, [3, 4, 5], 0)])
+    out[Path(path).name] = sorted(m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules)
+print(json.dumps(out))
+"""
+
+
+def test_loading_and_stepping_do_not_import_the_compiler(demo_models_dir):
+    """A worker's memory is mostly weights: loading a model and stepping it must not pull in torch._dynamo
+    (~800 modules, 68 MiB resident), as nn.Embedding's random init on the meta device once did."""
+    names = ("demo-falcon", "demo-llama")
+    found = run_child(CHILD_MODULES, *(str(demo_models_dir / n) for n in names))
+    assert found == {n: [] for n in names}
+
+
 def test_int4_group_size_from_config(sources, checkpoints, monkeypatch):
     """`int4_group_size` (ModelSpec, `serve --int4-group-size`) reaches the quantizer at load: group 64 holds
     fewer bytes than the default 32 and still meets the int4 accuracy of the default closely; a pre-quantized
