@@ -199,7 +199,8 @@ def ensure_ggufs(model_dir: Path, types: list[str], out_dir: Path = GGUF_CACHE, 
     outtype = source_outtype(model_dir)
     if outtype != "f32" and "f32" in types:
         raise ValueError(f"{model_dir} is stored in {outtype}: there is no f32 GGUF of it")
-    full = out_dir / f"{model_dir.name}-{outtype}.gguf"  # the weights bit for bit, quantized from
+    # the weights bit for bit: what Q8_0/Q4_0 are made from
+    full = out_dir / f"{model_dir.name}-{outtype}.gguf"
     if not _is_current(full, marker):
         tree = ensure_sdist(version=version)
         t0 = time.perf_counter()

@@ -184,7 +184,7 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]],
         for i, (name, tensor) in enumerate(tensors):
             if name != expected[i] or tuple(tensor.shape) != shapes[name]:
                 raise ValueError(f"tensor {i} is {name} {tuple(tensor.shape)}, expected {expected[i]}")
-            data = tensor.to(dtype).contiguous().view(torch.uint8).numpy().tobytes()  # little-endian raw bytes
+            data = tensor.to(dtype).contiguous().view(torch.uint8).numpy().tobytes()  # raw little-endian
             fh.write(data)
             if progress is not None:
                 progress(len(data))
@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", metavar="NAME",
-                        help=f"models to build: {', '.join(MODEL_NAMES)} (default: {', '.join(BUILT_BY_DEFAULT)})")
+                        help=f"models to build: {', '.join(MODEL_NAMES)} "
+                             f"(default: {', '.join(BUILT_BY_DEFAULT)})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"cache directory (default {DEFAULT_OUT})")
     parser.add_argument("--falcon-layers", type=int, default=8,
                         help="decoder layers of falcon-7b-layout (default 8 = ~2.25B params; `falcon-7b` has 32)")

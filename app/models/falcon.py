@@ -125,7 +125,8 @@ class FalconDecoder(nn.Module):
         if config.num_attention_heads % self.num_kv_heads:
             raise UnsupportedModelError("Falcon num_attention_heads must be a multiple of num_kv_heads")
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,  # no random init: see llama.py
+        # no random init (see llama.py)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(FalconLayer(config, layout, self.num_kv_heads)
                                     for _ in range(config.num_hidden_layers))

@@ -100,10 +100,12 @@ def test_streamed_safetensors_in_bf16(tmp_path: Path) -> None:
                          dtype=torch.bfloat16)
     tensors = load_file(tmp_path / "model.safetensors")
     fp32 = dict(mm.generate_weights(config, 3, [1, 5]))
-    assert all(tensors[k].dtype == torch.bfloat16 and torch.equal(tensors[k], fp32[k].bfloat16()) for k in shapes)
+    assert all(tensors[k].dtype == torch.bfloat16 and torch.equal(tensors[k], fp32[k].bfloat16())
+               for k in shapes)
     assert (tmp_path / "model.safetensors").stat().st_size - 8 < 2 * mm.num_bytes(shapes, torch.bfloat16)
     assert gguf_convert.source_outtype(tmp_path) == "bf16"
     mm.write_safetensors(tmp_path / "model.safetensors", shapes, mm.generate_weights(config, 3, [1, 5]))
     assert gguf_convert.source_outtype(tmp_path) == "f32"
-    assert mm.recipe_for("falcon-7b", 8).marker()["dtype"] == "BF16" and mm.recipe_for("falcon-7b", 8).num_layers == 32
+    full = mm.recipe_for("falcon-7b", 8)
+    assert full.marker()["dtype"] == "BF16" and full.num_layers == 32
     assert "dtype" not in mm.recipe_for("tinyllama-1.1b", 8).marker()  # fp32 builds keep their markers
