@@ -11,7 +11,10 @@ process) and quantized to the portable form (`QuantizedWeight`, app/quant/woq.py
 a fused Linear is the row-wise concatenation of its parts' quantized rows (quantization is per row), so
 no fused fp32 copy is ever made.  The token embedding becomes int8 per row the same way (woq.Int8Embedding;
 nothing is read for it when the model is tied and its head int8: the embedding is then the head's rows).
-The part's quantized Linears, its embedding and its unquantized tensors (norms) then go to a consumer:
+The part's quantized Linears, its embedding and its unquantized tensors (norms) then go to a consumer;
+inside a decoder layer each Linear goes on its own as soon as it is quantized (a part of one Linear, then
+a last part with the layer's norms), so the consumer never holds a whole layer's quantized weights next
+to what it builds from them (~200 MiB of int8 at falcon-7b's layer size):
 * `SafetensorsWriter` (`lanner quantize`): appends them to the output file and drops them; the process
   holds one source matrix and the quantizer's temporaries at a time, never the model.
 * `_Assembler` (serve): builds the Int8Linear / Int4Linear modules into a decoder created on the meta
@@ -345,6 +348,7 @@ def stream_quantized_parts(info: ModelInfo, mode: Literal["int8", "int4"], consu
     parts += [(f"layer {i}", layer_readers(config, i)) for i in range(config.num_hidden_layers)]
     for label, readers in parts:
         part = Part(label)
+        alone = label != GLOBAL_PART  # a layer's Linears go to the consumer one by one (the module comment)
         for module in [m for m in shapes if f"{m}.weight" in readers]:
             kind, g, fallback = linear_plan(module, shapes[module][1], mode, group_size, int4_head)
             weight_reader = readers.pop(f"{module}.weight")
@@ -355,12 +359,16 @@ def stream_quantized_parts(info: ModelInfo, mode: Literal["int8", "int4"], consu
             bias_reader = readers.pop(f"{module}.bias", None)
             with source.scope() as weights:
                 bias = None if bias_reader is None else bias_reader(weights).to(torch.float32, copy=True)
-            part.linears[module] = QuantizedWeight.cat(blocks, bias) if len(blocks) > 1 else replace(
+            target = Part(label) if alone else part
+            target.linears[module] = QuantizedWeight.cat(blocks, bias) if len(blocks) > 1 else replace(
                 blocks[0], bias=bias)
             del blocks, bias
-            trim_heap()  # the quantizer's freed blocks, before the next matrix is read
             if fallback:
-                part.fallbacks[module] = fallback
+                target.fallbacks[module] = fallback
+            if alone:
+                consume(target)
+            del target
+            trim_heap()  # the quantizer's (and the consumer's) freed blocks, before the next matrix is read
         embed_reader = readers.pop(f"{EMBEDDING}.weight", None)
         if embed_reader is not None:
             # (no local name for the head's weight: it would stay alive, and resident, for the whole load)
@@ -408,6 +416,8 @@ class _Assembler:
             setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
         if part.embedding is not None:
             self._embedding(part, head_qw)
+        if not part.tensors:  # a part of one Linear (a layer's, streamed on its own)
+            return
         tensors = {name: part.detach(t, torch.float32) for name, t in part.tensors.items()}
         result = self.model.load_state_dict(tensors, strict=False, assign=True)
         if result.unexpected_keys:
@@ -549,9 +559,18 @@ def load_quantized(info: ModelInfo, quantize: str = "none", *, kernel: str = "au
     for name in (*modules, *plain):
         groups.setdefault(_part_of(name), []).append(name)
     for label in sorted(groups, key=_part_order):
+        names = groups[label]
+        if label != GLOBAL_PART:  # a layer's Linears one by one, each in a scope of its own (as at quantizing)
+            for name in [n for n in names if n in modules]:
+                with source.scope() as weights:
+                    part = Part(label, detach=weights.detach)
+                    part.linears[name] = _stored_weight(name, modules[name], weights, shapes[name], info.path)
+                    assembler(part)
+                    del part
+            names = [n for n in names if n not in modules]
         with source.scope() as weights:
             part = Part(label, detach=weights.detach)
-            for name in groups[label]:
+            for name in names:
                 if name in modules:
                     part.linears[name] = _stored_weight(name, modules[name], weights, shapes[name], info.path)
                 else:

@@ -37,6 +37,8 @@ from app.quant.checkpoint import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     WEIGHTS_FILE,
+    linear_shapes,
+    meta_decoder,
     quantize_checkpoint,
     stream_quantized_parts,
 )
@@ -472,8 +474,11 @@ def test_serve_quantize_at_load_peak_rss(random_llama, demo_models_dir):
 def test_streaming_holds_one_part_at_a_time(name, sources):
     """When a part reaches the consumer, every earlier part's quantized tensors are gone: the streaming loop
     keeps no reference to them (a leftover local once kept the output head's int8 weight, 282 MiB on
-    falcon-7b, alive for the whole load)."""
+    falcon-7b, alive for the whole load).  Inside a decoder layer each Linear comes on its own, as soon as
+    it is quantized, and the layer's norms last: a consumer never holds a whole layer's quantized weights
+    next to the modules it builds from them."""
     earlier: list[weakref.ref] = []
+    seen: list[tuple[str, list[str], list[str]]] = []
 
     def consume(part):
         alive = [r for r in earlier if r() is not None]
@@ -482,9 +487,15 @@ def test_streaming_holds_one_part_at_a_time(name, sources):
             earlier.append(weakref.ref(qw.qweight))
         if isinstance(part.embedding, QuantizedWeight):
             earlier.append(weakref.ref(part.embedding.qweight))
+        seen.append((part.label, sorted(part.linears), sorted(part.tensors)))
 
-    stream_quantized_parts(inspect_model_dir(sources[name]), "int8", consume)
+    info = inspect_model_dir(sources[name])
+    stream_quantized_parts(info, "int8", consume)
     assert len(earlier) > 3
+    layer0 = [(linears, tensors) for label, linears, tensors in seen if label == "layer 0"]
+    assert all(len(linears) == 1 and not tensors for linears, tensors in layer0[:-1])
+    assert not layer0[-1][0] and layer0[-1][1]  # the norms, after the Linears
+    assert len(layer0) == 1 + len([m for m in linear_shapes(meta_decoder(info)) if m.startswith("layers.0.")])
 
 
 CHILD_MODULES = """
