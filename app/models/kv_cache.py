@@ -7,10 +7,10 @@ Each layer owns two tensors `k`, `v` of shape [num_slots, n_kv_heads, max_len, h
 quantized models): half the bytes, so twice the slots in a budget and half the bytes a decode step's
 attention reads.  Keys and values are computed in fp32, rounded to bf16 when stored, and widened back to
 fp32 when read (the C++ attention widens as it loads; the ATen paths and the prompt chunks' SDPA take an
-fp32 copy of what they read), so all arithmetic stays fp32. A sequence gets one slot for its whole life (`allocate` on its
-first step, `free` when it finishes); freed slots are reused lowest-first, which keeps the running
-sequences packed at the low slot ids. The number of slots comes from a byte budget, capped by the
-scheduler's `max_num_seqs`.
+fp32 copy of what they read), so all arithmetic stays fp32. A sequence gets one slot for its whole life
+(`allocate` on its first step, `free` when it finishes); freed slots are reused lowest-first, which keeps
+the running sequences packed at the low slot ids. The number of slots comes from a byte budget, capped by
+the scheduler's `max_num_seqs`.
 
 A step feeds a flat varlen batch of T tokens (all inputs concatenated, single-token inputs first, sorted
 by slot). `BatchMeta` holds every index tensor of that step, built once and shared by all layers.

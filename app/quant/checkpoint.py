@@ -560,26 +560,22 @@ def load_quantized(info: ModelInfo, quantize: str = "none", *, kernel: str = "au
         groups.setdefault(_part_of(name), []).append(name)
     for label in sorted(groups, key=_part_order):
         names = groups[label]
-        if label != GLOBAL_PART:  # a layer's Linears one by one, each in a scope of its own (as at quantizing)
-            for name in [n for n in names if n in modules]:
-                with source.scope() as weights:
-                    part = Part(label, detach=weights.detach)
-                    part.linears[name] = _stored_weight(name, modules[name], weights, shapes[name], info.path)
-                    assembler(part)
-                    del part
-            names = [n for n in names if n not in modules]
-        with source.scope() as weights:
-            part = Part(label, detach=weights.detach)
-            for name in names:
-                if name in modules:
-                    part.linears[name] = _stored_weight(name, modules[name], weights, shapes[name], info.path)
-                else:
-                    part.tensors[name] = weights[name]
-            if label == GLOBAL_PART:
-                part.embedding = HEAD if embedding == HEAD else _stored_weight(
-                    EMBEDDING, {"kind": "int8"}, weights, (*vocab_and_hidden, False), info.path)
-            assembler(part)
-            del part
+        # a layer's Linears one by one, each in a scope of its own (as when quantizing), then its norms
+        batches = [names] if label == GLOBAL_PART else [
+            *([n] for n in names if n in modules), [n for n in names if n not in modules]]
+        for batch in batches:
+            with source.scope() as weights:
+                part = Part(label, detach=weights.detach)
+                for name in batch:
+                    if name in modules:
+                        part.linears[name] = _stored_weight(name, modules[name], weights, shapes[name], info.path)
+                    else:
+                        part.tensors[name] = weights[name]
+                if label == GLOBAL_PART:
+                    part.embedding = HEAD if embedding == HEAD else _stored_weight(
+                        EMBEDDING, {"kind": "int8"}, weights, (*vocab_and_hidden, False), info.path)
+                assembler(part)
+                del part
         trim_heap()
     model, report = assembler.finish()
     return model, replace(report, fallbacks=tuple(manifest.get("fallbacks", ())))
