@@ -23,13 +23,13 @@ to what it builds from them (~200 MiB of int8 at falcon-7b's layer size):
 Loading a pre-quantized directory runs the same assembler over the stored parts (no fp32 weight, no
 re-quantization), so a checkpoint and quantize-at-load on the same source give bit-identical modules.
 
-Directory format (FORMAT_VERSION 3)
+Directory format (FORMAT_VERSION 4)
 -----------------------------------
 A checkpoint is an ordinary model directory (config.json, tokenizer files, generation_config.json
 copied unchanged) whose `model.safetensors` holds Lanner's decoder state dict (fused `qkv_proj`,
 `gate_up_proj`; Falcon's QKV rows already in [q | k | v] order), with every Linear stored as:
     <module>.qweight   int8 [N, K] (int8)  |  uint8 [N, K/2] (int4; byte j = q[2j] | q[2j+1] << 4)
-    <module>.scales    bf16 [N] (int8)     |  bf16 [N, K/G] (int4)
+    <module>.scales    bf16 [N] (int8)     |  bf16 [N, K/G] (int4; per row codes 1..255 times a power of 2)
     <module>.zeros     uint8 [N, K/G] (int4 only: integer zero points 0..15; w = (q - zero) * scale)
     <module>.bias      fp32 [N] (when the layer has one)
 the token embedding as int8 rows (manifest `embedding: int8`), or nothing when the model is tied and its
@@ -90,7 +90,8 @@ log = logging.getLogger("lanner.quant")
 MANIFEST_FILE = "lanner_quant.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_NAME = "lanner-woq"
-FORMAT_VERSION = 3  # 3: int8 token embedding (was fp32/bf16); 2: integer int4 zero points (were bf16)
+FORMAT_VERSION = 4  # 4: int4 scales on 8-bit row code grids; 3: int8 token embedding (was fp32/bf16);
+# 2: integer int4 zero points (were bf16)
 # What a loader must know to read the tensors.  Any change to the layout (names, dtypes, nibble order, the
 # meaning of scales/zeros, the decoders' fused state-dict layout) changes FORMAT_HASH; bump FORMAT_VERSION
 # with it (tests/unit/test_woq_checkpoint.py pins the pair).
@@ -100,7 +101,8 @@ FORMAT_SPEC = MappingProxyType({
                "falcon: layers.i.qkv_proj rows in [q heads | k heads | v heads] order",
     "int8": "<m>.qweight int8 [N, K]; <m>.scales bf16 [N]; w = q * scales[n]",
     "int4": "<m>.qweight uint8 [N, K/2], byte j = q[:, 2j] | q[:, 2j+1] << 4, q in 0..15; "
-            "<m>.scales bf16 [N, K/G]; <m>.zeros uint8 [N, K/G], 0..15; "
+            "<m>.scales bf16 [N, K/G], scales[n, g] = c * 2^e[n] with c an integer 1..255; "
+            "<m>.zeros uint8 [N, K/G], 0..15; "
             "w = (q - zeros[n, k // G]) * scales[n, k // G]",
     "bias": "<m>.bias fp32 [N]",
     "embedding": "manifest embedding=int8: embed_tokens.qweight int8 [V, H], embed_tokens.scales bf16 [V], "

@@ -215,11 +215,31 @@ def unpack_int8(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return tiles.permute(0, 2, 1, 3).reshape(t * TILE, quads * QUAD)[:n, :k]
 
 
+UNIT_ROWS = 4  # int4 tiles: the 16 fp32 row units take the first 4 rows of 16 bytes of a tile's scales
+
+
+def int4_scale_codes(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales [N, G'] on quantize_int4's row code grids -> (codes uint8 [N, G'], units fp32 [N]) with
+    scales = codes * units[:, None], units powers of two.  Raises ValueError for scales that are not on such
+    a grid (made by another quantizer, or by Lanner before checkpoint format 4)."""
+    s = scales.float()
+    widest = s.amax(dim=1)
+    exponent = torch.frexp(widest).exponent.sub_(8).clamp_(-126, 119)
+    units = torch.ldexp(torch.ones_like(widest), exponent)
+    codes = s / units[:, None]
+    if not (codes.eq(codes.round()) & codes.ge(0) & codes.le(255)).all():
+        raise ValueError("int4 scales are not 8-bit codes times a power of two per row (quantize_int4's grid); "
+                         "quantize the weights again with this version of Lanner")
+    return codes.to(torch.uint8), units
+
+
 def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The portable int4 form (qweight uint8 [N, K/2], byte j = q[2j] | q[2j+1] << 4; scales [N, K/G];
-    zeros [N, K/G] integers 0..15) -> nibble tiles uint8 [T, K/4, 8, 4] (nib[t, k/4, j, k%4] =
-    q[16t+j, k] | q[16t+j+8, k] << 4), scales bf16 [T, K/G, 16] and zero points packed like the weights,
+    """The portable int4 form (qweight uint8 [N, K/2], byte j = q[2j] | q[2j+1] << 4; scales [N, K/G] on
+    row code grids, see int4_scale_codes; zeros [N, K/G] integers 0..15) -> nibble tiles uint8
+    [T, K/4, 8, 4] (nib[t, k/4, j, k%4] = q[16t+j, k] | q[16t+j+8, k] << 4), scales uint8
+    [T, 4 + K/G, 16] (per tile the 16 rows' fp32 units in the first 4 rows of bytes, then each group's 16
+    codes: scale[16t+j, g] = codes[t, 4+g, j] * unit[16t+j]) and zero points packed like the weights,
     uint8 [T, K/G, 8] (zp[t, g, j] = z[16t+j, g] | z[16t+j+8, g] << 4); rows past N are zero.  K is a
     multiple of G, itself of 32."""
     n, half = qweight.shape
@@ -235,13 +255,18 @@ def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
         q[:rows.shape[0], 1::2] = rows >> 4
         qt = q.view(t1 - t0, TILE, k // QUAD, QUAD).permute(0, 2, 1, 3)  # [T', K/4, 16, 4]
         torch.bitwise_or(qt[:, :, :TILE // 2], qt[:, :, TILE // 2:] << 4, out=nib[t0:t1])
-    s = torch.zeros(tiles * TILE, groups, dtype=torch.bfloat16)
-    s[:n] = scales.to(torch.bfloat16)
+    codes, units = int4_scale_codes(scales)
+    s = torch.zeros(tiles, UNIT_ROWS + groups, TILE, dtype=torch.uint8)
+    u = torch.zeros(tiles * TILE)
+    u[:n] = units
+    s[:, :UNIT_ROWS] = u.view(tiles, TILE).view(torch.uint8).view(tiles, UNIT_ROWS, TILE)
+    c = torch.zeros(tiles * TILE, groups, dtype=torch.uint8)
+    c[:n] = codes
+    s[:, UNIT_ROWS:] = c.view(tiles, TILE, groups).transpose(1, 2)
     z = torch.zeros(tiles * TILE, groups, dtype=torch.uint8)
     z[:n] = zeros.to(torch.uint8)
     z = z.view(tiles, TILE, groups).transpose(1, 2)  # [T, K/G, 16]
-    return (nib, s.view(tiles, TILE, groups).transpose(1, 2).contiguous(),
-            (z[..., :TILE // 2] | (z[..., TILE // 2:] << 4)).contiguous())
+    return nib, s, (z[..., :TILE // 2] | (z[..., TILE // 2:] << 4)).contiguous()
 
 
 def unpack_int4(nib: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, n: int
@@ -249,7 +274,9 @@ def unpack_int4(nib: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, n:
     """pack_int4's tiles -> (q uint8 [n, K] values 0..15, scales fp32 [n, K/G], zeros uint8 [n, K/G])."""
     tiles, quads = nib.shape[:2]
     q = torch.cat((nib & 0x0F, nib >> 4), dim=2).permute(0, 2, 1, 3).reshape(tiles * TILE, quads * QUAD)[:n]
-    s = scales.transpose(1, 2).reshape(tiles * TILE, -1)[:n].float()
+    units = scales[:, :UNIT_ROWS].contiguous().view(torch.float32).reshape(tiles * TILE, 1)
+    codes = scales[:, UNIT_ROWS:].transpose(1, 2).reshape(tiles * TILE, -1)
+    s = (codes.float() * units)[:n]
     z = torch.cat((zeros & 0x0F, zeros >> 4), dim=2).transpose(1, 2).reshape(tiles * TILE, -1)[:n]
     return q, s, z.contiguous()
 

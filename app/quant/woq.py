@@ -15,11 +15,16 @@ never from a file name; "none" is a no-op.  Which library runs the quantized lay
   activations; quantizing against the rounded scale keeps both kernel paths exact w.r.t. each other).
 * int4: asymmetric, per group of G consecutive input features (G = 32 unless given; 64/128/256 are
   accepted): w[n, k] ~= (q[n, k] - z[n, g]) * s[n, g],  q and the zero point z integers in [0, 15],
-  g = k // G: 4 bits per weight, plus a bf16 scale and a 4-bit zero per group (4.625 bits at G = 32,
-  4.31 at G = 64; llama.cpp's Q4_0 is 4.5).  Per group, the range [min(w, 0), max(w, 0)] is shrunk by r
-  about its middle; z is where 0 falls on 16 levels spanning it (rounded), s the smallest step (rounded to
-  bf16) that reaches both ends from z; r in INT4_CLIP_RATIOS chosen for the least squared error (clipping
-  a few outliers buys a finer step for the rest).  (Until checkpoint format 2 the zero was a bf16 float,
+  g = k // G: 4 bits per weight, plus an 8-bit scale code and a 4-bit zero per group (4.375 bits at
+  G = 32, 4.19 at G = 64; llama.cpp's Q4_0 is 4.5).  Scales are coded per row: s[n, g] = c[n, g] * 2^e[n]
+  with c an integer 1..255 and e the smallest exponent at which the row's widest group (its unclipped
+  step) fits 255 (so every scale is also bf16-exact, which ATen's, torchao's and IPEX's kernels take as
+  is); Lanner's tiles store c and 2^e, 12 bits per group instead of bf16's 16 + 4.  Per group, the range
+  [min(w, 0), max(w, 0)] is shrunk by r about its middle; z is where 0 falls on 16 levels spanning it
+  (rounded), s the step nearest to reaching both ends from z on the row's code grid; r in
+  INT4_CLIP_RATIOS chosen for the least squared error (clipping a few outliers buys a finer step for the
+  rest).  (Until checkpoint format 4 each scale was a bf16 rounding of its own: 4.625 bits per weight at
+  G = 32, and a Gaussian matrix's relative error 7.74% against 7.75% with codes.  Until format 2 the zero was a bf16 float,
   5 bits per weight at G = 32: the integer zero raises a Gaussian matrix's error from 7.59% to 7.74%, the
   tiny models' mean logit cosine drops by <= 0.002, and a decode step reads 7.6% fewer bytes of layers.)
   ATen's `_weight_int4pack_mm_for_cpu` maps the nibble to q - 8, then `* scale + zero` (torch 2.13
@@ -404,15 +409,33 @@ def pick_group_size(k: int, requested: int | None = None) -> int | None:
     return DEFAULT_GROUP_SIZE if k % DEFAULT_GROUP_SIZE == 0 else None
 
 
-def _int4_grid(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # lo <= 0 <= hi: [...] range per group -> bf16-exact scales, integer zero points in 0..15 as fp32 [...]
-    # (w ~= (q - zero) * scale).  The zero is where 0 falls on 16 levels spanning the range; the scale is
-    # then the smallest that still reaches both ends from that zero (rounding the zero alone would shift
-    # the grid by up to half a step and clip one end).
+def int4_row_units(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    # lo <= 0 <= hi: [n, groups] unclipped group ranges -> [n, 1] fp32 2^e, the unit of each row's scale
+    # codes: the smallest e at which the widest step (before rounding, clip ratio 1) is below 256 units.
+    # e stays within [-126, 119] (2^e a normal float, 255 * 2^e finite) for all-zero or non-finite rows.
+    # (A NaN step, from NaN weights, is skipped; an infinite one gets the largest unit.)
+    steps = _int4_reach(lo, hi)[0]
+    widest = torch.where(steps.isnan(), 0.0, steps).amax(dim=1, keepdim=True)
+    exponent = torch.where(widest.isinf(), 127, torch.frexp(widest).exponent).sub_(8).clamp_(-126, 119)
+    return torch.ldexp(torch.ones_like(widest), exponent)
+
+
+def _int4_reach(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # lo <= 0 <= hi: [...] range per group -> the unrounded step and the integer zero point in 0..15 (fp32).
+    # The zero is where 0 falls on 16 levels spanning the range; the step is then the smallest that still
+    # reaches both ends from that zero (rounding the zero alone would shift the grid by up to half a step
+    # and clip one end).
     zeros = torch.div(lo, (hi - lo).clamp_(min=1e-12)).mul_(-15.0).round_().clamp_(0, 15)
     reach_hi = torch.where(zeros < 15, hi / (15.0 - zeros).clamp_(min=1.0), 0.0)
     reach_lo = torch.where(zeros > 0, lo.neg() / zeros.clamp(min=1.0), 0.0)
-    return torch.maximum(reach_hi, reach_lo).clamp_(min=1e-6).to(torch.bfloat16).float(), zeros
+    return torch.maximum(reach_hi, reach_lo), zeros
+
+
+def _int4_grid(lo: torch.Tensor, hi: torch.Tensor, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # lo <= 0 <= hi: [n, groups] range per group, units [n, 1] -> scales on the row's code grid (the
+    # nearest multiple 1..255 of the unit to the step, half to even) and zero points, both fp32 [n, groups]
+    reach, zeros = _int4_reach(lo, hi)
+    return reach.div_(units).round_().clamp_(1, 255).mul_(units), zeros
 
 
 def _int4_positions(g: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -422,14 +445,15 @@ def _int4_positions(g: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) 
 
 
 def int4_range_search(g: torch.Tensor, clip_ratios: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    # g: [n, groups, G] fp32 -> scales, zeros [n, groups] of the clip ratio with the least squared error.
-    # The range always holds 0, so the zero point is on the grid and an all-positive (or all-negative)
-    # group is still represented.
+    # g: [n, groups, G] fp32 (whole rows) -> scales, zeros [n, groups] of the clip ratio with the least
+    # squared error.  The range always holds 0, so the zero point is on the grid and an all-positive (or
+    # all-negative) group is still represented.
     lo, hi = g.amin(dim=-1).clamp_(max=0), g.amax(dim=-1).clamp_(min=0)
+    units = int4_row_units(lo, hi)
     mid, half = (lo + hi) / 2, (hi - lo) / 2
     best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     for ratio in clip_ratios:
-        scales, zeros = _int4_grid(mid - half * ratio, mid + half * ratio)
+        scales, zeros = _int4_grid(mid - half * ratio, mid + half * ratio, units)
         r = _int4_positions(g, scales, zeros)
         err = r.round().clamp_(0, 15).sub_(r).square_().sum(dim=-1).mul_(scales.square())
         if best is None:
@@ -444,7 +468,8 @@ def int4_range_search(g: torch.Tensor, clip_ratios: tuple[float, ...]) -> tuple[
 
 def quantize_int4(w: torch.Tensor, group_size: int, clip_ratios: tuple[float, ...] = INT4_CLIP_RATIOS,
                   native: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # w: [N, K] float -> q: [N, K] uint8 in [0, 15], scales [N, K // G] fp32 (bf16-exact), zeros
+    # w: [N, K] float -> q: [N, K] uint8 in [0, 15], scales [N, K // G] fp32 (codes 1..255 times a power of
+    # two per row, see the module comment; bf16-exact), zeros
     # [N, K // G] uint8 in [0, 15], so that w ~= (q - zeros) * scales per group.  Each group's range is
     # shrunk about its middle by every ratio in clip_ratios and the ratio with the smallest squared error is
     # kept (the search runs on blocks of rows to bound its temporaries).  `native` (default: wherever
@@ -727,7 +752,7 @@ class TiledInt4Linear(_TiledLinear):
 
     def __init__(self, nib: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None,
                  out_features: int, group_size: int) -> None:
-        # nib: [T, K/4, 8, 4] uint8, scales: [T, K/G, 16] bf16, zeros: [T, K/G, 8] uint8 (two 4-bit zero
+        # nib: [T, K/4, 8, 4] uint8, scales: [T, 4 + K/G, 16] uint8 (row units, codes), zeros: [T, K/G, 8] uint8 (two 4-bit zero
         # points a byte), bias: [N] | None
         super().__init__()
         self.out_features, self.in_features, self.group_size = out_features, 4 * nib.shape[1], group_size

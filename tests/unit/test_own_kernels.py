@@ -155,14 +155,17 @@ def random_int4(n: int, k: int, group: int, seed: int = 0):
 def test_int4_pack_layout_and_roundtrip():
     qw = random_int4(37, 64, 32)
     nib, scales, zeros = kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
-    assert nib.shape == (3, 16, 8, 4) and scales.shape == (3, 2, 16) and scales.dtype == torch.bfloat16
+    assert nib.shape == (3, 16, 8, 4) and scales.shape == (3, 4 + 2, 16) and scales.dtype == torch.uint8
     assert zeros.shape == (3, 2, 8) and zeros.dtype == torch.uint8
     q = unpack_nibbles(qw.qweight)
     assert torch.equal(nib[1, 1, :, 1] & 0x0F, q[16:24, 5]) and torch.equal(nib[1, 1, :, 1] >> 4, q[24:32, 5])
-    assert torch.equal(scales[2, 1, :5].float(), qw.scales[32:, 1])
+    units = scales[:, :4].contiguous().view(torch.float32).reshape(48)  # each row's power of two, then codes
+    assert torch.equal(torch.frexp(units[:37]).mantissa, torch.full((37,), 0.5)) and not units[37:].any()
+    assert torch.equal(scales[2, 4 + 1, :5].float() * units[32:37], qw.scales[32:, 1])
+    assert scales[:, 4:].max() == 255 and scales[:, 4:].float().std() > 0  # every row's widest group: 128..255
     assert torch.equal(zeros[1, 1] & 0x0F, qw.zeros[16:24, 1]) and torch.equal(zeros[1, 1] >> 4, qw.zeros[24:32, 1])
     assert torch.equal(zeros[2, 0, :5], qw.zeros[32:, 0]) and qw.zeros.float().std() > 0  # not all equal
-    assert not nib[2, :, 5:].any() and not (nib[2] >> 4).any() and not scales[2, :, 5:].float().any()
+    assert not nib[2, :, 5:].any() and not (nib[2] >> 4).any() and not scales[2, 4:, 5:].any()
     assert not zeros[2, :, 5:].any() and not (zeros[2] >> 4).any()
     q2, s2, z2 = kernels.unpack_int4(nib, scales, zeros, 37)
     assert torch.equal(q2, q) and torch.equal(s2, qw.scales.float()) and torch.equal(z2, qw.zeros)

@@ -25,7 +25,7 @@ from app.quant.woq import (
 
 # FORMAT_HASH of each FORMAT_VERSION. Changing FORMAT_SPEC changes the hash: bump FORMAT_VERSION and add a
 # line here, since checkpoints written before the change can no longer be read as they were.
-PINNED_FORMATS = {1: "24ae9ab4794a4c1a", 2: "8fd912766b386699", 3: "ae33b76951496645"}
+PINNED_FORMATS = {1: "24ae9ab4794a4c1a", 2: "8fd912766b386699", 3: "ae33b76951496645", 4: "a1fd90913d10a372"}
 
 
 def gen(seed: int) -> torch.Generator:
