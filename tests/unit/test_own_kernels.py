@@ -171,6 +171,20 @@ def test_int4_pack_layout_and_roundtrip():
     assert torch.equal(q2, q) and torch.equal(s2, qw.scales.float()) and torch.equal(z2, qw.zeros)
 
 
+def test_int4_scales_off_the_row_code_grid_are_refused():
+    """The tiles store each int4 scale as an 8-bit code times the row's power of two.  Scales that are not
+    on such a grid (another quantizer's, or Lanner's before checkpoint format 4: each its own bf16
+    rounding) cannot be stored exactly, and packing them says so instead of rounding them."""
+    qw = random_int4(20, 64, 32, seed=5)
+    codes, units = kernels.int4_scale_codes(qw.scales)
+    assert torch.equal(codes.float() * units[:, None], qw.scales) and codes.max(dim=1).values.min() >= 128
+    bad = qw.scales.clone()
+    bad[3, 1] = units[3] * 2.5  # bf16-exact, but half a unit off the grid
+    assert float(torch.tensor(float(bad[3, 1])).to(torch.bfloat16)) == float(bad[3, 1])
+    with pytest.raises(ValueError, match="quantize the weights again"):
+        kernels.pack_int4(qw.qweight, bad, qw.zeros)
+
+
 @needs_kernels
 @pytest.mark.parametrize("n", [1, 16, 17, 100])
 @pytest.mark.parametrize("k,group", [(32, 32), (64, 32), (256, 64), (4544, 32), (512, 128), (512, 256)])
