@@ -24,9 +24,9 @@ text). In each process: load, warm-up (one prefill + `--warmup-tokens` decode st
 in between), then `--decode-tokens` greedy decode steps after the last prefill, each timed alone
 (`time.perf_counter` around step + argmax). decode tok/s = tokens / sum of their step times.
 
-`lanner-int4-g64` is int4 with groups of 64 (`int4_group_size: 64`): 4.5 bits per weight, the size of
-llama.cpp's Q4_0, where the default group of 32 stores 5 (both have one bf16/fp16 scale per group; Lanner
-adds a zero point).
+`lanner-int4-g64` is int4 with groups of 64 (`int4_group_size: 64`): 4.19 bits per weight, where the
+default group of 32 stores 4.375 and llama.cpp's Q4_0 4.5 (Lanner keeps an 8-bit scale code and a 4-bit
+zero point per group, Q4_0 an fp16 scale).
 
 Accuracy: after the timing, each engine gets a fresh sequence, the prompt, then `--accuracy-tokens` fixed
 tokens fed one by one, and saves the logits after each (1 + that many rows).  Every engine sees the same

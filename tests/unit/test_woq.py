@@ -300,7 +300,9 @@ def test_int8_bytes_are_about_a_quarter():
 
 
 def test_int4_bytes():
-    """4 bits a weight plus a bf16 scale and zero per group: 5/32 of fp32 at group 32, 4.25/32 at 128."""
+    """4 bits a weight plus a scale and a zero point per group: at most 5/32 of fp32 at group 32 (ATen's
+    packing: a bf16 scale and a bf16 zero), 4.375/32 in Lanner's tiles (an 8-bit code and 4 bits); less at
+    128."""
     model = nn.Sequential(nn.Linear(1024, 1024, bias=False))
     report = quantize_model(model, "int4", isa=AVX2)
     assert report.group_sizes == (32,) and report.bytes_after / report.bytes_before < 0.16
