@@ -228,8 +228,8 @@ def int4_scale_codes(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     units = torch.ldexp(torch.ones_like(widest), exponent)
     codes = s / units[:, None]
     if not (codes.eq(codes.round()) & codes.ge(0) & codes.le(255)).all():
-        raise ValueError("int4 scales are not 8-bit codes times a power of two per row (quantize_int4's grid); "
-                         "quantize the weights again with this version of Lanner")
+        raise ValueError("int4 scales are not 8-bit codes times a power of two per row (quantize_int4's "
+                         "grid); quantize the weights again with this version of Lanner")
     return codes.to(torch.uint8), units
 
 

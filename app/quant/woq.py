@@ -24,9 +24,10 @@ never from a file name; "none" is a no-op.  Which library runs the quantized lay
   (rounded), s the step nearest to reaching both ends from z on the row's code grid; r in
   INT4_CLIP_RATIOS chosen for the least squared error (clipping a few outliers buys a finer step for the
   rest).  (Until checkpoint format 4 each scale was a bf16 rounding of its own: 4.625 bits per weight at
-  G = 32, and a Gaussian matrix's relative error 7.74% against 7.75% with codes.  Until format 2 the zero was a bf16 float,
-  5 bits per weight at G = 32: the integer zero raises a Gaussian matrix's error from 7.59% to 7.74%, the
-  tiny models' mean logit cosine drops by <= 0.002, and a decode step reads 7.6% fewer bytes of layers.)
+  G = 32, and the same 7.74% relative error on a Gaussian matrix; docs/quantization.md, *Scale codes*.
+  Until format 2 the zero was a bf16 float, 5 bits per weight at G = 32: the integer zero raises a
+  Gaussian matrix's error from 7.59% to 7.74%, the tiny models' mean logit cosine drops by <= 0.002, and a
+  decode step reads 7.6% fewer bytes of layers.)
   ATen's `_weight_int4pack_mm_for_cpu` maps the nibble to q - 8, then `* scale + zero` (torch 2.13
   aten/src/ATen/native/cpu/int4mm_kernel.cpp), so its zero is (8 - z) * s, checked numerically in
   tests/unit/test_woq.py.  In int4 mode the output head is
@@ -752,8 +753,8 @@ class TiledInt4Linear(_TiledLinear):
 
     def __init__(self, nib: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None,
                  out_features: int, group_size: int) -> None:
-        # nib: [T, K/4, 8, 4] uint8, scales: [T, 4 + K/G, 16] uint8 (row units, codes), zeros: [T, K/G, 8] uint8 (two 4-bit zero
-        # points a byte), bias: [N] | None
+        # nib: [T, K/4, 8, 4] uint8, scales: [T, 4 + K/G, 16] uint8 (the rows' units, then the codes),
+        # zeros: [T, K/G, 8] uint8 (two 4-bit zero points a byte), bias: [N] | None
         super().__init__()
         self.out_features, self.in_features, self.group_size = out_features, 4 * nib.shape[1], group_size
         self.register_buffer("weight", nib.contiguous())

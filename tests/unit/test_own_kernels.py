@@ -162,7 +162,8 @@ def test_int4_pack_layout_and_roundtrip():
     units = scales[:, :4].contiguous().view(torch.float32).reshape(48)  # each row's power of two, then codes
     assert torch.equal(torch.frexp(units[:37]).mantissa, torch.full((37,), 0.5)) and not units[37:].any()
     assert torch.equal(scales[2, 4 + 1, :5].float() * units[32:37], qw.scales[32:, 1])
-    assert scales[:, 4:].max() == 255 and scales[:, 4:].float().std() > 0  # every row's widest group: 128..255
+    widest = scales[:, 4:].amax(dim=1).reshape(48)[:37]  # each row's widest group: 8 significant bits
+    assert widest.min() >= 128 and scales[:, 4:].float().std() > 0
     assert torch.equal(zeros[1, 1] & 0x0F, qw.zeros[16:24, 1]) and torch.equal(zeros[1, 1] >> 4, qw.zeros[24:32, 1])
     assert torch.equal(zeros[2, 0, :5], qw.zeros[32:, 0]) and qw.zeros.float().std() > 0  # not all equal
     assert not nib[2, :, 5:].any() and not (nib[2] >> 4).any() and not scales[2, 4:, 5:].any()

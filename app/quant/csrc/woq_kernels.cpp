@@ -469,8 +469,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_quantize(const at::Tensor& w
               const float d = level(p) - p;
               part[l8] += d * d;
             }
-          const float err = (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))) *
-                            (sc * sc);
+          const float err =
+              (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))) * (sc * sc);
           if (j == 0 || err < best_err) best_err = err, best_s = sc, best_z = z;
         }
         const float inv = 1.f / best_s;
