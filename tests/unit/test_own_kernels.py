@@ -179,6 +179,11 @@ def test_int4_scales_off_the_row_code_grid_are_refused():
     qw = random_int4(20, 64, 32, seed=5)
     codes, units = kernels.int4_scale_codes(qw.scales)
     assert torch.equal(codes.float() * units[:, None], qw.scales) and codes.max(dim=1).values.min() >= 128
+    w = torch.randn(20, 64, generator=gen(6)) * 0.05
+    w[4] = 0.0  # an all-zero row still gets a unit
+    _, ref_scales, _ = quantize_int4(w, 32, native=False)  # the Python search lands on the grid too
+    ref_codes, ref_units = kernels.int4_scale_codes(ref_scales)
+    assert ref_codes.min() >= 1 and torch.equal(ref_codes.float() * ref_units[:, None], ref_scales)
     bad = qw.scales.clone()
     bad[3, 1] = units[3] * 2.5  # bf16-exact, but half a unit off the grid
     assert float(torch.tensor(float(bad[3, 1])).to(torch.bfloat16)) == float(bad[3, 1])
