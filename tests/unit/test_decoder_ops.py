@@ -103,6 +103,30 @@ def test_decode_attention_matches_sdpa(nh, nkv, d, dtype):
 
 
 @needs_ops
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+def test_decode_attention_splits_query_heads_over_threads(dtype):
+    """One row with one KV head (falcon-7b's multi-query layout) is a single (row, KV head) pair: its query
+    heads are split over the threads instead of leaving all but one idle.  Each head's arithmetic is the
+    same however the heads are split, so the result is bit-identical on 1 or 4 threads (4 parts of 2-3
+    heads here), and it matches SDPA."""
+    nh, d = 11, 64
+    kc, vc = (torch.randn(2, 1, 40, d, generator=gen(i)).to(dtype) for i in (4, 5))
+    q = torch.randn(1, nh, d, generator=gen(6))
+    slots, pos = torch.tensor([1]), torch.tensor([37])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = ops.decode_attention(q, kc, vc, slots, pos)
+        torch.set_num_threads(4)
+        split = ops.decode_attention(q, kc, vc, slots, pos)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, alone)
+    ref = F.scaled_dot_product_attention(q.view(1, 1, nh, d), kc[1:2, :, :38].float(), vc[1:2, :, :38].float())
+    torch.testing.assert_close(split[0], ref.reshape(nh * d), rtol=1e-5, atol=1e-5)
+
+
+@needs_ops
 def test_decode_attention_refuses_bad_rows():
     kc = torch.zeros(2, 1, 8, 16)
     q = torch.randn(1, 2, 16)

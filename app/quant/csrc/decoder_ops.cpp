@@ -20,8 +20,9 @@
 //
 // rms_norm and rope_store are plain loops that the compiler vectorizes (-O3 -march=native); their rows are
 // split across torch's threads only when there are many of them (a decode row is a few microseconds of
-// work, less than a fork/join of the thread pool).  decode_attention runs one task per (row, KV head),
-// with AVX2 blocks of 8 keys / 16 values where the CPU has them and plain loops otherwise.
+// work, less than a fork/join of the thread pool).  decode_attention runs one task per (row, KV head)
+// with AVX2 blocks of 8 keys / 16 values where the CPU has them and plain loops otherwise; with fewer
+// (row, KV head) pairs than threads, a pair's query heads are split over several tasks.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -251,21 +252,29 @@ inline void pv_acc(const float* p, const float* V, int64_t n, int64_t d, float* 
 
 namespace {
 
-// One task per (row, KV head): scores of its g query heads against every key, softmax, weighted sum of the
-// values (see decode_attention).
+// One task per (row, KV head, share of its query heads): scores of those heads against every key, softmax,
+// weighted sum of the values (see decode_attention).
 template <typename KV>
 void attend_rows(const float* qp, int64_t ldq, const KV* kp, const KV* vp, float* op, const int64_t* sp,
                  const int64_t* pp, int64_t R, int64_t nh, int64_t nkv, int64_t L, int64_t d, float sc) {
-  const int64_t g = nh / nkv;
-  at::parallel_for(0, R * nkv, 1, [&](int64_t i0, int64_t i1) {
+  const int64_t heads = nh / nkv;
+  // A task is a (row, KV head) and some of its query heads: all of them, unless rows x KV heads are fewer
+  // than the threads (a row of falcon-7b has one KV head for its 71 query heads; TinyLlama's 4 KV heads
+  // are too few for 8 threads).  A head's arithmetic does not depend on how the heads are split, so neither
+  // do the results.
+  const int64_t pairs = R * nkv, threads = at::get_num_threads();
+  const int64_t per_task = pairs >= threads ? heads : (heads * pairs + threads - 1) / threads;
+  const int64_t parts = (heads + per_task - 1) / per_task;
+  at::parallel_for(0, pairs * parts, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> prob, block(16 * d);  // block: a bf16 cache's keys / values widened (as_f32)
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / nkv, h = i % nkv, n = pp[r] + 1;
+      const int64_t r = i / (nkv * parts), h = i / parts % nkv, a0 = i % parts * per_task, n = pp[r] + 1;
+      const int64_t g = std::min(per_task, heads - a0);  // this task's query heads: a0 .. a0 + g of the KV head
       const KV* K = kp + (sp[r] * nkv + h) * L * d;
       const KV* V = vp + (sp[r] * nkv + h) * L * d;
       prob.resize(g * n);
-      const float* Q = qp + r * ldq + h * g * d;  // this KV head's g query heads, d apart
-      float* O = op + r * nh * d + h * g * d;
+      const float* Q = qp + r * ldq + (h * heads + a0) * d;  // the task's query heads, d apart
+      float* O = op + r * nh * d + (h * heads + a0) * d;
       int64_t j = 0;
 #if LANNER_ATTN_AVX2
       // blocks of 8 keys (8 d elements: L1-resident) against all g query heads
