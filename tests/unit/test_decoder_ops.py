@@ -124,6 +124,8 @@ def test_decode_attention_splits_query_heads_over_threads(dtype):
     assert torch.equal(split, alone)
     ref = F.scaled_dot_product_attention(q.view(1, 1, nh, d), kc[1:2, :, :38].float(), vc[1:2, :, :38].float())
     torch.testing.assert_close(split[0], ref.reshape(nh * d), rtol=1e-5, atol=1e-5)
+    empty = ops.decode_attention(q[:0], kc, vc, slots[:0], pos[:0])  # no decode rows: nothing to split
+    assert empty.shape == (0, nh * d)
 
 
 @needs_ops

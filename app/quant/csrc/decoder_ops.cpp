@@ -263,6 +263,7 @@ void attend_rows(const float* qp, int64_t ldq, const KV* kp, const KV* vp, float
   // are too few for 8 threads).  A head's arithmetic does not depend on how the heads are split, so neither
   // do the results.
   const int64_t pairs = R * nkv, threads = at::get_num_threads();
+  if (pairs == 0) return;
   const int64_t per_task = pairs >= threads ? heads : (heads * pairs + threads - 1) / threads;
   const int64_t parts = (heads + per_task - 1) / per_task;
   at::parallel_for(0, pairs * parts, 1, [&](int64_t i0, int64_t i1) {
