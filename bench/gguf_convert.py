@@ -154,11 +154,13 @@ def _mark(path: Path, marker: dict[str, object]) -> None:
 def source_outtype(model_dir: Path) -> str:
     """The converter's lossless output type for `model_dir`: bf16 when every float matrix is stored in bf16,
     else f32."""
+    from safetensors import safe_open  # noqa: PLC0415
+
     dtypes: set[str] = set()
     for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(path, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 2}
+        with safe_open(path, framework="pt") as fh:  # reads the header only
+            slices = (fh.get_slice(name) for name in fh.keys())
+            dtypes |= {t.get_dtype() for t in slices if len(t.get_shape()) == 2}
     return "bf16" if dtypes == {"BF16"} else "f32"
 
 

@@ -217,7 +217,7 @@ def is_current(model_dir: Path, recipe: Recipe) -> bool:
 
 
 def num_bytes(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float32) -> int:
-    return sum(math.prod(s) for s in shapes.values()) * torch.empty(0, dtype=dtype).element_size()
+    return sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
 
 
 def write_model_dir(recipe: Recipe, target: Path, progress_factory: Callable[[int], Progress] | None = None

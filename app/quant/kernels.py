@@ -218,14 +218,20 @@ def unpack_int8(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
 UNIT_ROWS = 4  # int4 tiles: the 16 fp32 row units take the first 4 rows of 16 bytes of a tile's scales
 
 
+def code_units(widest: torch.Tensor) -> torch.Tensor:
+    """The unit 2^e of 8-bit scale codes for each row's widest step (fp32 [...], >= 0): the smallest e with
+    widest < 256 * 2^e, within [-126, 119] (2^e a normal float, 255 * 2^e finite); an infinite step gets the
+    largest.  lanner::int4_quantize computes the same in C++."""
+    exponent = torch.where(widest.isinf(), 127, torch.frexp(widest).exponent).sub_(8).clamp_(-126, 119)
+    return torch.ldexp(torch.ones_like(widest), exponent)
+
+
 def int4_scale_codes(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales [N, G'] on quantize_int4's row code grids -> (codes uint8 [N, G'], units fp32 [N]) with
     scales = codes * units[:, None], units powers of two.  Raises ValueError for scales that are not on such
     a grid (made by another quantizer, or by Lanner before checkpoint format 4)."""
     s = scales.float()
-    widest = s.amax(dim=1)
-    exponent = torch.frexp(widest).exponent.sub_(8).clamp_(-126, 119)
-    units = torch.ldexp(torch.ones_like(widest), exponent)
+    units = code_units(s.amax(dim=1))
     codes = s / units[:, None]
     if not (codes.eq(codes.round()) & codes.ge(0) & codes.le(255)).all():
         raise ValueError("int4 scales are not 8-bit codes times a power of two per row (quantize_int4's "

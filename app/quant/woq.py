@@ -412,13 +412,10 @@ def pick_group_size(k: int, requested: int | None = None) -> int | None:
 
 def int4_row_units(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     # lo <= 0 <= hi: [n, groups] unclipped group ranges -> [n, 1] fp32 2^e, the unit of each row's scale
-    # codes: the smallest e at which the widest step (before rounding, clip ratio 1) is below 256 units.
-    # e stays within [-126, 119] (2^e a normal float, 255 * 2^e finite) for all-zero or non-finite rows.
-    # (A NaN step, from NaN weights, is skipped; an infinite one gets the largest unit.)
+    # codes (kernels.code_units) for its widest step before rounding (clip ratio 1).  A NaN step, from NaN
+    # weights, is skipped.
     steps = _int4_reach(lo, hi)[0]
-    widest = torch.where(steps.isnan(), 0.0, steps).amax(dim=1, keepdim=True)
-    exponent = torch.where(widest.isinf(), 127, torch.frexp(widest).exponent).sub_(8).clamp_(-126, 119)
-    return torch.ldexp(torch.ones_like(widest), exponent)
+    return kernels.code_units(torch.where(steps.isnan(), 0.0, steps).amax(dim=1, keepdim=True))
 
 
 def _int4_reach(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
