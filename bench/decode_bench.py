@@ -62,6 +62,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import pickle
 import statistics
 import subprocess
 import sys
@@ -145,6 +146,25 @@ def save_logits(path: str | None, rows: list[Any]) -> None:
         np.save(path, np.stack([np.asarray(r, dtype=np.float32) for r in rows]))
 
 
+WORKER_INFO = ("import pickle, sys; from pathlib import Path; from app.models.loader import inspect_model_dir; "
+               "sys.stdout.buffer.write(pickle.dumps(inspect_model_dir(Path(sys.argv[1])).for_worker()))")
+
+
+def worker_model_info(model_dir: Path) -> Any:
+    """The ModelInfo a server's worker gets from its API process (`ModelInfo.for_worker`: the config read
+    with transformers there, handed over as plain values), so that this process, like a worker, never
+    imports transformers. Read in a separate process, as the API process does; a checkout from before the
+    hand-over reads the config in this process."""
+    from app.models.loader import ModelInfo, inspect_model_dir
+
+    if not hasattr(ModelInfo, "for_worker"):
+        return inspect_model_dir(model_dir)
+    root = Path(sys.modules["app"].__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", WORKER_INFO, str(model_dir)], capture_output=True, check=True,
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    return pickle.loads(done.stdout)
+
+
 def child_lanner(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any]:
     if args.lanner_root:  # import `app` from that checkout (e.g. a clean worktree of a commit)
         sys.path.insert(0, str(Path(args.lanner_root).resolve()))
@@ -152,13 +172,12 @@ def child_lanner(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     from app.models.base import StepInput
-    from app.models.loader import inspect_model_dir
     from app.models.runner import load_runner
 
     mode, _, group = args.child.split("-", 1)[1].replace("fp32", "none").partition("-g")  # e.g. int4-g64
     mem_imports = proc_status()
     t0 = time.perf_counter()
-    info = inspect_model_dir(Path(args.model_dir))
+    info = worker_model_info(Path(args.model_dir))
     max_len = len(prompt) + args.decode_tokens + args.warmup_tokens + 8
     runner = load_runner(info, max_model_len=max_len, max_num_seqs=1, quantize=mode,
                          int4_group_size=int(group) if group else None)

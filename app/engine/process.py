@@ -47,6 +47,11 @@ class WorkerConfig:
     woq_backend: str = "native"  # native | torchao | ipex (app/quant/backends)
     int4_group_size: int | None = None  # None: the quantizer's default (32)
     kv_cache_dtype: str = "auto"  # auto | fp32 | bf16 (app/models/kv_cache.py)
+    # From the API process, which has read the model with transformers already: the ModelInfo with a
+    # ConfigView (`ModelInfo.for_worker`) and the tokenizer's Rust backend (`backend_tokenizer_json`).
+    # With both the worker never imports transformers; without them it reads model_path itself.
+    info: Any = None
+    tokenizer_json: str | None = None
 
 
 def cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
@@ -130,10 +135,10 @@ def _pump_commands(commands: Connection, core: Any) -> None:
 
 def _build_core(cfg: WorkerConfig, emit: Callable[[list, Any], None]) -> Any:
     from app.engine.worker import EngineCore
-    from app.models.loader import inspect_model_dir, load_tokenizer
+    from app.models.loader import inspect_model_dir, load_tokenizer, worker_tokenizer
 
-    info = inspect_model_dir(cfg.model_path)
-    tokenizer = load_tokenizer(info.path)
+    info = cfg.info or inspect_model_dir(cfg.model_path)
+    tokenizer = worker_tokenizer(info.path, cfg.tokenizer_json) if cfg.info else load_tokenizer(info.path)
     runner = build_runner(cfg.runner, info, cfg.max_model_len, cfg.max_num_seqs, cfg.kv_cache_bytes,
                           cfg.quantize, cfg.woq_backend, cfg.int4_group_size, cfg.kv_cache_dtype)
     return EngineCore(runner, tokenizer, info.eos_token_ids, emit_batch=emit,
@@ -150,9 +155,11 @@ def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv
             log.warning("woq_backend=%s has no effect with runner: reference (fp32)", woq_backend)
         if kv_cache_dtype == "bf16":
             log.warning("kv_cache_dtype=bf16 has no effect with runner: reference (transformers' own cache)")
-        from app.models.loader import load_hf_model
+        from app.models.loader import ConfigView, inspect_model_dir, load_hf_model
         from app.models.reference import ReferenceRunner
 
+        if isinstance(info.config, ConfigView):  # transformers' model class wants its own config class
+            info = inspect_model_dir(info.path)
         return ReferenceRunner(load_hf_model(info), max_model_len, max_num_seqs)
     from app.models.runner import load_runner
 

@@ -123,6 +123,7 @@ class ModelRegistry:
     def _load_engine(self, handle: ModelHandle, loop: asyncio.AbstractEventLoop) -> None:
         from app.engine.client import EngineClient
         from app.engine.process import ProcessEngine, WorkerConfig
+        from app.models.loader import backend_tokenizer_json
 
         spec = handle.spec
         engine = ProcessEngine(WorkerConfig(
@@ -140,6 +141,8 @@ class ModelRegistry:
             woq_backend=spec.woq_backend,
             int4_group_size=spec.int4_group_size,
             kv_cache_dtype=spec.kv_cache_dtype,
+            info=handle.info.for_worker(),
+            tokenizer_json=backend_tokenizer_json(handle.tokenizer),
         ))
         engine.start()
         handle.admission.slots = engine.info.get("max_num_seqs", handle.admission.slots)  # after the KV budget

@@ -12,24 +12,29 @@ on (never a stack trace):
    loading any weights.
 3. `load_tokenizer` / `load_hf_model` load the transformers objects. `trust_remote_code` is always
    off: only the Llama and Falcon implementations shipped with transformers are ever run.
+
+transformers is imported where it is used, never by importing this module: a worker process builds its
+decoder from `ModelInfo.for_worker()` (a `ConfigView` of the config the API process read) and decodes
+with the tokenizer's Rust backend alone (`backend_tokenizer_json` / `worker_tokenizer`), so it never
+imports transformers: ~20 MiB resident for transformers itself, and 59 MiB more once a Llama config is
+read (`configuration_llama` pulls in transformers' model-loading machinery, torch.distributed and sympy).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import AutoConfig, AutoTokenizer, FalconConfig, PretrainedConfig
-
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    import torch
+    from transformers import FalconConfig, PretrainedConfig, PreTrainedModel
 
 # config.json model_type -> Lanner architecture family.
 SUPPORTED_ARCHITECTURES: Mapping[str, str] = MappingProxyType({
@@ -68,17 +73,72 @@ class ModelLoadError(Exception):
     """A model could not be found, checked or loaded. `str(err)` is a complete user-facing message."""
 
 
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+class ConfigView:
+    """A model config's resolved attributes as plain values: what a worker builds its decoder from.
+
+    transformers' config classes normalise config.json (defaults, renamed keys, derived properties such
+    as FalconConfig.head_dim); the API process reads the config with them once and hands the worker this
+    snapshot: every serialised field and every public attribute with a plain value (properties and
+    `attribute_map` aliases included), read from the real config object. A missing name raises
+    AttributeError like a config does (`getattr` defaults keep working). Values are JSON-plain, so it
+    unpickles without transformers or torch (a worker unpickles it before it pins its CPUs and imports torch).
+    """
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.__dict__.update(values)
+
+    @classmethod
+    def of(cls, config: Any) -> ConfigView:
+        if isinstance(config, ConfigView):
+            return config
+        values = config.to_dict()
+        hf_log = logging.getLogger("transformers")
+        level = hf_log.level
+        hf_log.setLevel(logging.ERROR)  # deprecated aliases (torch_dtype, use_return_dict) warn when read
+        try:
+            for name in dir(config):
+                if name.startswith("_"):
+                    continue
+                try:
+                    value = getattr(config, name)
+                except Exception:  # a property that does not apply to this config
+                    continue
+                # not methods, nor transformers' own objects (per_layer_config): they need it to unpickle
+                if not callable(value) and _plain(value):
+                    values[name] = value
+        finally:
+            hf_log.setLevel(level)
+        return cls(values)
+
+    def __repr__(self) -> str:
+        return f"ConfigView({self.__dict__!r})"
+
+
 @dataclass
 class ModelInfo:
     """What the engine needs to know about a checked model directory before loading weights."""
 
     path: Path
     arch: str  # "llama" | "falcon"
-    config: PretrainedConfig
+    config: PretrainedConfig | ConfigView
     max_model_len: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None  # from the config; whether it is prepended is the tokenizer's job
+
+    def for_worker(self) -> ModelInfo:
+        """This info with the config as a `ConfigView`: picklable into a worker that has no transformers."""
+        return replace(self, config=ConfigView.of(self.config))
 
 
 # --------------------------------------------------------------------------- resolving
@@ -216,6 +276,8 @@ def _legacy_falcon_config(raw: dict[str, Any]) -> FalconConfig:
     if values.get("multi_query") and not values["new_decoder_architecture"]:
         values.setdefault("num_kv_heads", 1)
     values["architectures"] = ["FalconForCausalLM"]
+    from transformers import FalconConfig
+
     return FalconConfig.from_dict(values)
 
 
@@ -223,6 +285,8 @@ def _load_config(path: Path, raw: dict[str, Any]) -> PretrainedConfig:
     try:
         if raw.get("model_type") in ("RefinedWeb", "RefinedWebModel"):
             return _legacy_falcon_config(raw)
+        from transformers import AutoConfig
+
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError(f"Cannot load config.json of {path}: {exc}") from exc
@@ -274,14 +338,35 @@ def inspect_model_dir(path: Path) -> ModelInfo:
 
 def load_tokenizer(path: Path) -> Any:
     """The model's transformers tokenizer (fast, from tokenizer.json when present)."""
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError(f"Cannot load the tokenizer of {path}: {exc}") from exc
 
 
-def load_hf_model(info: ModelInfo, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The reference transformers model for `info`, in eval mode."""
+def backend_tokenizer_json(tokenizer: Any) -> str | None:
+    """The Rust `tokenizers.Tokenizer` behind a transformers fast tokenizer, serialised as transformers set
+    it up (added and special tokens included); None for a slow (pure Python) tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend.to_str() if backend is not None else None
+
+
+def worker_tokenizer(path: Path, backend_json: str | None) -> Any:
+    """What a worker detokenizes with: the backend from `backend_tokenizer_json` when there is one (the
+    `tokenizers` library only), else the transformers tokenizer of `path`."""
+    if backend_json is None:
+        return load_tokenizer(path)
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(backend_json)
+
+
+def load_hf_model(info: ModelInfo, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The reference transformers model for `info` (fp32 unless `dtype`), in eval mode."""
+    import torch
+
     from app.quant.checkpoint import MANIFEST_FILE
 
     if (info.path / MANIFEST_FILE).is_file():  # its tensors are Lanner's int8/int4 layout, not transformers'
@@ -292,7 +377,7 @@ def load_hf_model(info: ModelInfo, dtype: torch.dtype = torch.float32) -> PreTra
     model_cls = getattr(transformers, MODEL_CLASS_NAMES[info.arch])
     try:
         model = model_cls.from_pretrained(
-            info.path, config=info.config, dtype=dtype, trust_remote_code=False
+            info.path, config=info.config, dtype=dtype or torch.float32, trust_remote_code=False
         )
     except Exception as exc:
         raise ModelLoadError(f"Cannot load the weights of {info.path}: {exc}") from exc

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -174,3 +177,47 @@ def test_hub_id_offline_fails_fast(tmp_path, monkeypatch):
         resolve_model_source("lanner-test/does-not-exist", cache_dir=tmp_path / "hub")
     assert time.monotonic() - start < 10
     assert "lanner-test/does-not-exist" in str(err.value) and "local model directory" in str(err.value)
+
+
+def _public_plain_attributes(config) -> dict:
+    from app.models.loader import _plain
+
+    out = {}
+    for name in dir(config):
+        if name.startswith("_"):
+            continue
+        try:
+            value = getattr(config, name)
+        except Exception:
+            continue
+        if not callable(value) and _plain(value):
+            out[name] = value
+    return out
+
+
+@pytest.mark.parametrize("config", [LLAMA_CONFIG,
+                                    {"model_type": "RefinedWebModel", "vocab_size": 500, "hidden_size": 64,
+                                     "n_head": 4, "n_layer": 2, "multi_query": True, "parallel_attn": True,
+                                     "bias": False}],
+                         ids=["llama", "falcon-legacy"])
+def test_config_view_has_every_plain_attribute_and_unpickles_without_transformers(tmp_path, config):
+    """ModelInfo.for_worker(): the config as plain values (fields, properties such as FalconConfig.head_dim,
+    attribute_map aliases) equal to the config's own; a process that unpickles it imports neither transformers
+    nor torch (a worker unpickles its WorkerConfig before it pins its CPUs, and torch must come after)."""
+    from app.models.loader import ConfigView
+
+    info = inspect_model_dir(make_model_dir(tmp_path / "m", config=config))
+    worker_info = info.for_worker()
+    assert isinstance(worker_info.config, ConfigView) and worker_info.for_worker() == worker_info
+    want = _public_plain_attributes(info.config)
+    got = {k: getattr(worker_info.config, k) for k in want}
+    assert got == want
+    assert "hidden_size" in want and ("head_dim" in want or info.arch == "llama")
+    with pytest.raises(AttributeError):
+        worker_info.config.no_such_field  # noqa: B018 (getattr defaults must keep working)
+    code = ("import pickle, sys; info = pickle.loads(sys.stdin.buffer.read()); "
+            "print(info.config.hidden_size, info.arch, 'transformers' in sys.modules, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(worker_info), capture_output=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().split() == [str(info.config.hidden_size), info.arch, "False", "False"]
