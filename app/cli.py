@@ -33,6 +33,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "ipex (optional installs; LANNER_WOQ_BACKEND)")
     p.add_argument("--int4-group-size", type=int, choices=[32, 64, 128, 256], default=env("LANNER_INT4_GROUP_SIZE"),
                    help="int4 group size for --model (default 32; LANNER_INT4_GROUP_SIZE)")
+    p.add_argument("--int4-head", choices=["int8", "int4"], default=env("LANNER_INT4_HEAD"),
+                   help="the output head of an int4 --model: int8 (default) or int4 (fewer bytes a token, less "
+                        "accurate; LANNER_INT4_HEAD)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp32", "bf16"], default=env("LANNER_KV_CACHE_DTYPE"),
                    help="KV cache element type for --model: auto (default) = bf16 when quantized, else fp32 "
                         "(LANNER_KV_CACHE_DTYPE)")
@@ -60,7 +63,8 @@ def _cli_models(args: argparse.Namespace) -> list | None:
     local = looks_like_local_path(args.model) or Path(args.model).expanduser().is_dir()
     model_id = args.model_id or (Path(args.model.rstrip("/")).name if local else args.model)
     spec: dict = {"id": model_id, "source": args.model}
-    for key in ("quantize", "woq_backend", "int4_group_size", "kv_cache_dtype", "cpus", "max_num_seqs"):
+    for key in ("quantize", "woq_backend", "int4_group_size", "int4_head", "kv_cache_dtype", "cpus",
+                "max_num_seqs"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
     return [ModelSpec(**spec)]
@@ -132,12 +136,17 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=None,
                    help="int4 group size (default: the quantizer's choice per layer)")
+    p.add_argument("--int4-head", choices=["int8", "int4"], default=None,
+                   help="the output head with --bits 4: int8 (default) or int4")
     p.add_argument("--cache-dir", type=Path, default=None, help="where hub downloads are cached")
 
 
 def quantize(args: argparse.Namespace) -> int:
     if args.bits == 8 and args.group_size is not None:
         _progress("error: --group-size applies to --bits 4 only (int8 scales are per output channel)")
+        return 2
+    if args.bits == 8 and args.int4_head is not None:
+        _progress("error: --int4-head applies to --bits 4 only")
         return 2
     from app.config import default_cache_dir
     from app.models.loader import ModelLoadError, inspect_model_dir, resolve_model_source
@@ -149,7 +158,7 @@ def quantize(args: argparse.Namespace) -> int:
         path = resolve_model_source(args.source, cache_dir=(args.cache_dir or default_cache_dir()) / "hub")
         mode = "int8" if args.bits == 8 else "int4"
         manifest = quantize_checkpoint(inspect_model_dir(path), args.out, mode, group_size=args.group_size,
-                                       source=args.source, progress=True)
+                                       int4_head=args.int4_head or "int8", source=args.source, progress=True)
     except (ModelLoadError, ValueError) as exc:
         _progress(f"error: {exc}")
         return 2

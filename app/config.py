@@ -61,6 +61,9 @@ class ModelSpec(BaseModel):
     # int4 group size (input features per scale and zero point): 32 by default; 64 stores 4.5 bits per
     # weight (llama.cpp Q4_0's size), 128/256 fewer still, each a little less accurate (docs/quantization.md)
     int4_group_size: Literal[32, 64, 128, 256] | None = None
+    # the output head of an int4 model: int8 (default; llama.cpp's Q4_0 files keep it at 6 bits) or int4
+    # (like llama.cpp's --pure: the fewest bytes a token, at some accuracy; docs/quantization.md)
+    int4_head: Literal["int8", "int4"] = "int8"
     # KV cache element type: auto = bf16 for a quantized model (half the bytes: twice the slots in a budget,
     # half the attention reads), fp32 otherwise (exact against transformers); app/models/kv_cache.py
     kv_cache_dtype: Literal["auto", "fp32", "bf16"] = "auto"

@@ -26,7 +26,9 @@ in between), then `--decode-tokens` greedy decode steps after the last prefill, 
 
 `lanner-int4-g64` is int4 with groups of 64 (`int4_group_size: 64`): 4.19 bits per weight, where the
 default group of 32 stores 4.375 and llama.cpp's Q4_0 4.5 (Lanner keeps an 8-bit scale code and a 4-bit
-zero point per group, Q4_0 an fp16 scale).
+zero point per group, Q4_0 an fp16 scale). `lanner-int4-h4` (on request: `--engines ...,lanner-int4-h4`)
+is int4 with an int4 output head (`int4_head: int4`), where the default keeps the head int8 and llama.cpp's
+Q4_0 files keep it at 6 bits (Q6_K).
 
 Accuracy: after the timing, each engine gets a fresh sequence, the prompt, then `--accuracy-tokens` fixed
 tokens fed one by one, and saves the logits after each (1 + that many rows).  Every engine sees the same
@@ -79,10 +81,12 @@ for p in (str(REPO_ROOT), str(BENCH)):
 
 ENGINES = ("lanner-fp32", "lanner-int8", "lanner-int4", "lanner-int4-g64", "llama.cpp-q8_0", "llama.cpp-q4_0",
            "llama.cpp-f32")
+OPTIONAL_ENGINES = ("lanner-int4-h4",)  # int4 with an int4 output head (`int4_head: int4`); on request only
 PAIRS = (("lanner-int8", "llama.cpp-q8_0"), ("lanner-int4", "llama.cpp-q4_0"), ("lanner-int4-g64", "llama.cpp-q4_0"),
-         ("lanner-fp32", "llama.cpp-q8_0"))
+         ("lanner-int4-h4", "llama.cpp-q4_0"), ("lanner-fp32", "llama.cpp-q8_0"))
 # the targets: decode tok/s ratio at least, prefill ratio at most, RSS / weight bytes at most
-TARGETS = {"lanner-int8": {"decode_vs": 0.95}, "lanner-int4": {"decode_vs": 1.0}, "lanner-int4-g64": {"decode_vs": 1.0}}
+TARGETS = {"lanner-int8": {"decode_vs": 0.95}, "lanner-int4": {"decode_vs": 1.0}, "lanner-int4-g64": {"decode_vs": 1.0},
+           "lanner-int4-h4": {"decode_vs": 1.0}}
 ACCURACY_REFS = ("lanner-fp32", "llama.cpp-f32")  # logits compared with these (same weights, fp32)
 PREFILL_TARGET = 1.0
 RSS_TARGET = 1.15
@@ -174,13 +178,16 @@ def child_lanner(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any]:
     from app.models.base import StepInput
     from app.models.runner import load_runner
 
-    mode, _, group = args.child.split("-", 1)[1].replace("fp32", "none").partition("-g")  # e.g. int4-g64
+    mode, *variant = args.child.split("-", 1)[1].replace("fp32", "none").split("-")  # e.g. int4-g64, int4-h4
+    options = {v[0]: v[1:] for v in variant}  # g: int4 group size, h: bits of the output head
+    group = options.get("g")
+    head = {"int4_head": "int4"} if options.get("h") == "4" else {}  # (a checkout from before the option)
     mem_imports = proc_status()
     t0 = time.perf_counter()
     info = worker_model_info(Path(args.model_dir))
     max_len = len(prompt) + args.decode_tokens + args.warmup_tokens + 8
     runner = load_runner(info, max_model_len=max_len, max_num_seqs=1, quantize=mode,
-                         int4_group_size=int(group) if group else None)
+                         int4_group_size=int(group) if group else None, **head)
     load_s = time.perf_counter() - t0
     mem_loaded = proc_status()
     seen: set[int] = set()
@@ -763,9 +770,9 @@ def parent_main(args: argparse.Namespace) -> int:
     from make_models import DEFAULT_OUT, ensure_model
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    unknown = sorted(set(engines) - set(ENGINES))
+    unknown = sorted(set(engines) - set(ENGINES) - set(OPTIONAL_ENGINES))
     if unknown:
-        raise SystemExit(f"unknown engine(s) {unknown}; choose from {', '.join(ENGINES)}")
+        raise SystemExit(f"unknown engine(s) {unknown}; choose from {', '.join(ENGINES + OPTIONAL_ENGINES)}")
     if args.model_dir is None:
         model_dir, built = ensure_model(args.model, args.models_dir or DEFAULT_OUT, falcon_layers=args.falcon_layers)
         if built:

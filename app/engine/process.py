@@ -46,6 +46,7 @@ class WorkerConfig:
     quantize: str = "none"  # none | int8 | int4 (weight-only, app/quant/woq.py)
     woq_backend: str = "native"  # native | torchao | ipex (app/quant/backends)
     int4_group_size: int | None = None  # None: the quantizer's default (32)
+    int4_head: str = "int8"  # int8 | int4: the output head of a model quantized to int4 at load
     kv_cache_dtype: str = "auto"  # auto | fp32 | bf16 (app/models/kv_cache.py)
     # From the API process, which has read the model with transformers already: the ModelInfo with a
     # ConfigView (`ModelInfo.for_worker`) and the tokenizer's Rust backend (`backend_tokenizer_json`).
@@ -140,14 +141,14 @@ def _build_core(cfg: WorkerConfig, emit: Callable[[list, Any], None]) -> Any:
     info = cfg.info or inspect_model_dir(cfg.model_path)
     tokenizer = worker_tokenizer(info.path, cfg.tokenizer_json) if cfg.info else load_tokenizer(info.path)
     runner = build_runner(cfg.runner, info, cfg.max_model_len, cfg.max_num_seqs, cfg.kv_cache_bytes,
-                          cfg.quantize, cfg.woq_backend, cfg.int4_group_size, cfg.kv_cache_dtype)
+                          cfg.quantize, cfg.woq_backend, cfg.int4_group_size, cfg.kv_cache_dtype, cfg.int4_head)
     return EngineCore(runner, tokenizer, info.eos_token_ids, emit_batch=emit,
                       max_num_batched_tokens=cfg.max_num_batched_tokens)
 
 
 def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv_cache_bytes: int | None,
                  quantize: str = "none", woq_backend: str = "native", int4_group_size: int | None = None,
-                 kv_cache_dtype: str = "auto") -> Any:
+                 kv_cache_dtype: str = "auto", int4_head: str = "int8") -> Any:
     if kind == "reference":
         if quantize != "none":
             raise ValueError(f"quantize={quantize!r} needs runner: batched (the reference runner is fp32)")
@@ -164,7 +165,8 @@ def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv
     from app.models.runner import load_runner
 
     return load_runner(info, max_model_len, max_num_seqs, kv_cache_bytes, quantize=quantize,
-                       woq_backend=woq_backend, int4_group_size=int4_group_size, kv_cache_dtype=kv_cache_dtype)
+                       woq_backend=woq_backend, int4_group_size=int4_group_size, kv_cache_dtype=kv_cache_dtype,
+                       int4_head=int4_head)
 
 
 class ProcessEngine:

@@ -140,6 +140,7 @@ class ModelRegistry:
             quantize=spec.quantize,
             woq_backend=spec.woq_backend,
             int4_group_size=spec.int4_group_size,
+            int4_head=spec.int4_head,
             kv_cache_dtype=spec.kv_cache_dtype,
             info=handle.info.for_worker(),
             tokenizer_json=backend_tokenizer_json(handle.tokenizer),

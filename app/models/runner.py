@@ -212,7 +212,7 @@ def resolve_kv_dtype(kv_cache_dtype: str, quantize: str) -> torch.dtype:
 def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
                 kv_cache_bytes: int | None = None, quantize: str = "none",
                 woq_backend: str = "native", int4_group_size: int | None = None,
-                kv_cache_dtype: str = "auto") -> BatchedRunner:
+                kv_cache_dtype: str = "auto", int4_head: str = "int8") -> BatchedRunner:
     """A BatchedRunner for a checked model directory, weights read from its safetensors files.
 
     `quantize` (none|int8|int4, from the model's config) builds every Linear as its weight-only-quantized
@@ -220,8 +220,8 @@ def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
     directory is loaded as stored, and then `quantize` must be none (take the checkpoint's mode) or equal
     to its mode.  `woq_backend` (native|torchao|ipex, app/quant/backends) decides whose modules run the
     quantized layers; an optional backend that cannot run here is a ModelLoadError saying what to install.
-    `int4_group_size` (32/64/128/256, default 32) applies when quantizing to int4 at load; a pre-quantized
-    directory keeps the group sizes it was written with.  The report is kept on the runner as
+    `int4_group_size` (32/64/128/256, default 32) and `int4_head` (int8|int4: the output head) apply when
+    quantizing to int4 at load; a pre-quantized directory keeps the group sizes and head it was written with.  The report is kept on the runner as
     `quant_report`.  `kv_cache_dtype` (auto|fp32|bf16): auto is bf16 for a quantized model, fp32 otherwise.
     """
     try:
@@ -231,7 +231,8 @@ def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
             model, report = load_quantized(info, quantize, backend=woq_backend)
         elif quantize != "none":
             model, report = load_and_quantize(info, quantize, backend=woq_backend,  # type: ignore[arg-type]
-                                              group_size=int4_group_size if quantize == "int4" else None)
+                                              group_size=int4_group_size if quantize == "int4" else None,
+                                              int4_head=int4_head)  # type: ignore[arg-type]
         else:
             if woq_backend != "native":
                 log.warning("woq_backend=%s has no effect: %s is not quantized (quantize: none)", woq_backend,

@@ -77,6 +77,7 @@ from app.quant.woq import (
     ReportBuilder,
     build_embedding,
     build_module,
+    check_head,
     check_mode,
     embedding_kind,
     kernel_plan,
@@ -339,6 +340,7 @@ def stream_quantized_parts(info: ModelInfo, mode: Literal["int8", "int4"], consu
     before the next one is read; fused Linears (q|k|v, gate|up) are quantized part by part and their
     quantized rows concatenated (quantization is per row), so no fused fp32 copy is made and at most one
     source matrix is resident."""
+    check_head(int4_head)
     _, global_readers, layer_readers = DECODER_PARTS[info.arch]
     if info.arch == "falcon":
         falcon_layout(info.config)  # refuses unsupported layouts before any weight is read
@@ -445,12 +447,13 @@ class _Assembler:
 
 
 def load_and_quantize(info: ModelInfo, mode: Literal["int8", "int4"], *, group_size: int | None = None,
-                      kernel: str = "auto", backend: str = "native") -> tuple[nn.Module, QuantReport]:
+                      int4_head: Literal["int8", "int4"] = "int8", kernel: str = "auto",
+                      backend: str = "native") -> tuple[nn.Module, QuantReport]:
     """The decoder of an fp32 (or bf16/fp16) checkpoint, quantized while it is read, part by part; its
     Linears become `backend`'s WOQ modules (app/quant/backends)."""
     check_mode(mode)
     assembler = _Assembler(info, mode, kernel, backend)
-    stream_quantized_parts(info, mode, assembler, group_size=group_size)
+    stream_quantized_parts(info, mode, assembler, group_size=group_size, int4_head=int4_head)
     return assembler.finish()
 
 
@@ -646,8 +649,8 @@ def return_freed_memory_promptly(threshold: int = 1 << 20) -> bool:
 
 
 def quantize_checkpoint(info: ModelInfo, out: Path, mode: Literal["int8", "int4"], *,
-                        group_size: int | None = None, source: str | None = None,
-                        progress: bool = False) -> dict[str, Any]:
+                        group_size: int | None = None, int4_head: Literal["int8", "int4"] = "int8",
+                        source: str | None = None, progress: bool = False) -> dict[str, Any]:
     """Write a pre-quantized copy of the model in `info.path` to the directory `out` (created; it must not
     exist or be empty) and return its manifest.  Streams part by part (see the module comment)."""
     from app import __version__
@@ -696,7 +699,7 @@ def quantize_checkpoint(info: ModelInfo, out: Path, mode: Literal["int8", "int4"
         bar = tqdm(total=num_parts, desc=f"quantize {mode}", unit="part")
     t0 = time.perf_counter()
     try:
-        stream_quantized_parts(info, mode, write, group_size=group_size,
+        stream_quantized_parts(info, mode, write, group_size=group_size, int4_head=int4_head,
                                progress=(lambda label: bar.update(1)) if bar is not None else None)
         writer.close()
         for name in COPIED_FILES:

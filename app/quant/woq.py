@@ -825,6 +825,11 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"quantize must be one of {', '.join(get_args(QuantMode))}, got {mode!r}")
 
 
+def check_head(int4_head: str) -> None:
+    if int4_head not in ("int8", "int4"):
+        raise ValueError(f"int4_head must be int8 or int4, got {int4_head!r}")
+
+
 def check_backend(backend: str) -> None:
     if backend not in get_args(WoqBackendName):
         raise ValueError(f"woq_backend must be one of {', '.join(get_args(WoqBackendName))}, got {backend!r}")
@@ -1006,7 +1011,7 @@ __all__ = [
     "CROSSOVER_M", "KERNEL_ENV", "OWN_KERNEL_MODES", "Int4Layout", "Int4Linear", "Int8Embedding", "Int8Linear",
     "KernelPlan", "TiedInt8Embedding", "build_embedding", "embedding_kind", "int8_rows",
     "QuantReport", "TiledInt4Linear", "TiledInt8Linear",
-    "WoqBackendName", "check_backend",
+    "WoqBackendName", "check_backend", "check_head",
     "QuantizedWeight", "ReportBuilder", "build_module", "crossover_rows", "dequantize_int4",
     "dequantize_int8",
     "kernel_plan", "linear_plan", "pack_nibbles", "pick_group_size", "probe_int4_layout", "quantize_int4",

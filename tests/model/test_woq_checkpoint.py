@@ -42,7 +42,15 @@ from app.quant.checkpoint import (
     quantize_checkpoint,
     stream_quantized_parts,
 )
-from app.quant.woq import KERNEL_ENV, QuantizedWeight, TiedInt8Embedding, probe_int4_layout, quantize_model
+from app.quant.woq import (
+    KERNEL_ENV,
+    Int4Linear,
+    QuantizedWeight,
+    TiedInt8Embedding,
+    TiledInt4Linear,
+    probe_int4_layout,
+    quantize_model,
+)
 from tests.model.test_parity import save_parity_models
 
 MAX_LEN = 256
@@ -541,6 +549,50 @@ def test_int4_group_size_from_config(sources, checkpoints, monkeypatch):
     assert spec.int4_group_size == 64 and spec.quantize == "int4"
     with pytest.raises(ValueError, match="int4_group_size"):
         ModelSpec(id="m", source="x", int4_group_size=48)
+
+
+def test_int4_head_from_config_at_load_in_checkpoints_and_whole_model_swap(sources, tmp_path, monkeypatch):
+    """`int4_head: int4` (ModelSpec, `serve --int4-head`, `quantize --int4-head`): the head is int4 in the
+    report and the manifest, fewer bytes than the int8 head; a tied model then gets its own int8 embedding
+    table (the head's rows are int4). Quantizing at load, a checkpoint written so, and the whole-model swap
+    give the same logits."""
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    from app.cli import _cli_models, build_parser
+    from app.config import ModelSpec
+    from tests.api.test_cli import run_cli
+
+    for name in ("demo-llama", "llama-tied-linear-rope"):
+        info = inspect_model_dir(sources[name])
+        h8 = load_runner(info, MAX_LEN, 4, quantize="int4")
+        h4 = load_runner(info, MAX_LEN, 4, quantize="int4", int4_head="int4")
+        assert (h8.quant_report.head, h4.quant_report.head) == ("int8", "int4")
+        assert isinstance(h4.model.lm_head, (Int4Linear, TiledInt4Linear))
+        assert h4.quant_report.embedding == "int8" and h4.quant_report.bytes_after < h8.quant_report.bytes_after
+        out = tmp_path / name
+        r = run_cli("quantize", str(info.path), "--bits", "4", "--out", str(out), "--int4-head", "int4")
+        assert r.returncode == 0, r.stderr
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
+        assert manifest["head"] == "int4" and manifest["modules"]["lm_head"]["kind"] == "int4"
+        assert manifest["embedding"] == "int8"
+        stored = load_runner(inspect_model_dir(out), MAX_LEN, 4)
+        model = build_decoder(info.arch, info.config, SafetensorsWeights(info.path))
+        quantize_model(model, "int4", int4_head="int4")
+        swap = BatchedRunner(model, MAX_LEN, 4, kv_dtype=torch.bfloat16)
+        prompts = prompts_for(info.path, info.vocab_size)
+        a = logit_rows(h4, prompts, steps=2)
+        assert torch.equal(a, logit_rows(stored, prompts, steps=2)), name
+        assert torch.equal(a, logit_rows(swap, prompts, steps=2)), name
+        assert not torch.equal(a, logit_rows(h8, prompts, steps=2)), name
+    spec, = _cli_models(build_parser().parse_args(
+        ["serve", "--model", str(info.path), "--quantize", "int4", "--int4-head", "int4"]))
+    assert spec.int4_head == "int4"
+    assert ModelSpec(id="m", source="x").int4_head == "int8"
+    with pytest.raises(ValueError, match="int4_head"):
+        ModelSpec(id="m", source="x", int4_head="int2")
+    with pytest.raises(ModelLoadError, match="int4_head must be"):
+        load_runner(info, MAX_LEN, 1, quantize="int4", int4_head="int2")
+    r = run_cli("quantize", str(info.path), "--bits", "8", "--out", str(tmp_path / "x"), "--int4-head", "int4")
+    assert r.returncode == 2 and "--int4-head applies to --bits 4 only" in r.stderr
 
 
 def rss_file_bytes() -> int:
