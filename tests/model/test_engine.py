@@ -83,7 +83,8 @@ async def test_abort_frees_the_sequence(engine):
     params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     it = engine.client.add_request("x", p, params)
     first = await it.__anext__()
-    assert first.num_output_tokens == 1
+    # (a busy event loop may get the first steps' deltas merged into one: at least one token, not all)
+    assert 1 <= first.num_output_tokens < params.max_tokens and first.finish_reason is None
     await it.aclose()  # the client went away
     # the engine applies the abort at its next step; a later request is then served alone
     out = await engine.run("after", p, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
