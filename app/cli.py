@@ -34,8 +34,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int4-group-size", type=int, choices=[32, 64, 128, 256], default=env("LANNER_INT4_GROUP_SIZE"),
                    help="int4 group size for --model (default 32; LANNER_INT4_GROUP_SIZE)")
     p.add_argument("--int4-head", choices=["int8", "int4"], default=env("LANNER_INT4_HEAD"),
-                   help="the output head of an int4 --model: int8 (default) or int4 (fewer bytes a token, less "
-                        "accurate; LANNER_INT4_HEAD)")
+                   help="the output head of an int4 --model: int8 (default) or int4 (fewer bytes a token, "
+                        "less accurate; LANNER_INT4_HEAD)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp32", "bf16"], default=env("LANNER_KV_CACHE_DTYPE"),
                    help="KV cache element type for --model: auto (default) = bf16 when quantized, else fp32 "
                         "(LANNER_KV_CACHE_DTYPE)")

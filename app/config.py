@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -91,6 +91,12 @@ class ModelSpec(BaseModel):
         if v is not None:
             parse_cpu_list(v)
         return v
+
+    @model_validator(mode="after")
+    def _check_head(self) -> ModelSpec:
+        if self.int4_head == "int4" and self.quantize == "int8":
+            raise ValueError(f"model {self.id!r}: int4_head: int4 applies to quantize: int4, not int8")
+        return self
 
     @property
     def cpu_list(self) -> list[int] | None:

@@ -141,7 +141,8 @@ def _build_core(cfg: WorkerConfig, emit: Callable[[list, Any], None]) -> Any:
     info = cfg.info or inspect_model_dir(cfg.model_path)
     tokenizer = worker_tokenizer(info.path, cfg.tokenizer_json) if cfg.info else load_tokenizer(info.path)
     runner = build_runner(cfg.runner, info, cfg.max_model_len, cfg.max_num_seqs, cfg.kv_cache_bytes,
-                          cfg.quantize, cfg.woq_backend, cfg.int4_group_size, cfg.kv_cache_dtype, cfg.int4_head)
+                          cfg.quantize, cfg.woq_backend, cfg.int4_group_size, cfg.kv_cache_dtype,
+                          cfg.int4_head)
     return EngineCore(runner, tokenizer, info.eos_token_ids, emit_batch=emit,
                       max_num_batched_tokens=cfg.max_num_batched_tokens)
 
@@ -165,8 +166,8 @@ def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv
     from app.models.runner import load_runner
 
     return load_runner(info, max_model_len, max_num_seqs, kv_cache_bytes, quantize=quantize,
-                       woq_backend=woq_backend, int4_group_size=int4_group_size, kv_cache_dtype=kv_cache_dtype,
-                       int4_head=int4_head)
+                       woq_backend=woq_backend, int4_group_size=int4_group_size,
+                       kv_cache_dtype=kv_cache_dtype, int4_head=int4_head)
 
 
 class ProcessEngine:

@@ -23,8 +23,8 @@ read (`configuration_llama` pulls in transformers' model-loading machinery, torc
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace

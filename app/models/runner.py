@@ -221,8 +221,9 @@ def load_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int,
     to its mode.  `woq_backend` (native|torchao|ipex, app/quant/backends) decides whose modules run the
     quantized layers; an optional backend that cannot run here is a ModelLoadError saying what to install.
     `int4_group_size` (32/64/128/256, default 32) and `int4_head` (int8|int4: the output head) apply when
-    quantizing to int4 at load; a pre-quantized directory keeps the group sizes and head it was written with.  The report is kept on the runner as
-    `quant_report`.  `kv_cache_dtype` (auto|fp32|bf16): auto is bf16 for a quantized model, fp32 otherwise.
+    quantizing to int4 at load; a pre-quantized directory keeps the group sizes and head it was written
+    with.  The report is kept on the runner as `quant_report`.  `kv_cache_dtype` (auto|fp32|bf16): auto is
+    bf16 for a quantized model, fp32 otherwise.
     """
     try:
         check_mode(quantize)

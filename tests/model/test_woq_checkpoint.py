@@ -567,7 +567,8 @@ def test_int4_head_from_config_at_load_in_checkpoints_and_whole_model_swap(sourc
         h4 = load_runner(info, MAX_LEN, 4, quantize="int4", int4_head="int4")
         assert (h8.quant_report.head, h4.quant_report.head) == ("int8", "int4")
         assert isinstance(h4.model.lm_head, (Int4Linear, TiledInt4Linear))
-        assert h4.quant_report.embedding == "int8" and h4.quant_report.bytes_after < h8.quant_report.bytes_after
+        assert h4.quant_report.embedding == "int8"
+        assert h4.quant_report.bytes_after < h8.quant_report.bytes_after
         out = tmp_path / name
         r = run_cli("quantize", str(info.path), "--bits", "4", "--out", str(out), "--int4-head", "int4")
         assert r.returncode == 0, r.stderr
@@ -589,9 +590,12 @@ def test_int4_head_from_config_at_load_in_checkpoints_and_whole_model_swap(sourc
     assert ModelSpec(id="m", source="x").int4_head == "int8"
     with pytest.raises(ValueError, match="int4_head"):
         ModelSpec(id="m", source="x", int4_head="int2")
+    with pytest.raises(ValueError, match="int4_head: int4 applies to quantize: int4"):
+        ModelSpec(id="m", source="x", quantize="int8", int4_head="int4")
     with pytest.raises(ModelLoadError, match="int4_head must be"):
         load_runner(info, MAX_LEN, 1, quantize="int4", int4_head="int2")
-    r = run_cli("quantize", str(info.path), "--bits", "8", "--out", str(tmp_path / "x"), "--int4-head", "int4")
+    r = run_cli("quantize", str(info.path), "--bits", "8", "--out", str(tmp_path / "x"),
+                "--int4-head", "int4")
     assert r.returncode == 2 and "--int4-head applies to --bits 4 only" in r.stderr
 
 

@@ -37,8 +37,8 @@ for rid, delta in out:
     ids[rid] = ids.get(rid, []) + delta.token_ids
     if delta.finish_reason is not None:
         reasons[rid] = delta.finish_reason.value
-print(json.dumps({"texts": texts, "ids": ids, "reasons": reasons, "transformers": "transformers" in sys.modules,
-                  "tokenizer": type(core.tokenizer).__module__}))
+print(json.dumps({"texts": texts, "ids": ids, "reasons": reasons,
+                  "transformers": "transformers" in sys.modules, "tokenizer": type(core.tokenizer).__module__}))
 """
 
 
@@ -67,7 +67,8 @@ def test_worker_from_the_api_process_handover_imports_no_transformers(demo_model
                                               "tokenizer_json": backend_tokenizer_json(tokenizer)}), requests)
     assert own["transformers"] and not handed["transformers"]
     assert own["tokenizer"].startswith("transformers.") and handed["tokenizer"] == "tokenizers"
-    assert {k: handed[k] for k in ("texts", "ids", "reasons")} == {k: own[k] for k in ("texts", "ids", "reasons")}
+    served = ("texts", "ids", "reasons")
+    assert {k: handed[k] for k in served} == {k: own[k] for k in served}
     assert handed["reasons"]["r0"] == "stop" and stop not in handed["texts"]["r0"]
     assert all(len(handed["ids"][f"r{i}"]) == 24 for i in (1, 2)) and handed["texts"]["r1"]
 

@@ -216,7 +216,8 @@ def test_config_view_has_every_plain_attribute_and_unpickles_without_transformer
     with pytest.raises(AttributeError):
         worker_info.config.no_such_field  # noqa: B018 (getattr defaults must keep working)
     code = ("import pickle, sys; info = pickle.loads(sys.stdin.buffer.read()); "
-            "print(info.config.hidden_size, info.arch, 'transformers' in sys.modules, 'torch' in sys.modules)")
+            "print(info.config.hidden_size, info.arch, 'transformers' in sys.modules, "
+            "'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(worker_info), capture_output=True,
                           timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr.decode()
