@@ -229,14 +229,23 @@ def code_units(widest: torch.Tensor) -> torch.Tensor:
 def int4_scale_codes(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales [N, G'] on quantize_int4's row code grids -> (codes uint8 [N, G'], units fp32 [N]) with
     scales = codes * units[:, None], units powers of two.  Raises ValueError for scales that are not on such
-    a grid (made by another quantizer, or by Lanner before checkpoint format 4)."""
-    s = scales.float()
-    units = code_units(s.amax(dim=1))
-    codes = s / units[:, None]
-    if not (codes.eq(codes.round()) & codes.ge(0) & codes.le(255)).all():
-        raise ValueError("int4 scales are not 8-bit codes times a power of two per row (quantize_int4's "
-                         "grid); quantize the weights again with this version of Lanner")
-    return codes.to(torch.uint8), units
+    a grid (made by another quantizer, or by Lanner before checkpoint format 4).  Goes PACK_BYTES of fp32
+    scales at a time: whole, falcon-7b's 4544 x 568 scales of its largest Linear made ~35 MiB of float
+    temporaries at the load's peak."""
+    n, groups = scales.shape
+    codes = torch.empty(n, groups, dtype=torch.uint8)
+    units = torch.empty(n)
+    step = max(1, PACK_BYTES // (4 * max(1, groups)))
+    for r0 in range(0, n, step):
+        s = scales[r0:r0 + step].float()
+        u = code_units(s.amax(dim=1))
+        c = s / u[:, None]  # (not in place: .float() of fp32 scales is the caller's tensor)
+        if not (c.eq(c.round()) & c.ge(0) & c.le(255)).all():
+            raise ValueError("int4 scales are not 8-bit codes times a power of two per row (quantize_int4's "
+                             "grid); quantize the weights again with this version of Lanner")
+        codes[r0:r0 + step] = c
+        units[r0:r0 + step] = u
+    return codes, units
 
 
 def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor

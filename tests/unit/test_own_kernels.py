@@ -191,6 +191,24 @@ def test_int4_scales_off_the_row_code_grid_are_refused():
         kernels.pack_int4(qw.qweight, bad, qw.zeros)
 
 
+def test_int4_scale_codes_in_row_chunks(monkeypatch):
+    """int4_scale_codes goes PACK_BYTES of scales at a time (bounded temporaries at load): the codes and
+    units of rows in later chunks are the same as in one pass, and an off-grid scale in a later chunk is
+    still refused."""
+    g = gen(7)
+    units = torch.ldexp(torch.ones(50), torch.randint(-20, -5, (50,), generator=g))
+    codes = torch.randint(1, 256, (50, 6), generator=g).to(torch.uint8)
+    codes[:, 0] = 255  # each row's widest group: a code of 8 significant bits, as quantize_int4 makes
+    scales = (codes.float() * units[:, None]).to(torch.bfloat16)
+    monkeypatch.setattr(kernels, "PACK_BYTES", 4 * 6 * 8)  # 8 rows a chunk: 7 chunks
+    got_codes, got_units = kernels.int4_scale_codes(scales)
+    assert torch.equal(got_codes, codes) and torch.equal(got_units, units)
+    bad = scales.clone()
+    bad[45, 2] = units[45] * 2.5
+    with pytest.raises(ValueError, match="quantize the weights again"):
+        kernels.int4_scale_codes(bad)
+
+
 @needs_kernels
 @pytest.mark.parametrize("n", [1, 16, 17, 100])
 @pytest.mark.parametrize("k,group", [(32, 32), (64, 32), (256, 64), (4544, 32), (512, 128), (512, 256)])
