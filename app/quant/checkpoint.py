@@ -57,7 +57,7 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -72,9 +72,11 @@ from app.models.falcon import FalconDecoder, falcon_global_readers, falcon_layer
 from app.models.llama import LlamaDecoder, Reader, llama_global_readers, llama_layer_readers
 from app.models.loader import ModelInfo, ModelLoadError
 from app.quant.woq import (
+    PackedWeight,
     QuantizedWeight,
     QuantReport,
     ReportBuilder,
+    TilePacker,
     build_embedding,
     build_module,
     check_head,
@@ -311,7 +313,7 @@ class Part:
 
     label: str
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    linears: dict[str, QuantizedWeight] = field(default_factory=dict)
+    linears: dict[str, QuantizedWeight | PackedWeight] = field(default_factory=dict)
     fallbacks: dict[str, str] = field(default_factory=dict)  # module -> why it is not quantized as asked
     # the int8 token embedding: its table, "lm_head" (tied: the int8 head's rows), None (not in this part)
     embedding: EmbeddingPlan = None
@@ -332,6 +334,7 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int, bool]]:
 
 def stream_quantized_parts(info: ModelInfo, mode: Literal["int8", "int4"], consume: Callable[[Part], None], *,
                            group_size: int | None = None, int4_head: Literal["int8", "int4"] = "int8",
+                           pack_modes: Collection[str] = (),
                            progress: Callable[[str], None] | None = None) -> None:
     """Quantize the model in `info.path` part by part (see the module comment); `consume` gets each part
     while the scope of its unquantized tensors is open and must copy (`part.detach`) what it keeps.
@@ -339,7 +342,11 @@ def stream_quantized_parts(info: ModelInfo, mode: Literal["int8", "int4"], consu
     Inside a part each source matrix is read in a scope of its own and quantized, and the scope closed
     before the next one is read; fused Linears (q|k|v, gate|up) are quantized part by part and their
     quantized rows concatenated (quantization is per row), so no fused fp32 copy is made and at most one
-    source matrix is resident."""
+    source matrix is resident.
+
+    Linears of a mode in `pack_modes` (the loader's, when Lanner's kernels run them) are quantized
+    straight into Lanner's tiles (`TilePacker`, a `PackedWeight` in the part): the whole matrix's portable
+    form is never made, so it is never held next to its tiles (falcon-7b's largest Linear: 79 MiB int8)."""
     check_head(int4_head)
     _, global_readers, layer_readers = DECODER_PARTS[info.arch]
     if info.arch == "falcon":
@@ -356,17 +363,24 @@ def stream_quantized_parts(info: ModelInfo, mode: Literal["int8", "int4"], consu
         for module in [m for m in shapes if f"{m}.weight" in readers]:
             kind, g, fallback = linear_plan(module, shapes[module][1], mode, group_size, int4_head)
             weight_reader = readers.pop(f"{module}.weight")
-            blocks = []
+            blocks: list[QuantizedWeight] = []
+            packer = TilePacker(kind, *shapes[module][:2], g) if kind in pack_modes else None
             for piece in getattr(weight_reader, "parts", (weight_reader,)):  # q, k, v / gate, up: in turn
                 with source.scope() as weights:  # source pages released block by block as quantized
-                    blocks.append(quantize_weight(piece(weights), kind, g, release=weights.release))
+                    if packer is not None:
+                        packer.add(piece(weights), release=weights.release)
+                    else:
+                        blocks.append(quantize_weight(piece(weights), kind, g, release=weights.release))
             bias_reader = readers.pop(f"{module}.bias", None)
             with source.scope() as weights:
                 bias = None if bias_reader is None else bias_reader(weights).to(torch.float32, copy=True)
             target = Part(label) if alone else part
-            target.linears[module] = QuantizedWeight.cat(blocks, bias) if len(blocks) > 1 else replace(
-                blocks[0], bias=bias)
-            del blocks, bias
+            if packer is not None:
+                target.linears[module] = packer.finish(bias)
+            else:
+                target.linears[module] = QuantizedWeight.cat(blocks, bias) if len(blocks) > 1 else replace(
+                    blocks[0], bias=bias)
+            del blocks, bias, packer
             if fallback:
                 target.fallbacks[module] = fallback
             if alone:
@@ -428,10 +442,10 @@ class _Assembler:
             raise ModelLoadError(f"Weights of {self.info.path} have tensors the {self.info.arch} decoder "
                                  f"does not know: {', '.join(sorted(result.unexpected_keys)[:5])}")
 
-    def _embedding(self, part: Part, head_qw: QuantizedWeight | None) -> None:
+    def _embedding(self, part: Part, head_qw: QuantizedWeight | PackedWeight | None) -> None:
         tied = isinstance(part.embedding, str)  # HEAD: the int8 head's rows, if its module hands them out
         qw = head_qw if tied else part.embedding
-        assert isinstance(qw, QuantizedWeight) and qw.mode == "int8"
+        assert isinstance(qw, (QuantizedWeight, PackedWeight)) and qw.mode == "int8"
         module = build_embedding(qw, self.model.get_submodule(HEAD) if tied else None, detach=part.detach)
         setattr(self.model, EMBEDDING, module)
         self.report.embedding = embedding_kind(module)
@@ -453,7 +467,8 @@ def load_and_quantize(info: ModelInfo, mode: Literal["int8", "int4"], *, group_s
     Linears become `backend`'s WOQ modules (app/quant/backends)."""
     check_mode(mode)
     assembler = _Assembler(info, mode, kernel, backend)
-    stream_quantized_parts(info, mode, assembler, group_size=group_size, int4_head=int4_head)
+    stream_quantized_parts(info, mode, assembler, group_size=group_size, int4_head=int4_head,
+                           pack_modes=assembler.plan.own if assembler.plan.impl is None else ())
     return assembler.finish()
 
 

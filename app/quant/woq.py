@@ -95,7 +95,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal, get_args
@@ -621,30 +621,123 @@ def quantize_weight(w: torch.Tensor, mode: Literal["int8", "int4"], group_size: 
     `release(rows)` is called with each block of w once it is quantized (the loader drops the block's
     pages of a memory-mapped source with it)."""
     n, k = w.shape
-    step = max(1, (QUANTIZE_CHUNK_BYTES // 4) // k)
-    if mode == "int4":
-        assert group_size is not None and k % group_size == 0
     # the outputs are allocated once and filled block by block (no list of blocks + concatenation, which
     # held the quantized matrix twice)
     q_out = torch.empty(n, k, dtype=torch.int8) if mode == "int8" else torch.empty(n, k // 2, dtype=torch.uint8)
     s_out = torch.empty(n) if mode == "int8" else torch.empty(n, k // group_size)  # type: ignore[operator]
     z_out = (None if mode == "int8"
              else torch.empty(n, k // group_size, dtype=torch.uint8))  # type: ignore[operator]
+    for i, block in quantized_blocks(w, mode, group_size, release):
+        rows = slice(i, i + block.out_features)
+        q_out[rows], s_out[rows] = block.qweight, block.scales
+        if z_out is not None:
+            z_out[rows] = block.zeros
+    return QuantizedWeight(mode, q_out, s_out, z_out, None if bias is None else bias.detach().float(), k,
+                           group_size if mode == "int4" else None)
+
+
+def quantized_blocks(w: torch.Tensor, mode: Literal["int8", "int4"], group_size: int | None = None,
+                     release: Callable[[torch.Tensor], None] | None = None,
+                     align: int = 1) -> Iterator[tuple[int, QuantizedWeight]]:
+    """w [N, K] quantized a block of rows (about QUANTIZE_CHUNK_BYTES of fp32, a multiple of `align` rows)
+    at a time: (first row, the block's portable form).  `release` as for quantize_weight."""
+    n, k = w.shape
+    step = max(1, (QUANTIZE_CHUNK_BYTES // 4) // k)
+    step = max(align, step - step % align)
+    if mode == "int4":
+        assert group_size is not None and k % group_size == 0
     for i in range(0, n, step):
         rows = w[i:i + step].float()
         if mode == "int8":
             q, s = quantize_int8(rows)
+            block = QuantizedWeight(mode, q, s, None, None, k)
         else:
             q, s, z = quantize_int4(rows, group_size)  # type: ignore[arg-type]
-            q = pack_nibbles(q)
-            z_out[i:i + step] = z  # type: ignore[index]
-        q_out[i:i + step] = q
-        s_out[i:i + step] = s
-        del rows, q, s
+            block = QuantizedWeight(mode, pack_nibbles(q), s, z, None, k, group_size)
+        del rows, q
+        yield i, block
         if release is not None:
             release(w[i:i + step])
-    return QuantizedWeight(mode, q_out, s_out, z_out, None if bias is None else bias.detach().float(), k,
-                           group_size if mode == "int4" else None)
+
+
+@dataclass
+class PackedWeight:
+    """A Linear quantized straight into Lanner's tiles (`TilePacker`): what `build_module` makes a
+    TiledInt8Linear / TiledInt4Linear from without a portable form of the whole matrix next to its tiles
+    (falcon-7b's 4544 x 18176 Linear: 79 MiB of int8 that loading at once held twice)."""
+
+    mode: Literal["int8", "int4"]
+    tiles: tuple[torch.Tensor, ...]  # int8: (tiles, scales); int4: (nibbles, scales, zeros), see kernels.py
+    bias: torch.Tensor | None
+    in_features: int
+    out_features: int
+    group_size: int | None = None  # int4 only
+
+    @property
+    def fp32_nbytes(self) -> int:
+        n = self.out_features
+        return 4 * (n * self.in_features + (n if self.bias is not None else 0))
+
+
+class TilePacker:
+    """Quantizes a Linear's weight straight into Lanner's tiles, a block of rows at a time: `add` each row
+    block of the [n, k] weight in order (the fused parts q | k | v one after the other), then `finish`.  Only
+    one block's portable form exists at a time (rows short of a whole tile wait for the next block), and the
+    tiles are bit for bit `kernels.pack_int8/pack_int4` of `quantize_weight` of the whole matrix:
+    quantization is per row and packing per tile."""
+
+    def __init__(self, mode: Literal["int8", "int4"], n: int, k: int, group_size: int | None = None) -> None:
+        self.mode, self.n, self.k, self.group_size = mode, n, k, group_size
+        tiles = -(-n // kernels.TILE)
+        if mode == "int8":
+            self.out: tuple[torch.Tensor, ...] = (
+                torch.empty(tiles, kernels.padded_k(k) // kernels.QUAD, kernels.TILE, kernels.QUAD,
+                            dtype=torch.int8),
+                torch.empty(tiles * kernels.TILE))
+        else:
+            groups = k // group_size  # type: ignore[operator]
+            self.out = (torch.empty(tiles, k // kernels.QUAD, kernels.TILE // 2, kernels.QUAD, dtype=torch.uint8),
+                        torch.empty(tiles, kernels.UNIT_ROWS + groups, kernels.TILE, dtype=torch.uint8),
+                        torch.empty(tiles, groups, kernels.TILE // 2, dtype=torch.uint8))
+        self.rows = 0  # rows packed into whole tiles so far
+        self.carry: QuantizedWeight | None = None  # quantized rows short of a whole tile
+
+    def add(self, w: torch.Tensor, release: Callable[[torch.Tensor], None] | None = None) -> None:
+        assert w.shape[1] == self.k
+        for _, block in quantized_blocks(w, self.mode, self.group_size, release, align=kernels.TILE):
+            if self.carry is not None:
+                block, self.carry = QuantizedWeight.cat([self.carry, block]), None
+            whole = block.out_features - block.out_features % kernels.TILE
+            if whole < block.out_features:
+                self.carry = _row_slice(block, whole, block.out_features)
+            if whole:
+                self._pack(_row_slice(block, 0, whole) if whole < block.out_features else block)
+            del block
+
+    def finish(self, bias: torch.Tensor | None = None) -> PackedWeight:
+        if self.carry is not None:
+            self._pack(self.carry)  # the last tile, padded with zero rows
+            self.carry = None
+        assert self.rows >= self.n and self.rows - self.n < kernels.TILE
+        return PackedWeight(self.mode, self.out, None if bias is None else bias.detach().float(), self.k, self.n,
+                            self.group_size if self.mode == "int4" else None)
+
+    def _pack(self, qw: QuantizedWeight) -> None:
+        packed = (kernels.pack_int8(qw.qweight, qw.scales) if self.mode == "int8"
+                  else kernels.pack_int4(qw.qweight, qw.scales, qw.zeros))  # type: ignore[arg-type]
+        t0 = self.rows // kernels.TILE
+        t1 = t0 + packed[0].shape[0]
+        for dst, src in zip(self.out, packed):
+            if dst.dim() == 1:  # int8 scales, [16 T]
+                dst[t0 * kernels.TILE:t1 * kernels.TILE] = src
+            else:
+                dst[t0:t1] = src
+        self.rows = t1 * kernels.TILE
+
+
+def _row_slice(qw: QuantizedWeight, a: int, b: int) -> QuantizedWeight:
+    return QuantizedWeight(qw.mode, qw.qweight[a:b], qw.scales[a:b], None if qw.zeros is None else qw.zeros[a:b],
+                           None, qw.in_features, qw.group_size)
 
 
 class Int4Linear(nn.Module):
@@ -907,10 +1000,15 @@ def kernel_plan(mode: str, kernel: str = "auto", isa: CpuIsa | None = None,
     return KernelPlan(isa, choice, MappingProxyType(crossover), layout, tuple(notes), own=frozenset(own))
 
 
-def build_module(qw: QuantizedWeight, plan: KernelPlan) -> nn.Module:
+def build_module(qw: QuantizedWeight | PackedWeight, plan: KernelPlan) -> nn.Module:
     """The WOQ module for a portable quantized weight (the one constructor both load paths use): on the
     native backend a TiledInt8Linear / TiledInt4Linear (Lanner's kernels) or Int8Linear / Int4Linear
     (ATen's), else the plan's backend's module."""
+    if isinstance(qw, PackedWeight):
+        assert plan.impl is None and qw.mode in plan.own
+        if qw.mode == "int8":
+            return TiledInt8Linear(*qw.tiles, qw.bias, qw.out_features, qw.in_features)
+        return TiledInt4Linear(*qw.tiles, qw.bias, qw.out_features, qw.group_size)  # type: ignore[arg-type]
     if plan.impl is not None:
         return plan.impl.build(qw)
     if qw.mode in plan.own:
@@ -932,7 +1030,8 @@ class ReportBuilder:
         self.head = "fp32"
         self.embedding = "fp32"  # set by whoever swaps the embedding (embedding_kind)
 
-    def add(self, name: str, qw: QuantizedWeight, module: nn.Module, fallback: str | None = None) -> None:
+    def add(self, name: str, qw: QuantizedWeight | PackedWeight, module: nn.Module,
+            fallback: str | None = None) -> None:
         self.swapped += 1
         self.before += qw.fp32_nbytes
         self.after += (self.plan.impl.nbytes(module, qw) if self.plan.impl is not None

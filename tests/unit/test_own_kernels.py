@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.quant import kernels
+from app.quant import kernels, woq
 from app.quant.woq import (
     INT4_CLIP_RATIOS,
     KERNEL_ENV,
@@ -189,6 +189,35 @@ def test_int4_scales_off_the_row_code_grid_are_refused():
     assert float(torch.tensor(float(bad[3, 1])).to(torch.bfloat16)) == float(bad[3, 1])
     with pytest.raises(ValueError, match="quantize the weights again"):
         kernels.pack_int4(qw.qweight, bad, qw.zeros)
+
+
+@pytest.mark.parametrize("mode,k,group", [("int8", 100, None), ("int4", 128, 32)])
+@pytest.mark.parametrize("pieces", [[40], [32, 8, 8], [5, 21, 30], [70, 3, 50]])
+def test_tile_packer_equals_packing_the_whole_quantized_matrix(monkeypatch, mode, k, group, pieces):
+    """TilePacker (the loader's quantize-into-tiles path) gives bit for bit the tiles of quantize_weight +
+    pack_int8 / pack_int4 of the whole matrix: blocks of rows within a piece (here 16 rows a block), fused
+    pieces whose rows are not a whole number of tiles (their rows wait for the next block), a last tile
+    padded with zeros."""
+    monkeypatch.setattr(woq, "QUANTIZE_CHUNK_BYTES", 4 * k * 16)  # 16 rows a block
+    g = gen(sum(pieces) + k)
+    ws = [torch.randn(n, k, generator=g) * 0.05 for n in pieces]
+    whole = woq.quantize_weight(torch.cat(ws), mode, group)
+    want = (kernels.pack_int8(whole.qweight, whole.scales) if mode == "int8"
+            else kernels.pack_int4(whole.qweight, whole.scales, whole.zeros))
+    released = []
+    packer = woq.TilePacker(mode, sum(pieces), k, group)
+    for w in ws:
+        packer.add(w, release=lambda rows: released.append(rows.shape[0]))
+    got = packer.finish(bias=torch.ones(sum(pieces)))
+    assert all(torch.equal(a, b) for a, b in zip(got.tiles, want)) and len(got.tiles) == len(want)
+    assert (got.out_features, got.in_features, got.group_size) == (sum(pieces), k, group)
+    assert sum(released) == sum(pieces) and max(released) <= 16  # every source block released once
+    plan = kernel_plan(mode)
+    if mode in plan.own:  # the module the loader builds from it
+        module = build_module(got, plan)
+        assert isinstance(module, TiledInt8Linear if mode == "int8" else TiledInt4Linear)
+        assert torch.equal(module.dequantize(), whole.dequantize())
+        assert torch.equal(module.bias, torch.ones(sum(pieces)))
 
 
 def test_int4_scale_codes_in_row_chunks(monkeypatch):
