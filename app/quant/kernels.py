@@ -187,13 +187,25 @@ def padded_k(k: int) -> int:
     return -(-k // BLOCK) * BLOCK
 
 
+def empty_tiles(mode: str, n: int, k: int, group_size: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Uninitialised tensors of pack_int8's (tiles, scales) or pack_int4's (nibbles, scales, zeros) layout
+    for an [n, k] weight."""
+    tiles = -(-n // TILE)
+    if mode == "int8":
+        return (torch.empty(tiles, padded_k(k) // QUAD, TILE, QUAD, dtype=torch.int8), torch.empty(tiles * TILE))
+    groups = k // group_size  # type: ignore[operator]
+    return (torch.empty(tiles, k // QUAD, TILE // 2, QUAD, dtype=torch.uint8),
+            torch.empty(tiles, UNIT_ROWS + groups, TILE, dtype=torch.uint8),
+            torch.empty(tiles, groups, TILE // 2, dtype=torch.uint8))
+
+
 def pack_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q int8 [N, K], scales [N] -> tiles int8 [T, Kp/4, 16, 4] (tiles[t, k/4, j, k%4] = q[16t + j, k],
     T = ceil(N/16), Kp = K rounded up to 32) and scales fp32 [16 T]; rows and k past the matrix are zero,
     and -128 becomes -127 (the AVX2 kernel's sign trick cannot negate -128; see woq_kernels.cpp)."""
     n, k = q.shape
     tiles, kp = -(-n // TILE), padded_k(k)
-    out = torch.empty(tiles, kp // QUAD, TILE, QUAD, dtype=torch.int8)
+    out = empty_tiles("int8", n, k)[0]
     step = _pack_step(kp)
     for t0 in range(0, tiles, step):
         t1 = min(t0 + step, tiles)
@@ -260,7 +272,7 @@ def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     n, half = qweight.shape
     k, groups = 2 * half, scales.shape[1]
     tiles = -(-n // TILE)
-    nib = torch.empty(tiles, k // QUAD, TILE // 2, QUAD, dtype=torch.uint8)
+    nib = empty_tiles("int4", n, k, k // groups)[0]
     step = _pack_step(k)
     for t0 in range(0, tiles, step):
         t1 = min(t0 + step, tiles)

@@ -562,6 +562,11 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(n, 2 * half)
 
 
+def fp32_nbytes(out_features: int, in_features: int, bias: bool) -> int:
+    """Bytes of an fp32 Linear's weight (and bias): what a quantized one replaces, for reports."""
+    return 4 * out_features * (in_features + (1 if bias else 0))
+
+
 @dataclass
 class QuantizedWeight:
     """One Linear's quantized weight in the portable form a checkpoint stores (app/quant/checkpoint.py).
@@ -590,8 +595,13 @@ class QuantizedWeight:
     @property
     def fp32_nbytes(self) -> int:
         """Bytes of the fp32 weight (and bias) this replaces."""
-        n = self.out_features
-        return 4 * (n * self.in_features + (n if self.bias is not None else 0))
+        return fp32_nbytes(self.out_features, self.in_features, self.bias is not None)
+
+    def row_block(self, a: int, b: int) -> QuantizedWeight:
+        """Rows a..b (views; no bias): quantization is per row, so this is those rows quantized alone."""
+        zeros = None if self.zeros is None else self.zeros[a:b]
+        return QuantizedWeight(self.mode, self.qweight[a:b], self.scales[a:b], zeros, None, self.in_features,
+                               self.group_size)
 
     @classmethod
     def cat(cls, parts: list[QuantizedWeight], bias: torch.Tensor | None = None) -> QuantizedWeight:
@@ -675,8 +685,7 @@ class PackedWeight:
 
     @property
     def fp32_nbytes(self) -> int:
-        n = self.out_features
-        return 4 * (n * self.in_features + (n if self.bias is not None else 0))
+        return fp32_nbytes(self.out_features, self.in_features, self.bias is not None)
 
 
 class TilePacker:
@@ -688,17 +697,7 @@ class TilePacker:
 
     def __init__(self, mode: Literal["int8", "int4"], n: int, k: int, group_size: int | None = None) -> None:
         self.mode, self.n, self.k, self.group_size = mode, n, k, group_size
-        tiles = -(-n // kernels.TILE)
-        if mode == "int8":
-            self.out: tuple[torch.Tensor, ...] = (
-                torch.empty(tiles, kernels.padded_k(k) // kernels.QUAD, kernels.TILE, kernels.QUAD,
-                            dtype=torch.int8),
-                torch.empty(tiles * kernels.TILE))
-        else:
-            groups = k // group_size  # type: ignore[operator]
-            self.out = (torch.empty(tiles, k // kernels.QUAD, kernels.TILE // 2, kernels.QUAD, dtype=torch.uint8),
-                        torch.empty(tiles, kernels.UNIT_ROWS + groups, kernels.TILE, dtype=torch.uint8),
-                        torch.empty(tiles, groups, kernels.TILE // 2, dtype=torch.uint8))
+        self.out = kernels.empty_tiles(mode, n, k, group_size)
         self.rows = 0  # rows packed into whole tiles so far
         self.carry: QuantizedWeight | None = None  # quantized rows short of a whole tile
 
@@ -709,9 +708,9 @@ class TilePacker:
                 block, self.carry = QuantizedWeight.cat([self.carry, block]), None
             whole = block.out_features - block.out_features % kernels.TILE
             if whole < block.out_features:
-                self.carry = _row_slice(block, whole, block.out_features)
+                self.carry = block.row_block(whole, block.out_features)
             if whole:
-                self._pack(_row_slice(block, 0, whole) if whole < block.out_features else block)
+                self._pack(block.row_block(0, whole) if whole < block.out_features else block)
             del block
 
     def finish(self, bias: torch.Tensor | None = None) -> PackedWeight:
@@ -734,10 +733,6 @@ class TilePacker:
                 dst[t0:t1] = src
         self.rows = t1 * kernels.TILE
 
-
-def _row_slice(qw: QuantizedWeight, a: int, b: int) -> QuantizedWeight:
-    return QuantizedWeight(qw.mode, qw.qweight[a:b], qw.scales[a:b], None if qw.zeros is None else qw.zeros[a:b],
-                           None, qw.in_features, qw.group_size)
 
 
 class Int4Linear(nn.Module):
