@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
-from app.engine.types import SamplingParams
+from app.engine.types import Abort, NewRequest, SamplingParams, Stop
 
 log = logging.getLogger("lanner.engine")
 
@@ -125,8 +125,6 @@ def _send_outputs(outputs: Connection, batch: list, stats: Any) -> None:
 
 
 def _pump_commands(commands: Connection, core: Any) -> None:
-    from app.engine.worker import Stop
-
     try:
         while True:
             core.inbox.put(commands.recv())
@@ -234,21 +232,15 @@ class ProcessEngine:
             self._commands.send(msg)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        from app.engine.worker import NewRequest
-
         self._send(NewRequest(request_id, list(prompt_ids), params))
 
     def abort(self, request_id: str) -> None:
-        from app.engine.worker import Abort
-
         try:
             self._send(Abort(request_id))
         except (OSError, ValueError):  # worker already gone: nothing left to free
             pass
 
     def shutdown(self, timeout: float | None = None) -> None:
-        from app.engine.worker import Stop
-
         self._stopping = True
         if self._proc is None:
             return

@@ -64,17 +64,16 @@ class ModelRegistry:
         self._load_task: asyncio.Task[None] | None = None
 
     def prepare(self) -> None:
-        from app.models.loader import inspect_model_dir, load_tokenizer, resolve_model_source
+        from app.models.loader import describe_model_dirs, load_tokenizer, resolve_model_source
 
-        for spec in self.settings.models:
-            path = resolve_model_source(
-                spec.source,
-                allowed_roots=self.settings.model_roots or None,
-                cache_dir=self.settings.cache_dir / "hub",
-                revision=spec.revision,
-            )
-            info = inspect_model_dir(path)
-            self.handles[spec.id] = ModelHandle(spec=spec, info=info, tokenizer=load_tokenizer(path),
+        paths = [resolve_model_source(spec.source, allowed_roots=self.settings.model_roots or None,
+                                      cache_dir=self.settings.cache_dir / "hub", revision=spec.revision)
+                 for spec in self.settings.models]
+        # configs are read in a child process (transformers reads them only with torch imported); this
+        # process keeps plain values and the tokenizers
+        for spec, info in zip(self.settings.models, describe_model_dirs(paths), strict=True):
+            self.handles[spec.id] = ModelHandle(spec=spec, info=info,
+                                                tokenizer=load_tokenizer(info.path, info.tokenizer_class),
                                                 admission=Admission(spec.max_num_seqs, spec.max_waiting_requests,
                                                                     spec.max_waiting_tokens))
         self.attach_metrics(self.metrics)

@@ -92,3 +92,21 @@ class StepStats:
     step_s: float = 0.0
     inter_token_s: list[float] = field(default_factory=list)
     finished: list[FinishedStats] = field(default_factory=list)
+
+
+# Commands into an engine loop (API -> worker); plain data, so the API process sends them without importing
+# the engine (and torch).
+@dataclass
+class NewRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class Abort:
+    request_id: str
+
+
+class Stop:
+    pass

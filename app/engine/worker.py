@@ -33,7 +33,17 @@ from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.sampler import SamplingState, logprobs_of, sample
 from app.engine.scheduler import Scheduler
 from app.engine.sequence import Sequence
-from app.engine.types import Delta, FinishedStats, FinishReason, Logprob, SamplingParams, StepStats
+from app.engine.types import (
+    Abort,
+    Delta,
+    FinishedStats,
+    FinishReason,
+    Logprob,
+    NewRequest,
+    SamplingParams,
+    StepStats,
+    Stop,
+)
 from app.models.base import ModelRunner, StepInput
 
 log = logging.getLogger("lanner.engine")
@@ -41,22 +51,6 @@ log = logging.getLogger("lanner.engine")
 # One step's outputs: (request_id, Delta) or (request_id, error message).
 Output = tuple[str, "Delta | str"]
 EmitBatch = Callable[[list[Output], StepStats], None]
-
-
-@dataclass
-class NewRequest:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-
-
-@dataclass
-class Abort:
-    request_id: str
-
-
-class Stop:
-    pass
 
 
 class EngineCore:

@@ -36,8 +36,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 if TYPE_CHECKING:  # transformers' model classes are imported where a model is built: importing them pulls in
@@ -234,32 +232,36 @@ def _output_head_name(model: PreTrainedModel) -> str:
     return next(name for name, p in model.named_parameters() if p is head.weight)
 
 
-@torch.no_grad()
 def init_weights(model: PreTrainedModel, seed: int) -> None:
     """Seeded init independent of transformers: norms = 1/0, matrices ~ N(0, INIT_STD), head scaled."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     head = _output_head_name(model)
-    for name, param in sorted(model.named_parameters()):
-        if param.ndim == 1:
-            param.fill_(1.0 if name.endswith("weight") else 0.0)
-            continue
-        values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * INIT_STD
-        if name == head:
-            values *= HEAD_SCALE
-        param.copy_(values)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.ndim == 1:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+                continue
+            values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * INIT_STD
+            if name == head:
+                values *= HEAD_SCALE
+            param.copy_(values)
 
 
 def build_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
     from transformers import FalconForCausalLM, LlamaForCausalLM
 
     model_cls = LlamaForCausalLM if config.model_type == "llama" else FalconForCausalLM
-    model = model_cls(config).to(torch.float32)
+    model = model_cls(config).float()
     init_weights(model, seed)
     return model.eval()
 
 
 def _save_weights(model: PreTrainedModel, out_dir: Path) -> None:
     """config.json + model.safetensors, written directly (deterministic bytes, no progress bars)."""
+    from safetensors.torch import save_file
+
     model.config.save_pretrained(out_dir)
     tensors = {name: t.detach().contiguous() for name, t in sorted(model.state_dict().items())}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
@@ -350,18 +352,27 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
 
 
 def ensure_demo_models(cache_dir: Path, progress: Progress | None = None) -> dict[str, Path]:
-    """Return the demo model dirs under `cache_dir`, building them only when missing or outdated."""
+    """Return the demo model dirs under `cache_dir`, building them only when missing or outdated.
+
+    A build needs torch and transformers; unless this process has them already, it runs in a child process
+    (`call_without_torch_here`), so a server that built its demo models on first start is not left holding
+    them. `progress` then has to pickle (a module-level function)."""
+    from app.models.loader import call_without_torch_here
+
     cache_dir = Path(cache_dir)
     paths = {model_id: cache_dir / model_id for model_id in DEMO_MODEL_IDS}
-    if all(is_current_build(p) for p in paths.values()):
-        return paths
+    if not all(is_current_build(p) for p in paths.values()):
+        call_without_torch_here(_build_stale, cache_dir, progress)
+    return paths
+
+
+def _build_stale(cache_dir: Path, progress: Progress | None) -> None:
     with _exclusive_lock(cache_dir / LOCK_FILE):
         # Another process may have finished the build while we waited for the lock.
-        stale = [model_id for model_id, p in paths.items() if not is_current_build(p)]
+        stale = [model_id for model_id in DEMO_MODEL_IDS if not is_current_build(cache_dir / model_id)]
         if stale:
             text = corpus_text()
             for model_id in stale:
                 _report(progress, f"building demo model {model_id} in {cache_dir} (first run only)")
-                _write_model_dir(model_id, paths[model_id], text)
+                _write_model_dir(model_id, cache_dir / model_id, text)
             _report(progress, "demo models ready")
-    return paths

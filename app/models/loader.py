@@ -10,6 +10,8 @@ on (never a stack trace):
 2. `inspect_model_dir` checks the directory (config, supported architecture, safetensors weights,
    tokenizer) and returns a `ModelInfo` with what the engine needs to know up front, without
    loading any weights.
+   `describe_model_dirs` does it in a short-lived child process for a process without torch (the API
+   process): transformers imports torch to read a config.
 3. `load_tokenizer` / `load_hf_model` load the transformers objects. `trust_remote_code` is always
    off: only the Llama and Falcon implementations shipped with transformers are ever run.
 
@@ -22,19 +24,23 @@ read (`configuration_llama` pulls in transformers' model-loading machinery, torc
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import torch
     from transformers import FalconConfig, PretrainedConfig, PreTrainedModel
+
+T = TypeVar("T")
 
 # config.json model_type -> Lanner architecture family.
 SUPPORTED_ARCHITECTURES: Mapping[str, str] = MappingProxyType({
@@ -135,6 +141,7 @@ class ModelInfo:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None  # from the config; whether it is prepended is the tokenizer's job
+    tokenizer_class: str | None = None  # set by `describe_model_dirs`: what `load_tokenizer` loads directly
 
     def for_worker(self) -> ModelInfo:
         """This info with the config as a `ConfigView`: picklable into a worker that has no transformers."""
@@ -336,12 +343,59 @@ def inspect_model_dir(path: Path) -> ModelInfo:
 # --------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(path: Path) -> Any:
-    """The model's transformers tokenizer (fast, from tokenizer.json when present)."""
-    from transformers import AutoTokenizer
+def describe_model_dirs(paths: Sequence[Path]) -> list[ModelInfo]:
+    """`inspect_model_dir` for each path, each with its `tokenizer_class` and its config as a `ConfigView`.
 
+    transformers reads a config only with torch imported (`configuration_utils` imports
+    `modeling_rope_utils`, which imports torch), and `AutoTokenizer` reads one to pick a class: ~250 MiB
+    resident for the life of a process that never runs a model. So unless this process has torch already
+    (nothing to save), the reading happens in a short-lived child process and this one gets plain values;
+    `load_tokenizer(path, info.tokenizer_class)` then loads the tokenizer class itself, which transformers
+    defines without torch. A `ModelLoadError` in the child is raised here with its message.
+    """
+    paths = [Path(p) for p in paths]
+    return call_without_torch_here(_describe, paths) if paths else []
+
+
+def call_without_torch_here(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, in a short-lived spawned child process unless this process has imported torch already.
+
+    For work that needs torch (or transformers' config classes, which import it) in a process that otherwise
+    never runs a model: torch stays resident once imported (~220 MiB). `fn`, its arguments and its result
+    pickle; an exception raised in the child is raised here."""
+    if "torch" in sys.modules:
+        return fn(*args)
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _describe(paths: Sequence[Path]) -> list[ModelInfo]:
+    infos = []
+    for path in paths:
+        info = inspect_model_dir(path)
+        tokenizer = load_tokenizer(path)
+        infos.append(replace(info.for_worker(), tokenizer_class=f"{type(tokenizer).__module__}."
+                                                                f"{type(tokenizer).__qualname__}"))
+    return infos
+
+
+def load_tokenizer(path: Path, tokenizer_class: str | None = None) -> Any:
+    """The model's transformers tokenizer (fast, from tokenizer.json when present).
+
+    `tokenizer_class` (a `ModelInfo.tokenizer_class`: a class of transformers' own, as `AutoTokenizer` chose
+    it) is loaded directly, without `AutoTokenizer`, which imports torch."""
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        if tokenizer_class is None:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        module, _, name = tokenizer_class.rpartition(".")
+        if not module.startswith("transformers."):
+            raise ValueError(f"{tokenizer_class!r} is not a transformers tokenizer class")
+        return getattr(importlib.import_module(module), name).from_pretrained(path, trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError(f"Cannot load the tokenizer of {path}: {exc}") from exc
 

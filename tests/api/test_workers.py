@@ -76,6 +76,26 @@ def test_each_worker_runs_only_on_its_cores(pinned):
         assert c.completions.create(model=m, prompt="hi", max_tokens=3).usage.completion_tokens == 3
 
 
+def mapped_libraries(pid: int) -> set[str]:
+    return {Path(line.split()[-1]).name for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+            if ".so" in line}
+
+
+def test_the_api_process_never_loads_torch(pinned):
+    """Configs are read in a child process and the tokenizers loaded without AutoTokenizer, so the process
+    that serves HTTP holds no torch (~220 MiB), while it still renders chats and token logprobs."""
+    proc, base = pinned
+    c = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+    for m in ("demo-llama", "demo-falcon"):
+        chat = c.chat.completions.create(model=m, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                         logprobs=True, top_logprobs=2)
+        assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens == 3
+        done = c.completions.create(model=m, prompt="once upon", max_tokens=2, echo=True, logprobs=1)
+        assert done.choices[0].text.startswith("once upon") and done.usage.prompt_tokens > 1
+    assert "libtorch_cpu.so" not in mapped_libraries(proc.pid)
+    assert all("libtorch_cpu.so" in mapped_libraries(w) for w in workers(proc.pid))
+
+
 HEALTH_PROBER = """
 import json, sys, threading, time, httpx
 stop = threading.Event()

@@ -1,6 +1,7 @@
 """The worker process's build path (`app.engine.process._build_core`) as the server runs it: the API process
 hands over `ModelInfo.for_worker()` and the tokenizer's Rust backend, and the worker serves the same tokens
-and text as one that reads the model directory itself, without importing transformers."""
+and text as one that reads the model directory itself, without importing transformers. The API process's
+own tokenizer is the class `AutoTokenizer` picks, loaded directly (without torch)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from app.engine.process import WorkerConfig
-from app.models.loader import backend_tokenizer_json, inspect_model_dir, load_tokenizer, worker_tokenizer
+from app.models.loader import (
+    ModelLoadError,
+    backend_tokenizer_json,
+    describe_model_dirs,
+    inspect_model_dir,
+    load_tokenizer,
+    worker_tokenizer,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,3 +95,37 @@ def test_backend_tokenizer_decodes_like_the_transformers_tokenizer(demo_models_d
         mixed = tokenizer.encode("Hello ✓ there") + tokenizer.all_special_ids + tokenizer.encode(" 日本")
         assert backend.decode(mixed, skip_special_tokens=skip) == \
             tokenizer.decode(mixed, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("name", ["demo-llama", "demo-falcon"])
+def test_the_tokenizer_class_describe_names_loads_like_autotokenizer(demo_models_dir, name):
+    """`describe_model_dirs` names the class AutoTokenizer chose; the API process loads that class directly
+    (AutoTokenizer imports torch) and must tokenize, render chats and decode exactly as AutoTokenizer's."""
+    path = demo_models_dir / name
+    (info,) = describe_model_dirs([path])
+    auto, direct = load_tokenizer(path), load_tokenizer(path, info.tokenizer_class)
+    assert type(direct) is type(auto) and info.tokenizer_class.startswith("transformers.")
+    own = inspect_model_dir(path)
+    assert (info.arch, info.max_model_len, info.vocab_size, info.eos_token_ids, info.bos_token_id) == \
+        (own.arch, own.max_model_len, own.vocab_size, own.eos_token_ids, own.bos_token_id)
+    specials = " ".join(auto.all_special_tokens)
+    for text in ["Hello ✓ there", f" 日本 {specials} x", ""]:
+        for add in (True, False):
+            assert direct.encode(text, add_special_tokens=add) == auto.encode(text, add_special_tokens=add)
+        assert direct.encode(text, add_special_tokens=False, split_special_tokens=True) == \
+            auto.encode(text, add_special_tokens=False, split_special_tokens=True)
+    assert (direct.all_special_ids, direct.all_special_tokens) == (auto.all_special_ids, auto.all_special_tokens)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again?"}]
+    for gen in (True, False):
+        assert direct.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen) == \
+            auto.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+    ids = list(range(len(auto)))
+    assert [direct.decode([i]) for i in ids] == [auto.decode([i]) for i in ids]
+    assert direct.convert_ids_to_tokens(ids) == auto.convert_ids_to_tokens(ids)
+
+
+def test_load_tokenizer_loads_only_transformers_classes(demo_models_dir):
+    with pytest.raises(ModelLoadError, match="not a transformers tokenizer class"):
+        load_tokenizer(demo_models_dir / "demo-llama", "os.system")
+
