@@ -84,10 +84,10 @@ def test_rope_store_refuses_out_of_range_rows_before_writing():
 
 @needs_ops
 @pytest.mark.parametrize("dtype", KV_DTYPES)
-@pytest.mark.parametrize("nh,nkv,d", [(32, 4, 64), (8, 8, 16), (6, 1, 12), (4, 2, 128)])
+@pytest.mark.parametrize("nh,nkv,d", [(32, 4, 64), (8, 8, 16), (6, 1, 12), (4, 2, 128), (4, 1, 88)])
 def test_decode_attention_matches_sdpa(nh, nkv, d, dtype):
     """Rows of scattered slots with different lengths (1 to 70 keys, across the 8-key and 16-value blocks
-    of the vector code; d = 12 takes the plain loops) against masked SDPA with grouped-query heads; a bf16
+    of the vector code, value dims in chunks of 64, 16 and 8; d = 12 takes the plain loops) against masked SDPA with grouped-query heads; a bf16
     cache against SDPA on its exact fp32 widening."""
     slots = torch.tensor([3, 0, 5, 2])
     pos = torch.tensor([0, 69, 8, 23])
