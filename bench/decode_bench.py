@@ -52,6 +52,8 @@ Interleaved (`--interleave N`, after the rounds): the VM's speed drifts by 10-25
 engines run one after the other can land in different phases.  Here each target pair runs with both
 engines loaded (two processes), decoding N chunks of `--chunk-tokens` steps in turns (a b b a a b ...),
 only one computing at a time; each chunk pair's ratio compares runs seconds apart (`interleaved`).
+With `--baseline-root DIR` each Lanner engine also runs interleaved against itself from another checkout
+(`<engine>@base`), e.g. a worktree of the commit before a change: the change's effect within one run.
 
 Output: `<results-dir>/decode-<model>.{json,md,png}` with machine info (bench/loadgen.py), every setting,
 each engine's numbers and token ids, and ratios against llama.cpp in the same run:
@@ -94,6 +96,7 @@ def decode_target(ours: str, theirs: str) -> float | None:
     return TARGETS.get(ours, {}).get("decode_vs") if theirs.startswith("llama.cpp") else None
 
 
+BASE = "@base"  # an engine name's suffix: the same engine run from --baseline-root's code (interleaved only)
 ACCURACY_REFS = ("lanner-fp32", "llama.cpp-f32")  # logits compared with these (same weights, fp32)
 PREFILL_TARGET = 1.0
 RSS_TARGET = 1.15
@@ -422,13 +425,17 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
 
 def child_cmd(engine: str, args: argparse.Namespace, prompt_file: Path, gguf: Path | None, out: Path,
               decode_tokens: int) -> list[str]:
-    cmd = [sys.executable, __file__, "--child", engine, "--child-out", str(out), "--prompt-file", str(prompt_file),
+    root, script = args.lanner_root, Path(__file__)
+    if engine.endswith(BASE):  # the baseline's own child code, which knows how to build its own app
+        engine, root = engine.removesuffix(BASE), args.baseline_root
+        script = next((p for p in [Path(root) / "bench" / "decode_bench.py"] if p.is_file()), script)
+    cmd = [sys.executable, str(script), "--child", engine, "--child-out", str(out), "--prompt-file", str(prompt_file),
            "--model-dir", str(args.model_dir), "--threads", str(args.threads),
            "--decode-tokens", str(decode_tokens), "--warmup-tokens", str(args.warmup_tokens),
            "--prefill-reps", str(args.prefill_reps), "--profile-steps", str(args.profile_steps),
            "--accuracy-tokens", str(args.accuracy_tokens), "--logits-out", str(args.logits_dir / f"{engine}.npy")]
-    if args.lanner_root:
-        cmd += ["--lanner-root", str(args.lanner_root)]
+    if root:
+        cmd += ["--lanner-root", str(root)]
     if gguf:
         cmd += ["--gguf", str(gguf)]
     return cmd + ["--profile" if args.profile else "--no-profile"]  # the child's own default is to profile
@@ -491,14 +498,17 @@ def interleaved(args: argparse.Namespace, engines: list[str], prompt_file: Path,
     turns: N chunks of --chunk-tokens greedy steps each, in ABBA order (a, b, b, a, a, ...) so neither
     engine always goes first.  Only one engine computes at a time; the other waits on its stdin.  A chunk
     pair's ratio compares two runs seconds apart, so a slow or fast phase of the VM (they last minutes)
-    lands on both engines instead of on one round of one engine."""
+    lands on both engines instead of on one round of one engine.  With --baseline-root, each Lanner engine
+    also runs against itself from that checkout (`<engine>@base`): a change's effect within one run."""
     if args.interleave <= 0:
         return None
     out: dict[str, Any] = {}
     k = args.chunk_tokens
-    for a, b in PAIRS:
-        if a not in engines or b not in engines or a not in TARGETS:  # (an A/B of two Lanner engines too)
-            continue
+    # the targets' pairs (and A/Bs of two Lanner engines), then each Lanner engine against its baseline
+    pairs = [(a, b) for a, b in PAIRS if a in engines and b in engines and a in TARGETS]
+    if args.baseline_root:
+        pairs += [(e, e + BASE) for e in engines if e.startswith("lanner-")]
+    for a, b in pairs:
         print(f"[{time.strftime('%H:%M:%S')}] interleaved {a} / {b}: {args.interleave} chunks of {k} tokens",
               file=sys.stderr, flush=True)
         quiet = argparse.Namespace(**{**vars(args), "profile": False})
@@ -630,6 +640,9 @@ def markdown(result: dict[str, Any]) -> str:
         dirty = s.get("lanner_dirty_files") or []
         lines.append(f"- Lanner code: `app/` of {s['lanner_root']} at {s['lanner_commit'][:12]}"
                      + (f" with uncommitted changes in {len(dirty)} file(s) of app/" if dirty else " (clean)"))
+    if s.get("baseline_root"):
+        lines.append(f"- Baseline (`<engine>{BASE}`, interleaved only): `app/` of {s['baseline_root']} at "
+                     f"{(s.get('baseline_commit') or '?')[:12]}")
     if s.get("note"):
         lines.append(f"- {s['note']}")
     llama_sys = next((e.get("system_info") for e in engines.values() if e.get("system_info")), None)
@@ -821,6 +834,9 @@ def parent_main(args: argparse.Namespace) -> int:
                      "num_layers": cfg.get("num_hidden_layers"), "note": args.note,
                      "lanner_root": str(lanner_root), "lanner_commit": _git(lanner_root, "rev-parse", "HEAD"),
                      "lanner_dirty_files": _git(lanner_root, "status", "--porcelain", "--", "app").splitlines(),
+                     "baseline_root": str(args.baseline_root) if args.baseline_root else None,
+                     "baseline_commit": _git(Path(args.baseline_root), "rev-parse", "HEAD") if args.baseline_root
+                     else None,
                      "ggufs": {k: str(v) for k, v in ggufs.items()}},
         "engines": results, "ratios": ratios(results), "agreement": agreement(results), "accuracy": accuracy,
         "rounds": rounds, "interleaved": inter,
@@ -863,6 +879,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="after the rounds, run each target pair with both engines loaded, decoding N chunks "
                              "each in turns (ABBA): ratios of chunks seconds apart, immune to the VM's slow phases")
     parser.add_argument("--chunk-tokens", type=int, default=16, help="decode steps per interleaved chunk")
+    parser.add_argument("--baseline-root", type=Path, default=None,
+                        help="with --interleave: also run each Lanner engine against the same engine from this "
+                             "checkout (e.g. a worktree of the commit before a change), interleaved")
     parser.add_argument("--gguf-dir", type=Path, default=None, help="GGUF cache (default ~/.cache/lanner/gguf)")
     parser.add_argument("--results-dir", type=Path, default=BENCH / "results" / "decode")
     parser.add_argument("--note", default="", help="a line for the report (e.g. what else ran)")
