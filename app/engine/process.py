@@ -135,6 +135,7 @@ def _pump_commands(commands: Connection, core: Any) -> None:
 def _build_core(cfg: WorkerConfig, emit: Callable[[list, Any], None]) -> Any:
     from app.engine.worker import EngineCore
     from app.models.loader import inspect_model_dir, load_tokenizer, worker_tokenizer
+    from app.quant.checkpoint import trim_heap
 
     info = cfg.info or inspect_model_dir(cfg.model_path)
     tokenizer = worker_tokenizer(info.path, cfg.tokenizer_json) if cfg.info else load_tokenizer(info.path)
@@ -142,7 +143,7 @@ def _build_core(cfg: WorkerConfig, emit: Callable[[list, Any], None]) -> Any:
                           cfg.quantize, cfg.woq_backend, cfg.int4_group_size, cfg.kv_cache_dtype,
                           cfg.int4_head)
     return EngineCore(runner, tokenizer, info.eos_token_ids, emit_batch=emit,
-                      max_num_batched_tokens=cfg.max_num_batched_tokens)
+                      max_num_batched_tokens=cfg.max_num_batched_tokens, on_idle=trim_heap)
 
 
 def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv_cache_bytes: int | None,

@@ -61,8 +61,14 @@ class EngineCore:
         eos_token_ids: Seq[int],
         emit_batch: EmitBatch,
         max_num_batched_tokens: int = 512,
+        on_idle: Callable[[], None] | None = None,
+        idle_after_s: float = 1.0,
     ) -> None:
         self.runner = runner
+        # called once when the engine has had nothing to do for `idle_after_s` after some work (the worker
+        # process gives the allocator's free pages back to the OS there)
+        self.on_idle, self.idle_after_s = on_idle, idle_after_s
+        self._worked_since_idle = False
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.emit_batch = emit_batch
@@ -81,6 +87,7 @@ class EngineCore:
         while self._drain_inbox(block=not self.scheduler.has_work):
             if self.scheduler.has_work:
                 self.step()
+                self._worked_since_idle = True
         for seq in list(self._by_request.values()):
             self._finish(seq, FinishReason.ABORT)
             self._outputs.append((seq.request_id, Delta("", [], FinishReason.ABORT, seq.num_prompt_tokens,
@@ -90,8 +97,11 @@ class EngineCore:
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued adds/aborts; returns False when asked to stop."""
         try:
-            item = self.inbox.get(block=block)
+            item = self.inbox.get(block=block, timeout=self.idle_after_s if block and self._idle_due else None)
         except queue.Empty:
+            if block:  # idle for idle_after_s after some work
+                self._worked_since_idle = False
+                self._run_on_idle()
             return True
         while True:
             if isinstance(item, Stop):
@@ -107,6 +117,16 @@ class EngineCore:
             except queue.Empty:
                 self._flush()
                 return True
+
+    @property
+    def _idle_due(self) -> bool:
+        return self.on_idle is not None and self._worked_since_idle
+
+    def _run_on_idle(self) -> None:
+        try:
+            self.on_idle()  # type: ignore[misc]
+        except Exception:  # housekeeping must not stop the loop
+            log.exception("on_idle failed")
 
     def _add(self, req: NewRequest) -> None:
         try:

@@ -7,7 +7,7 @@ import torch
 from app.engine.scheduler import Scheduler
 from app.engine.sequence import Sequence, SequenceStatus
 from app.engine.types import Delta, FinishReason, SamplingParams, StepStats
-from app.engine.worker import Abort, EngineCore, NewRequest
+from app.engine.worker import Abort, EngineCore, NewRequest, Stop
 from app.models.base import StepInput
 
 V = 50
@@ -203,3 +203,55 @@ def test_scheduler_budget_is_at_least_one_token_per_running_sequence():
     first = s.schedule()
     assert [c.num_tokens for c in first] == [3, 1]  # budget 4 splits across newcomers
     assert all(seq.status is SequenceStatus.RUNNING for seq in seqs[:2])
+
+
+def test_engine_calls_on_idle_once_after_each_burst_of_work():
+    """The worker gives the allocator's free pages back when it goes idle: once per burst of work, not at
+    start and not again while it stays idle."""
+    import threading
+
+    runner = FakeRunner()
+    core, out = make_core(runner)
+    calls: list[int] = []
+    idle = threading.Semaphore(0)
+
+    def on_idle() -> None:
+        calls.append(len(runner.steps))
+        idle.release()
+
+    core.on_idle, core.idle_after_s = on_idle, 0.01
+    loop = threading.Thread(target=core.run_forever)
+    loop.start()
+    try:
+        for i in range(2):
+            core.inbox.put(NewRequest(f"r{i}", [1, 2, 3], greedy(5)))
+            assert idle.acquire(timeout=30), "on_idle was not called after the work"
+    finally:
+        core.inbox.put(Stop())
+        loop.join(30)
+    assert texts(out) == {"r0": "efghi", "r1": "efghi"}
+    assert len(calls) == 2 and 0 < calls[0] < calls[1] == len(runner.steps)
+
+
+def test_a_failing_on_idle_does_not_stop_the_engine():
+    import threading
+
+    runner = FakeRunner()
+    core, out = make_core(runner)
+    failures = threading.Semaphore(0)
+
+    def on_idle() -> None:
+        failures.release()
+        raise OSError("no malloc_trim here")
+
+    core.on_idle, core.idle_after_s = on_idle, 0.01
+    loop = threading.Thread(target=core.run_forever)
+    loop.start()
+    try:
+        for rid, first in (("a", 1), ("b", 7)):
+            core.inbox.put(NewRequest(rid, [first], greedy(2)))
+            assert failures.acquire(timeout=30)
+    finally:
+        core.inbox.put(Stop())
+        loop.join(30)
+    assert texts(out) == {"a": "cd", "b": "ij"}
