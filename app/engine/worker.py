@@ -24,7 +24,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence as Seq
-from dataclasses import dataclass
 from typing import Any
 
 import torch
