@@ -1,9 +1,14 @@
-"""Same-run load comparison: Lanner vs the HF `generate()` baseline on the same model and settings.
+"""Same-run load comparison: Lanner vs a baseline server on the same model and settings.
 
-Steps: build (or reuse) the bench model; start Lanner (`python -m app serve ... --max-num-seqs N`),
-wait for /ready, run loadgen, stop it (SIGTERM); then the same for `bench/baseline_server.py`
-(waiting for /health). The servers never run at the same time, so neither shares the cores with the
-other. Results go to --results-dir:
+The baseline is the HF `generate()` server (`bench/baseline_server.py`, default) or, with
+`--baseline llama-server`, llama.cpp's own server (slots with continuous batching, `bench/llama_server.py`)
+on a GGUF of the same weights in Lanner's quantization (`--lanner-arg=--quantize=int8` -> Q8_0, int4 ->
+Q4_0), one slot per client of the highest level, at Lanner's levels.
+
+Steps: build (or reuse) the bench model; start the baseline, wait for /health, run loadgen, stop it
+(SIGTERM); then the same for Lanner (`python -m app serve ... --max-num-seqs N`, waiting for /ready).
+The servers never run at the same time, so neither shares the cores with the other. Results go to
+--results-dir:
 
   lanner-load.{json,md,png}     Lanner's levels (default 1,2,4,8,16,32)
   baseline-load.{json,md,png}   the baseline's levels (default 1,4,16: it serialises requests)
@@ -118,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", default=None, help="id served and requested (default: tinyllama / falcon / demo-llama)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="bench-models/ and bench-demo/ live here")
     p.add_argument("--levels", default="1,2,4,8,16,32", help="Lanner's concurrency levels")
-    p.add_argument("--baseline-levels", default="1,4,16", help="the baseline's concurrency levels")
+    p.add_argument("--baseline", choices=["generate", "llama-server"], default="generate",
+                   help="HF generate() (serialises requests) or llama.cpp's llama-server")
+    p.add_argument("--baseline-levels", default=None,
+                   help="the baseline's concurrency levels (default 1,4,16 for generate, Lanner's for llama-server)")
     p.add_argument("--requests-per-level", type=int, default=32)
     p.add_argument("--duration", type=float, default=None, help="seconds per level instead of a request count")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -142,8 +150,40 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.requests_per_level, args.max_tokens, args.warmup = 4, 16, 1
 
 
+def lanner_quantize(lanner_args: Sequence[str]) -> str:
+    """The --quantize among Lanner's extra arguments ("none" without one)."""
+    for i, arg in enumerate(lanner_args):
+        if arg.startswith("--quantize="):
+            return arg.split("=", 1)[1]
+        if arg == "--quantize" and i + 1 < len(lanner_args):
+            return lanner_args[i + 1]
+    return "none"
+
+
+def baseline_command(args: argparse.Namespace, model_dir: Path) -> tuple[list[str], str]:
+    """The baseline server's command and its label."""
+    if args.baseline == "generate":
+        return [sys.executable, str(BENCH_DIR / "baseline_server.py"), "--model", str(model_dir), "--model-id",
+                args.model_id, "--port", str(args.baseline_port)], "baseline"
+    from gguf_convert import ensure_ggufs
+    from llama_server import GGUF_FOR_QUANTIZE, ensure_llama_server, server_command
+
+    gguf_type = GGUF_FOR_QUANTIZE.get(lanner_quantize(args.lanner_arg))
+    if gguf_type is None or gguf_type == "f32":
+        raise SystemExit("--baseline llama-server compares quantized serving: pass --lanner-arg=--quantize=int8 "
+                         "(against Q8_0) or int4 (against Q4_0)")
+    gguf = ensure_ggufs(model_dir, [gguf_type])[gguf_type]
+    slots = max(int(c) for c in args.baseline_levels.split(","))
+    slot_tokens = -(-(args.prompt_tokens * 2 + args.max_tokens + 64) // 256) * 256  # room for the prompt
+    cmd = server_command(ensure_llama_server(), gguf, args.model_id, args.baseline_port, slots, slot_tokens,
+                         threads=len(os.sched_getaffinity(0)))
+    return cmd, f"llama-server-{gguf_type}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.baseline_levels is None:
+        args.baseline_levels = "1,4,16" if args.baseline == "generate" else args.levels
     if args.quick:
         apply_quick(args)
     if args.model_id is None:
@@ -154,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     baseline_json = args.results_dir / "baseline-load.json"
     lanner_json = args.results_dir / "lanner-load.json"
     if not args.skip_baseline:
-        cmd = [py, str(BENCH_DIR / "baseline_server.py"), "--model", str(model_dir), "--model-id", args.model_id,
-               "--port", str(args.baseline_port)]
-        baseline_json = run_against("baseline-load", "baseline", cmd, "/health", args.baseline_port, args.baseline_levels, args)
+        cmd, label = baseline_command(args, model_dir)
+        baseline_json = run_against("baseline-load", label, cmd, "/health", args.baseline_port, args.baseline_levels,
+                                    args)
     if not args.skip_lanner:
         cmd = [py, "-m", "app", "serve", "--model", str(model_dir), "--model-id", args.model_id,
                "--port", str(args.port), "--max-num-seqs", str(args.max_num_seqs), *args.lanner_arg]
