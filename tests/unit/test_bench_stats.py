@@ -109,3 +109,20 @@ def test_streamed_safetensors_in_bf16(tmp_path: Path) -> None:
     full = mm.recipe_for("falcon-7b", 8)
     assert full.marker()["dtype"] == "BF16" and full.num_layers == 32
     assert "dtype" not in mm.recipe_for("tinyllama-1.1b", 8).marker()  # fp32 builds keep their markers
+
+
+def test_llama_server_baseline_matches_lanners_quantization_and_slots() -> None:
+    """run_load --baseline llama-server: the GGUF follows Lanner's --quantize (however it was passed), and
+    llama-server gets one slot per client with the context split between them."""
+    from llama_server import GGUF_FOR_QUANTIZE, server_command
+    from run_load import lanner_quantize
+
+    assert lanner_quantize(["--quantize=int4"]) == "int4"
+    assert lanner_quantize(["--kv-cache-dtype", "bf16", "--quantize", "int8"]) == "int8"
+    assert lanner_quantize(["--quantize"]) == lanner_quantize([]) == "none"
+    assert GGUF_FOR_QUANTIZE["int8"] == "q8_0" and GGUF_FOR_QUANTIZE["int4"] == "q4_0"
+    cmd = server_command(Path("/bin/llama-server"), Path("m.gguf"), "tiny", 8001, slots=32, slot_tokens=256,
+                         threads=2)
+    args = dict(zip(cmd[1::2], cmd[2::2]))
+    assert args["-np"] == "32" and args["-c"] == str(32 * 256) and args["-a"] == "tiny" and args["-t"] == "2"
+    assert args["-m"] == "m.gguf" and args["--port"] == "8001" and cmd[-1] == "--no-webui"
