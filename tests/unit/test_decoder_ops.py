@@ -164,3 +164,26 @@ def test_decoder_stack_refuses_bad_encodings():
         stack_cls(tensors, [0, 0, 0, 3, 2, 16, 64, 1] + ints[8:], 1e-5)  # 3 heads over 2 KV heads
     with pytest.raises(RuntimeError, match="bad Linear"):
         stack_cls(tensors, header + [5, 0, 64] + ints[11:], 1e-5)
+
+
+def _rss_anon() -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("RssAnon"))
+
+
+def test_kv_cache_memory_is_resident_only_where_written():
+    """A cache sized for many full-length slots costs nothing until sequences fill it: it reads as zeros,
+    writing one slot of one layer makes about that slot resident, and freeing the cache returns it."""
+    from app.models.kv_cache import KVCache
+
+    before = _rss_anon()
+    cache = KVCache(num_layers=4, num_kv_heads=4, head_dim=64, max_len=2048, num_slots=8, dtype=torch.bfloat16)
+    slot = 4 * 2048 * 64 * 2  # 1 MiB: one slot of one layer's keys; the whole cache is 64 MiB
+    assert _rss_anon() - before < slot
+    filled = _rss_anon()
+    cache.k[0][5].fill_(1.0)
+    assert slot <= _rss_anon() - filled < 2 * slot
+    assert not cache.k[3].any() and not cache.v[0].any() and not cache.k[0][4].any() and cache.k[0].is_contiguous()
+    assert cache.k[0][5].sum().item() == slot // 2
+    written = _rss_anon()
+    del cache
+    assert written - _rss_anon() >= slot
