@@ -428,7 +428,8 @@ def child_cmd(engine: str, args: argparse.Namespace, prompt_file: Path, gguf: Pa
     root, script = args.lanner_root, Path(__file__)
     if engine.endswith(BASE):  # the baseline's own child code, which knows how to build its own app
         engine, root = engine.removesuffix(BASE), args.baseline_root
-        script = next((p for p in [Path(root) / "bench" / "decode_bench.py"] if p.is_file()), script)
+        own = Path(root) / "bench" / "decode_bench.py"
+        script = own if own.is_file() else script
     cmd = [sys.executable, str(script), "--child", engine, "--child-out", str(out), "--prompt-file", str(prompt_file),
            "--model-dir", str(args.model_dir), "--threads", str(args.threads),
            "--decode-tokens", str(decode_tokens), "--warmup-tokens", str(args.warmup_tokens),

@@ -25,7 +25,7 @@ from gguf_convert import ensure_sdist, llama_cpp_version  # noqa: E402
 BUILD_CACHE = Path("~/.cache/lanner/llama-server").expanduser()
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
                "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF")
-GGUF_FOR_QUANTIZE = {"int8": "q8_0", "int4": "q4_0", "none": "f32"}
+GGUF_FOR_QUANTIZE = {"int8": "q8_0", "int4": "q4_0"}  # Lanner's --quantize -> the GGUF llama-server serves
 
 
 def ensure_llama_server(cache: Path = BUILD_CACHE) -> Path:

@@ -169,7 +169,7 @@ def baseline_command(args: argparse.Namespace, model_dir: Path) -> tuple[list[st
     from llama_server import GGUF_FOR_QUANTIZE, ensure_llama_server, server_command
 
     gguf_type = GGUF_FOR_QUANTIZE.get(lanner_quantize(args.lanner_arg))
-    if gguf_type is None or gguf_type == "f32":
+    if gguf_type is None:
         raise SystemExit("--baseline llama-server compares quantized serving: pass --lanner-arg=--quantize=int8 "
                          "(against Q8_0) or int4 (against Q4_0)")
     gguf = ensure_ggufs(model_dir, [gguf_type])[gguf_type]

@@ -96,7 +96,8 @@ class EngineCore:
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued adds/aborts; returns False when asked to stop."""
         try:
-            item = self.inbox.get(block=block, timeout=self.idle_after_s if block and self._idle_due else None)
+            idle_due = block and self.on_idle is not None and self._worked_since_idle
+            item = self.inbox.get(block=block, timeout=self.idle_after_s if idle_due else None)
         except queue.Empty:
             if block:  # idle for idle_after_s after some work
                 self._worked_since_idle = False
@@ -116,10 +117,6 @@ class EngineCore:
             except queue.Empty:
                 self._flush()
                 return True
-
-    @property
-    def _idle_due(self) -> bool:
-        return self.on_idle is not None and self._worked_since_idle
 
     def _run_on_idle(self) -> None:
         try:

@@ -87,7 +87,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     so a cache sized for `max_num_seqs` full-length sequences was resident from start-up (1.47 GiB for
     TinyLlama's 32 slots of 2048 tokens) however few of them ran; now it grows with the slots used (the
     lowest free slot is taken first) up to the busiest moment so far."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

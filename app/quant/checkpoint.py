@@ -639,9 +639,10 @@ def _quantized_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor
 def trim_heap() -> None:
     """glibc only: give the heap's free pages back to the OS (malloc_trim).  Called after each part: the
     allocator otherwise keeps freed quantizer blocks resident; and by a worker whose engine goes idle
-    (`EngineCore.on_idle`): a 681-token prompt left a TinyLlama int4 worker 40 MB larger, 4.5 MB after it.  Measured serving a 178 MB fp32 model
-    (5 layers of 34 MB) with quantize-at-load: int8 peak 96 MB over baseline without it, 62 MB with it
-    (47 MB of them the model); int4 74-104 vs 83-95 MB (31 MB the model).  The rest is glibc keeping
+    (`EngineCore.on_idle`): a 681-token prompt left a TinyLlama int4 worker 40 MB larger, 4.5 MB after it.
+    Measured serving a 178 MB fp32 model (5 layers of 34 MB) with quantize-at-load: int8 peak 96 MB over
+    baseline without it, 62 MB with it (47 MB of them the model); int4 74-104 vs 83-95 MB (31 MB the
+    model).  The rest is glibc keeping
     multi-MB blocks in its heap once its mmap threshold has grown (pinning the threshold at 1 MiB gives
     57 / 59 MB), which `lanner quantize` does (`return_freed_memory_promptly`) and a server does not."""
     try:

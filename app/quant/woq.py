@@ -734,7 +734,6 @@ class TilePacker:
         self.rows = t1 * kernels.TILE
 
 
-
 class Int4Linear(nn.Module):
     """Linear with group-wise asymmetric int4 weights; fp32 in, fp32 out."""
 
