@@ -16,14 +16,15 @@ def load(model_dir: str):
     return tok, model
 
 
-def greedy_ids(model_dir: Path | str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation with `generate()`, stopping at the model's EOS ids (EOS included, as counted)."""
+def greedy_ids(model_dir: Path | str, prompt_ids: list[int], max_new_tokens: int, **generate_kw) -> list[int]:
+    """Greedy continuation with `generate()`, stopping at the model's EOS ids (EOS included, as counted).
+    `generate_kw` goes to `generate()` (e.g. sequence_bias)."""
     tok, model = load(str(model_dir))
     gen = GenerationConfig.from_pretrained(model_dir)
     with torch.inference_mode():
         out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                              do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=gen.eos_token_id,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0, **generate_kw)
     return out[0, len(prompt_ids):].tolist()
 
 

@@ -28,6 +28,7 @@ from app.api.limits import Ticket
 from app.engine.client import EngineDeadError
 from app.engine.registry import ModelHandle, ModelRegistry
 from app.engine.types import Delta, FinishReason, Logprob, SamplingParams
+from app.protocol.openai import SamplingFields
 
 
 def get_model(registry: ModelRegistry, model_id: str) -> ModelHandle:
@@ -47,6 +48,13 @@ def check_token_ids(handle: ModelHandle, ids: Sequence[int], param: str) -> None
         if not 0 <= i < vocab:
             raise InvalidRequestError(f"Token id {i} is out of vocabulary (valid ids: 0..{vocab - 1}).",
                                       param=param)
+
+
+def check_sampling_token_ids(handle: ModelHandle, body: SamplingFields) -> None:
+    """The token ids a request's sampling fields name (stop_token_ids, logit_bias) exist in the model."""
+    if body.stop_token_ids:
+        check_token_ids(handle, body.stop_token_ids, "stop_token_ids")
+    check_token_ids(handle, body.logit_bias_ids, "logit_bias")
 
 
 def resolve_max_tokens(handle: ModelHandle, prompt_len: int, requested: int | None, prompt_param: str) -> int:

@@ -3,7 +3,8 @@
 One ``sample(logits, states)`` call per decode step; row ``i`` of ``logits`` belongs to
 ``states[i]``, each with its own ``SamplingParams``.  Pipeline, per row:
 
-1. penalties (only rows that use them; in place on a private copy of the logits)
+1. ``logit_bias`` (OpenAI): each listed token's bias is added to its logit (-100 all but bans it)
+   then penalties (only rows that use them; in place on a private copy of the logits)
    - repetition (HF/CTRL style) over prompt + output tokens: ``l > 0 -> l / r``, else ``l * r``
    - presence / frequency (OpenAI) over output tokens: ``l -= presence * (count > 0) + frequency * count``
 2. ``min_tokens``: while fewer than ``min_tokens`` tokens were generated, EOS ids and
@@ -77,6 +78,8 @@ class SamplingState:
         "_repetition_penalty",
         "_presence_penalty",
         "_frequency_penalty",
+        "_bias_ids",
+        "_bias",
         "_prompt_ids",
         "_seen",
         "_counts",
@@ -103,6 +106,10 @@ class SamplingState:
         self._min_tokens = params.min_tokens if banned else 0
         self._min_tokens_ids = torch.tensor(banned, dtype=torch.long) if banned else None  # [n]
 
+        bias = [(t, b) for t, b in params.logit_bias if 0 <= t < vocab_size and b != 0.0]
+        self._bias_ids = torch.tensor([t for t, _ in bias], dtype=torch.long) if bias else None  # [n]
+        self._bias = torch.tensor([b for _, b in bias], dtype=torch.float32) if bias else None  # [n]
+
         self._repetition_penalty = float(params.repetition_penalty)
         self._presence_penalty = float(params.presence_penalty)
         self._frequency_penalty = float(params.frequency_penalty)
@@ -121,7 +128,7 @@ class SamplingState:
     @property
     def needs_processing(self) -> bool:
         """True when the logits row must be modified before greedy/sampling."""
-        return self.has_penalties or self.num_output_tokens < self._min_tokens
+        return self._bias is not None or self.has_penalties or self.num_output_tokens < self._min_tokens
 
     def append(self, token_id: int) -> None:
         """Record a generated token (updates penalty bookkeeping and the output count)."""
@@ -147,7 +154,9 @@ class SamplingState:
             self._counts = torch.zeros(self.vocab_size, dtype=torch.float32)
 
     def _apply(self, row: torch.Tensor) -> None:
-        """Penalties and min_tokens mask, in place.  row: [V] fp32 (a view into a private copy)."""
+        """Logit bias, penalties and min_tokens mask, in place.  row: [V] fp32 (a view into a private copy)."""
+        if self._bias is not None:
+            row.index_add_(0, self._bias_ids, self._bias)
         if self.has_penalties:
             self._ensure_penalty_tensors()
             if self._seen is not None:

@@ -27,6 +27,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), ids checked
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # log-probability of each sampled token, plus this many alternatives

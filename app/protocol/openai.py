@@ -19,6 +19,8 @@ from app.engine.types import SamplingParams
 
 MAX_N = 16
 MAX_STOP = 4
+MAX_LOGIT_BIAS = 1024  # entries; each is one add per sampled token
+LOGIT_BIAS_RANGE = 100.0  # OpenAI's: -100 bans a token, +100 makes it all but certain
 _INT64 = 2**63 - 1
 
 
@@ -61,7 +63,7 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
-class _SamplingFields(_Request):
+class SamplingFields(_Request):
     """Fields shared by both endpoints (OpenAI's, then the vLLM/llama-server extensions)."""
 
     frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
@@ -97,13 +99,30 @@ class _SamplingFields(_Request):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, v: dict[str, float] | None) -> None:
-        if v:
-            raise ValueError("logit_bias is not supported yet")
-        return None
+    def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        # JSON object keys are strings: OpenAI's are token ids written in decimal ("50256").
+        if not v:
+            return None
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries are allowed, got {len(v)}")
+        seen: set[int] = set()
+        for key, bias in v.items():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"invalid key {key[:40]!r}: keys must be token ids (non-negative integers)")
+            if int(key) in seen:
+                raise ValueError(f"token {int(key)} is given more than once")
+            seen.add(int(key))
+            if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+                raise ValueError(f"the bias of token {key} is {bias}; biases must be between "
+                                 f"{-LOGIT_BIAS_RANGE:g} and {LOGIT_BIAS_RANGE:g}")
+        return v
+
+    @property
+    def logit_bias_ids(self) -> list[int]:
+        return [int(k) for k in self.logit_bias or ()]
 
     @model_validator(mode="after")
-    def _check_stream_options(self) -> _SamplingFields:
+    def _check_stream_options(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
         return self
@@ -125,6 +144,7 @@ class _SamplingFields(_Request):
             repetition_penalty=self.repetition_penalty or 1.0,
             stop=tuple(self.stop or ()),
             stop_token_ids=tuple(self.stop_token_ids or ()),
+            logit_bias=tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items())),
             min_tokens=min(self.min_tokens or 0, max_tokens),
             ignore_eos=bool(self.ignore_eos),
             logprobs=self.num_logprobs,
@@ -144,7 +164,7 @@ class _SamplingFields(_Request):
 PromptType = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     model: str
     prompt: PromptType
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)
@@ -202,7 +222,7 @@ class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     model: str
     logprobs: bool | None = False

@@ -127,6 +127,28 @@ def test_stop_token_ids_and_length(client, model_dirs):
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_logit_bias_matches_reference(client, model_dirs, model):
+    tok, _ = ref.load(model_dirs[model])
+    prompt_ids = ref.encode(model_dirs[model], PROMPT)
+    ids = ref.greedy_ids(model_dirs[model], prompt_ids, 12)
+    ordinary = [t for t in range(len(tok)) if t not in tok.all_special_ids and t not in ids]
+    # ban the greedy path's first two tokens and lift another one, as transformers' sequence_bias does
+    bias = {ids[0]: -100.0, ids[1]: -100.0, ordinary[len(ordinary) // 2]: 4.5}
+    expected = ref.greedy_ids(model_dirs[model], prompt_ids, 12, sequence_bias={(t,): b for t, b in bias.items()})
+    assert expected != ids and ids[0] not in expected and ids[1] not in expected
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0,
+                                    logit_bias={str(t): b for t, b in bias.items()})
+    assert out.choices[0].text == tok.decode(expected, skip_special_tokens=True)
+    assert out.usage.completion_tokens == len(expected)
+    # +100 wins every draw, even sampled; the chat API takes the same field
+    forced = ordinary[-1]
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                          temperature=0.9, seed=5, logit_bias={str(forced): 100})
+    assert chat.choices[0].message.content == tok.decode([forced] * 6)
+    assert chat.usage.completion_tokens == 6
+
+
 def test_ignore_eos_and_min_tokens(client):
     out = client.completions.create(model="demo-falcon", prompt="x", max_tokens=30, temperature=0,
                                     extra_body={"ignore_eos": True})

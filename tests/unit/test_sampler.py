@@ -304,6 +304,28 @@ def test_min_tokens_multiple_eos_ids() -> None:
     assert sample(row, [s]) == [3]
 
 
+def test_logit_bias_adds_to_the_listed_logits() -> None:
+    row = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert sample(row, [_state(4, temperature=0.0, logit_bias=((0, -1.5),))]) == [1]  # 1.5 < 2.0
+    assert sample(row, [_state(4, temperature=0.0, logit_bias=((0, -0.5), (3, 2.6)))]) == [3]  # 2.6 > 2.5
+    assert row.tolist() == [[3.0, 2.0, 1.0, 0.0]]  # the caller's logits are untouched
+    # -100 bans a token from sampling, +100 makes it all but certain, whatever the filters
+    assert 0 not in _draws([3.0, 2.0, 1.0, 0.0], 200, seed=1, logit_bias=((0, -100.0),))
+    assert set(_draws([3.0, 2.0, 1.0, 0.0], 50, seed=2, top_p=0.9, logit_bias=((2, 100.0),))) == {2}
+    # ids beyond the logits row (checked by the API) are ignored here, never an index error
+    assert sample(row, [_state(4, temperature=0.0, logit_bias=((9, 50.0),))]) == [0]
+
+
+def test_logit_bias_comes_before_penalties() -> None:
+    # token 0 in the prompt, repetition penalty 1.1, bias +1.2: bias first gives (1.0 + 1.2) / 1.1 = 2.0,
+    # below token 1's 2.05; the penalty first would give 1.0 / 1.1 + 1.2 = 2.11 and pick token 0.
+    row = torch.tensor([[1.0, 2.05, 0.0, 0.0]])
+    s = _state(4, prompt=(0,), temperature=0.0, repetition_penalty=1.1, logit_bias=((0, 1.2),))
+    assert sample(row, [s]) == [1]
+    s = _state(4, prompt=(0,), temperature=0.0, repetition_penalty=1.1, logit_bias=((0, 1.3),))
+    assert sample(row, [s]) == [0]  # (1.0 + 1.3) / 1.1 = 2.09
+
+
 def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError):
         sample(torch.zeros(2, 5), [_state(5)])

@@ -13,7 +13,7 @@ from app.api.logprobs import chat_logprobs, token_strings
 from app.api.serving import (
     Deadlines,
     admit,
-    check_token_ids,
+    check_sampling_token_ids,
     collect_jobs,
     get_model,
     make_jobs,
@@ -112,8 +112,7 @@ def _encode_isolating_content(tok, text: str, messages: list[dict], kwargs: dict
 async def create_chat_completion(body: ChatCompletionRequest, registry: RegistryDep, settings: SettingsDep):
     deadlines = Deadlines.start(settings.queue_timeout, settings.request_timeout)
     handle = get_model(registry, body.model)
-    if body.stop_token_ids:
-        check_token_ids(handle, body.stop_token_ids, "stop_token_ids")
+    check_sampling_token_ids(handle, body)
     prompt = await run_in_threadpool(render_chat, handle, body)
     params = body.to_sampling_params(resolve_max_tokens(handle, len(prompt), body.requested_max_tokens, "messages"))
     prompts = [prompt]

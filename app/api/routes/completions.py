@@ -12,6 +12,7 @@ from app.api.logprobs import completion_logprobs, completion_piece, token_string
 from app.api.serving import (
     Deadlines,
     admit,
+    check_sampling_token_ids,
     check_token_ids,
     collect_jobs,
     get_model,
@@ -43,8 +44,7 @@ def tokenize_prompt(handle: ModelHandle, prompt: str | list) -> list[list[int]]:
 async def create_completion(body: CompletionRequest, registry: RegistryDep, settings: SettingsDep):
     deadlines = Deadlines.start(settings.queue_timeout, settings.request_timeout)
     handle = get_model(registry, body.model)
-    if body.stop_token_ids:
-        check_token_ids(handle, body.stop_token_ids, "stop_token_ids")
+    check_sampling_token_ids(handle, body)
     prompts = await run_in_threadpool(tokenize_prompt, handle, body.prompt)
     if len(prompts) * (body.n or 1) > 64:
         raise InvalidRequestError("At most 64 choices (prompts x n) per request.", param="prompt")
