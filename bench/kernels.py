@@ -86,8 +86,10 @@ def weight_bytes(module: nn.Module) -> int:
     """Bytes a call must read for the weight: the quantized values plus scales/zeros (no bias)."""
     if isinstance(module, Int8Linear):
         return module.weight.numel() + module.scales_bf16.numel() * 2
-    if isinstance(module, (Int4Linear, TiledInt4Linear)):
+    if isinstance(module, Int4Linear):
         return module.weight.numel() + module.scales_and_zeros.numel() * 2
+    if isinstance(module, TiledInt4Linear):  # uint8 nibbles, scale codes (+ fp32 units) and zero points
+        return module.weight.numel() + module.scales.numel() + module.zeros.numel()
     if isinstance(module, TiledInt8Linear):
         return module.weight.numel() + module.scales.numel() * 4
     return module.weight.numel() * 4

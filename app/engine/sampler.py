@@ -9,6 +9,9 @@ One ``sample(logits, states)`` call per decode step; row ``i`` of ``logits`` bel
    - presence / frequency (OpenAI) over output tokens: ``l -= presence * (count > 0) + frequency * count``
 2. ``min_tokens``: while fewer than ``min_tokens`` tokens were generated, EOS ids and
    ``stop_token_ids`` are set to -inf (``ignore_eos`` is a stopping rule, handled by the engine).
+   A row with a grammar (``response_format``, app/engine/grammar.py) instead gets every token the grammar
+   does not allow next set to -inf; the grammar decides where the text may end, so min_tokens does not
+   apply to it.
 3. greedy rows (temperature ~0 or top_k == 1) take the argmax.
 4. the other rows, vectorized across rows with per-row parameter tensors:
    temperature -> top_k -> top_p -> min_p (filtered logits become -inf; the most likely token is
@@ -47,6 +50,7 @@ from collections.abc import Sequence
 
 import torch
 
+from app.engine.grammar import Constraint
 from app.engine.types import Logprob, SamplingParams
 
 # Temperatures below this are treated as greedy (dividing by them would overflow fp32).
@@ -78,6 +82,7 @@ class SamplingState:
         "_repetition_penalty",
         "_presence_penalty",
         "_frequency_penalty",
+        "constraint",
         "_bias_ids",
         "_bias",
         "_prompt_ids",
@@ -92,8 +97,10 @@ class SamplingState:
         prompt_ids: Sequence[int],
         vocab_size: int,
         eos_token_ids: Sequence[int],
+        constraint: Constraint | None = None,
     ) -> None:
         self.params = params
+        self.constraint = constraint  # the grammar of a response_format request
         self.vocab_size = vocab_size
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator(device="cpu")
@@ -103,7 +110,7 @@ class SamplingState:
 
         banned_ids = (int(t) for t in (*eos_token_ids, *params.stop_token_ids))
         banned = sorted({t for t in banned_ids if 0 <= t < vocab_size})
-        self._min_tokens = params.min_tokens if banned else 0
+        self._min_tokens = params.min_tokens if banned and constraint is None else 0
         self._min_tokens_ids = torch.tensor(banned, dtype=torch.long) if banned else None  # [n]
 
         bias = [(t, b) for t, b in params.logit_bias if 0 <= t < vocab_size and b != 0.0]
@@ -128,11 +135,14 @@ class SamplingState:
     @property
     def needs_processing(self) -> bool:
         """True when the logits row must be modified before greedy/sampling."""
-        return self._bias is not None or self.has_penalties or self.num_output_tokens < self._min_tokens
+        return (self._bias is not None or self.has_penalties or self.constraint is not None
+                or self.num_output_tokens < self._min_tokens)
 
     def append(self, token_id: int) -> None:
-        """Record a generated token (updates penalty bookkeeping and the output count)."""
+        """Record a generated token (updates penalty bookkeeping, the grammar and the output count)."""
         self.num_output_tokens += 1
+        if self.constraint is not None:
+            self.constraint.accept(token_id)
         if self.has_penalties and 0 <= token_id < self.vocab_size:
             self._ensure_penalty_tensors()
             if self._seen is not None:
@@ -154,7 +164,7 @@ class SamplingState:
             self._counts = torch.zeros(self.vocab_size, dtype=torch.float32)
 
     def _apply(self, row: torch.Tensor) -> None:
-        """Logit bias, penalties and min_tokens mask, in place.  row: [V] fp32 (a view into a private copy)."""
+        """Logit bias, penalties, min_tokens and grammar masks, in place.  row: [V] fp32 (a private copy's)."""
         if self._bias is not None:
             row.index_add_(0, self._bias_ids, self._bias)
         if self.has_penalties:
@@ -171,6 +181,8 @@ class SamplingState:
                     row.sub_((counts > 0).to(row.dtype) * self._presence_penalty)
         if self.num_output_tokens < self._min_tokens:
             row[self._min_tokens_ids] = -math.inf
+        if self.constraint is not None:
+            self.constraint.mask_(row)
 
 
 def sample(logits: torch.Tensor, states: Sequence[SamplingState]) -> list[int]:

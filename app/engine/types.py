@@ -32,6 +32,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # log-probability of each sampled token, plus this many alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
+    grammar: str | None = None  # llguidance grammar the output must follow (response_format; grammar.py)
 
     @property
     def is_greedy(self) -> bool:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from app.engine.detokenizer import IncrementalDetokenizer
+from app.engine.grammar import Constraint, GrammarError, grammar_tokenizer
 from app.engine.sampler import SamplingState, logprobs_of, sample
 from app.engine.scheduler import Scheduler
 from app.engine.sequence import Sequence
@@ -70,6 +71,7 @@ class EngineCore:
         self._worked_since_idle = False
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
+        self._grammar_tokenizer = None  # llguidance's view of `tokenizer`, built for the first grammar
         self.emit_batch = emit_batch
         self.scheduler = Scheduler(runner.max_num_seqs, max(max_num_batched_tokens, runner.max_num_seqs))
         self.inbox: queue.SimpleQueue[NewRequest | Abort | Stop] = queue.SimpleQueue()
@@ -132,7 +134,7 @@ class EngineCore:
                 prompt_ids=req.prompt_ids,
                 params=req.params,
                 sampling=SamplingState(req.params, req.prompt_ids, self.runner.vocab_size,
-                                       tuple(self.eos_token_ids)),
+                                       tuple(self.eos_token_ids), self._constraint(req.params)),
                 detokenizer=IncrementalDetokenizer(self.tokenizer, req.prompt_ids, stop=req.params.stop),
             )
         except Exception as exc:  # a bad request must not kill the loop
@@ -142,6 +144,14 @@ class EngineCore:
         seq.arrival_time = time.monotonic()
         self._by_request[req.request_id] = seq
         self.scheduler.add(seq)
+
+    def _constraint(self, params: SamplingParams) -> Constraint | None:
+        if params.grammar is None:
+            return None
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, self.runner.vocab_size,
+                                                        sorted(self.eos_token_ids))
+        return Constraint(self._grammar_tokenizer, params.grammar)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.remove(seq)
@@ -250,7 +260,13 @@ class EngineCore:
 
     def _postprocess(self, seq: Sequence, token: int, logprob: Logprob | None = None) -> None:
         seq.output_ids.append(token)
-        seq.sampling.append(token)
+        try:
+            seq.sampling.append(token)
+        except GrammarError as exc:  # only a row the grammar left without any token gets here
+            log.error("request %s: %s", seq.request_id, exc)
+            self._finish(seq, FinishReason.ABORT)
+            self._outputs.append((seq.request_id, f"the output could not follow response_format: {exc}"))
+            return
         params = seq.params
         reason: FinishReason | None = None
         text = ""
@@ -261,8 +277,8 @@ class EngineCore:
             reason = FinishReason.STOP
         else:
             text = seq.detokenizer.step([token])
-            if seq.detokenizer.stopped:
-                reason = FinishReason.STOP
+            if seq.detokenizer.stopped or (seq.sampling.constraint is not None and seq.sampling.constraint.finished):
+                reason = FinishReason.STOP  # a stop string, or the grammar's document is complete
             elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.runner.max_model_len:
                 reason = FinishReason.LENGTH
         stats = None

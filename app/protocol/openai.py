@@ -13,8 +13,18 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
+from app.engine.grammar import json_grammar
 from app.engine.types import SamplingParams
 
 MAX_N = 16
@@ -63,6 +73,38 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's structured output: `json_object` (any JSON object) or `json_schema` (one that follows
+    `json_schema.schema`). `grammar` is the llguidance grammar the worker enforces (app/engine/grammar.py)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    _grammar: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _compile(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format.json_schema: required when type is json_schema")
+        if self.type == "json_object":
+            self._grammar = json_grammar(None)
+        elif self.type == "json_schema":
+            self._grammar = json_grammar(self.json_schema.schema_)
+        return self
+
+    @property
+    def grammar(self) -> str | None:
+        return self._grammar
+
+
 class SamplingFields(_Request):
     """Fields shared by both endpoints (OpenAI's, then the vLLM/llama-server extensions)."""
 
@@ -84,6 +126,7 @@ class SamplingFields(_Request):
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool | None = False
     stop_token_ids: list[StrictInt] | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -149,6 +192,7 @@ class SamplingFields(_Request):
             ignore_eos=bool(self.ignore_eos),
             logprobs=self.num_logprobs,
             prompt_logprobs=self.num_prompt_logprobs,
+            grammar=self.response_format.grammar if self.response_format is not None else None,
         )
 
     @property
@@ -217,11 +261,6 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     model: str
@@ -229,7 +268,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -253,8 +291,6 @@ class ChatCompletionRequest(SamplingFields):
             raise _unsupported("tools")
         if self.tool_choice not in (None, "none"):
             raise _unsupported("tool_choice")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise _unsupported("response_format")
         return self
 
     @property

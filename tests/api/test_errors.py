@@ -69,6 +69,12 @@ BAD_BODIES = [
     ("/v1/chat/completions", {**GOOD_CHAT, "messages": "hello"}, "messages"),
     ("/v1/chat/completions", {**GOOD_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {**GOOD_CHAT, "max_completion_tokens": -1}, "max_completion_tokens"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "response_format": {"type": "yaml"}}, "response_format.type"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objx"}}}}, "response_format"),
+    ("/v1/completions", {**GOOD_COMPLETION, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/missing"}}}}, "response_format"),
 ]
 
 
