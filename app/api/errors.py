@@ -140,6 +140,9 @@ def _validation_message(err: dict[str, Any], param: str | None) -> tuple[str, st
     msg = msg.removeprefix("Value error, ")
     head, sep, rest = msg.partition(": ")
     if sep and _FIELD_PATH.match(head):
+        if param and not head.startswith(param):  # a nested model's validator names its own field
+            head = f"{param}.{head}"
+            return f"{head}: {rest}", head
         return msg, head
     return (f"{param}: {msg}" if param else msg), param
 

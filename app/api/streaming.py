@@ -18,6 +18,7 @@ from sse_starlette import EventSourceResponse
 from app.api.errors import APIError, count_failure, error_body
 from app.api.logprobs import chat_logprobs, completion_logprobs, completion_piece, token_strings
 from app.api.serving import Admitted, stream_jobs, usage
+from app.api.tools import ToolPlan, new_call_id
 
 DONE = "[DONE]"
 
@@ -48,9 +49,11 @@ async def stream_choices(
     fingerprint: str,
     logprobs: bool = False,
     echo: list[str] | None = None,
+    tools: ToolPlan | None = None,
 ) -> AsyncIterator[str]:
     """`logprobs`: attach each delta's token logprobs; `echo` (completions): each prompt's text, sent
-    ahead of its choices' first tokens (with the prompt tokens' logprobs when `logprobs`)."""
+    ahead of its choices' first tokens (with the prompt tokens' logprobs when `logprobs`); `tools` (chat):
+    the reply is a forced tool call, sent as `tool_calls` deltas (app/api/tools.py)."""
     obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
     strings = token_strings(req.handle.tokenizer) if logprobs else None
     jobs = {job.index: job for job in req.jobs}
@@ -67,8 +70,9 @@ async def stream_choices(
 
     if kind == "chat":
         for job in req.jobs:
-            yield chunk({"index": job.index, "delta": {"role": "assistant", "content": ""},
+            yield chunk({"index": job.index, "delta": {"role": "assistant", "content": None if tools else ""},
                          "logprobs": None, "finish_reason": None})
+    pending: dict[int, str] = {}  # forced tool calls: the text of each choice so far
     output_tokens: dict[int, int] = {}
     try:
         async for index, delta in stream_jobs(req):
@@ -88,6 +92,10 @@ async def stream_choices(
                 if text or finish or entries:
                     yield chunk({"index": index, "text": text, "logprobs": lp_obj, "finish_reason": finish})
                 continue
+            if tools is not None:
+                for out in _tool_chunks(tools, index, delta.text, finish, pending):
+                    yield chunk(out)
+                continue
             if delta.text or (logprobs and delta.logprobs):
                 lp_obj = {"content": chat_logprobs(strings, delta.logprobs or ()), "refusal": None} if logprobs else None
                 yield chunk({"index": index, "delta": {"content": delta.text}, "logprobs": lp_obj,
@@ -102,3 +110,35 @@ async def stream_choices(
     if include_usage:
         yield _dumps({**base, "choices": [], "usage": usage(prompts, sum(output_tokens.values()))})
     yield DONE
+
+
+def _tool_chunks(tools: ToolPlan, index: int, text: str, finish: str | None,
+                 pending: dict[int, str]) -> list[dict[str, Any]]:
+    """The choice deltas of a forced tool call for one engine delta. A named function's call opens with its
+    id and name, then streams its arguments; 'required' calls are sent whole once the array is complete
+    (or, cut short by max_tokens, the text as content)."""
+    out: list[dict[str, Any]] = []
+
+    def delta(d: dict[str, Any], reason: str | None = None) -> None:
+        out.append({"index": index, "delta": d, "logprobs": None, "finish_reason": reason})
+
+    if tools.named is not None:
+        if index not in pending:
+            pending[index] = ""
+            delta({"tool_calls": [{"index": 0, "id": new_call_id(), "type": "function",
+                                   "function": {"name": tools.named, "arguments": ""}}]})
+        if text:
+            delta({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
+        if finish:
+            delta({}, tools.finish_reason if finish == "stop" else finish)
+        return out
+    pending[index] = pending.get(index, "") + text
+    if finish:
+        calls = tools.calls(pending[index]) if finish == "stop" else None
+        if calls is None:
+            delta({"content": pending[index]})
+            delta({}, finish)
+        else:
+            delta({"tool_calls": [{"index": i, **c.model_dump()} for i, c in enumerate(calls)]})
+            delta({}, tools.finish_reason)
+    return out

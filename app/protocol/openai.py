@@ -247,11 +247,37 @@ class _TextPart(BaseModel):
     text: StrictStr
 
 
+_FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str  # JSON text, as OpenAI sends and returns it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[_TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool's answer: which call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: required in a message with role tool")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only assistant messages carry tool calls")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -261,6 +287,31 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=_FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON schema of the arguments (None: no arguments)
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     model: str
@@ -268,8 +319,8 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ChatTool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # Extension: continue the last assistant message instead of opening a new one.
     add_generation_prompt: bool | None = True
@@ -287,11 +338,27 @@ class ChatCompletionRequest(SamplingFields):
         if self.chat_template is not None:
             raise ValueError("chat_template: request-supplied chat templates are refused; the model's own "
                              "template is used")
-        if self.tools:
-            raise _unsupported("tools")
-        if self.tool_choice not in (None, "none"):
-            raise _unsupported("tool_choice")
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: function names must be unique")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: no function named {choice.function.name!r} in tools")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice: 'required' needs tools")
+        if names and choice in (None, "auto"):
+            # vLLM's rule too: choosing between text and a call needs a parser of the model's own tool-call
+            # format; a named function or 'required' is enforced by a grammar for any model.
+            raise ValueError("tool_choice: 'auto' (the default with tools) is not supported yet; pass "
+                             "'required', a named function, or 'none'")
+        if self.forced_tools and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: cannot be combined with a forced tool call")
         return self
+
+    @property
+    def forced_tools(self) -> bool:
+        """The reply must be tool calls (tool_choice 'required' or a named function)."""
+        return bool(self.tools) and self.tool_choice not in (None, "none", "auto")
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -350,8 +417,9 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -373,7 +441,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletionResponse(BaseModel):

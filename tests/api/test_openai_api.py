@@ -184,6 +184,84 @@ def test_response_format_json_schema(client, model):
         assert obj.choices[0].message.content.startswith("{")
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                                     "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "integer", "maximum": 12,
+                                                                                 "minimum": -12}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+
+
+def _check_call(call, tools=(WEATHER, TIME)):
+    import jsonschema
+
+    schema = next(t["function"]["parameters"] for t in tools if t["function"]["name"] == call.function.name)
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+    assert call.type == "function" and call.id.startswith("call_")
+
+
+def _streamed_calls(chunks):
+    """Assemble streamed tool_calls deltas the way the SDK's clients do (by index, arguments concatenated)."""
+    calls, finish = {}, None
+    for c in chunks:
+        if not c.choices:
+            continue
+        for d in c.choices[0].delta.tool_calls or ():
+            entry = calls.setdefault(d.index, {"id": None, "name": None, "arguments": ""})
+            entry["id"] = d.id or entry["id"]
+            if d.function is not None:
+                entry["name"] = d.function.name or entry["name"]
+                entry["arguments"] += d.function.arguments or ""
+        assert not c.choices[0].delta.content
+        finish = c.choices[0].finish_reason or finish
+    return [calls[i] for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_forced_tool_calls(client, model):
+    kw = dict(model=model, messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=120,
+              temperature=0.7, seed=4, tools=[WEATHER, TIME])
+    named = client.chat.completions.create(
+        **kw, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    msg = named.choices[0].message
+    assert msg.content is None and len(msg.tool_calls) == 1 and msg.tool_calls[0].function.name == "get_weather"
+    _check_call(msg.tool_calls[0])
+    assert named.choices[0].finish_reason == "stop"  # as OpenAI answers a forced function
+    calls, finish = _streamed_calls(client.chat.completions.create(
+        **kw, tool_choice={"type": "function", "function": {"name": "get_weather"}}, stream=True))
+    assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", msg.tool_calls[0].function.arguments)]
+    assert finish == "stop" and calls[0]["id"].startswith("call_")
+
+    required = client.chat.completions.create(**kw, tool_choice="required", parallel_tool_calls=False)
+    msg = required.choices[0].message
+    assert required.choices[0].finish_reason == "tool_calls" and msg.content is None
+    assert len(msg.tool_calls) == 1
+    _check_call(msg.tool_calls[0])
+    calls, finish = _streamed_calls(client.chat.completions.create(
+        **kw, tool_choice="required", parallel_tool_calls=False, stream=True))
+    assert [(c["name"], c["arguments"]) for c in calls] == [(msg.tool_calls[0].function.name,
+                                                             msg.tool_calls[0].function.arguments)]
+    assert finish == "tool_calls"
+
+
+def test_tool_results_go_through_the_chat_template(client, model_dirs):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city":"Paris","unit":"C"}'}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees and sunny"}]
+    out = client.chat.completions.create(model="demo-llama", messages=messages, max_tokens=5, temperature=0,
+                                         tools=[WEATHER], tool_choice="none")
+    assert out.choices[0].message.tool_calls is None and out.choices[0].finish_reason in ("stop", "length")
+    # the demo template renders each message's role and content (tool calls themselves it ignores)
+    rendered = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": ""},
+                {"role": "tool", "content": "21 degrees and sunny"}]
+    assert out.usage.prompt_tokens == len(ref.chat_ids(model_dirs["demo-llama"], rendered))
+
+
 def test_ignore_eos_and_min_tokens(client):
     out = client.completions.create(model="demo-falcon", prompt="x", max_tokens=30, temperature=0,
                                     extra_body={"ignore_eos": True})

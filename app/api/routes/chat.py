@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
@@ -21,6 +23,8 @@ from app.api.serving import (
     usage,
 )
 from app.api.streaming import sse_response, stream_choices
+from app.api.tools import ToolPlan, template_message, template_tools
+from app.engine.grammar import GrammarError
 from app.engine.registry import ModelHandle
 from app.protocol.openai import (
     AssistantMessage,
@@ -39,10 +43,11 @@ def render_chat(handle: ModelHandle, body: ChatCompletionRequest) -> list[int]:
     if not getattr(tok, "chat_template", None):
         raise InvalidRequestError(f"The model `{handle.id}` has no chat template; use /v1/completions.",
                                   param="messages")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages]
+    messages = [template_message("system" if m.role == "developer" else m.role, m.text(), m) for m in body.messages]
     continue_final = not body.add_generation_prompt and messages[-1]["role"] == "assistant"
     kwargs = {"add_generation_prompt": bool(body.add_generation_prompt), "continue_final_message": continue_final}
+    if body.tools:
+        kwargs["tools"] = template_tools(body)
     try:
         # transformers renders chat templates in an ImmutableSandboxedEnvironment (no attribute access to
         # internals, no mutation); the template comes from the model directory, never from the request.
@@ -115,6 +120,12 @@ async def create_chat_completion(body: ChatCompletionRequest, registry: Registry
     check_sampling_token_ids(handle, body)
     prompt = await run_in_threadpool(render_chat, handle, body)
     params = body.to_sampling_params(resolve_max_tokens(handle, len(prompt), body.requested_max_tokens, "messages"))
+    try:
+        tools = ToolPlan.of(body)
+    except GrammarError as exc:
+        raise InvalidRequestError(f"A function's parameters: {exc}", param="tools") from None
+    if tools is not None:
+        params = dataclasses.replace(params, grammar=tools.grammar)
     prompts = [prompt]
     jobs = make_jobs(prompts, [params], body.n or 1)
     req = admit(handle, jobs, deadlines)
@@ -124,13 +135,21 @@ async def create_chat_completion(body: ChatCompletionRequest, registry: Registry
         return sse_response(stream_choices(
             "chat", req, prompts, response_id=response_id, created=created,
             model=body.model, include_usage=body.include_usage, fingerprint=fingerprint,
-            logprobs=bool(body.logprobs)))
+            logprobs=bool(body.logprobs), tools=tools))
     results = await collect_jobs(req)
     strings = token_strings(handle.tokenizer)
+    choices = []
+    for r in results:
+        message, finish = AssistantMessage(content=r.text), r.finish_reason
+        calls = tools.calls(r.text) if tools is not None and (finish == "stop" or tools.named) else None
+        if calls is not None:
+            message, finish = AssistantMessage(content=None, tool_calls=calls), tools.finish_reason
+            if r.finish_reason == "length":  # a named call's arguments cut short, as OpenAI returns them
+                finish = "length"
+        choices.append(ChatChoice(index=r.index, message=message, finish_reason=finish,
+                                  logprobs={"content": chat_logprobs(strings, r.logprobs or [])} if body.logprobs
+                                  else None))
     return ChatCompletionResponse(
         id=response_id, created=created, model=body.model, system_fingerprint=fingerprint,
-        choices=[ChatChoice(index=r.index, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
-                            logprobs={"content": chat_logprobs(strings, r.logprobs or [])} if body.logprobs else None)
-                 for r in results],
-        usage=usage(prompts, sum(r.num_output_tokens for r in results)),
+        choices=choices, usage=usage(prompts, sum(r.num_output_tokens for r in results)),
     )
