@@ -14,7 +14,7 @@ from app import __version__
 from app.api.auth import OPEN_PATHS, APIKeyMiddleware
 from app.api.errors import install_error_handlers
 from app.api.limits import Drain, RequestGuardMiddleware
-from app.api.routes import chat, completions, health, metrics, models
+from app.api.routes import chat, completions, health, metrics, models, tokenize
 from app.config import Settings
 from app.engine.registry import ModelRegistry
 from app.metrics import HTTPMetricsMiddleware, Metrics
@@ -47,7 +47,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app.state.drain = Drain()
     install_error_handlers(app)
     app.openapi = lambda: _openapi_with_model_examples(app, registry)  # type: ignore[method-assign]
-    for r in (health.router, metrics.router, models.router, completions.router, chat.router):
+    for r in (health.router, metrics.router, models.router, completions.router, chat.router, tokenize.router):
         app.include_router(r)
     # Middleware, innermost first: body limits and drain, then auth, then CORS (answers preflights without
     # a key), then HTTP metrics outermost so every response is counted (401s, 413s and 503s too).

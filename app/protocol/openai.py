@@ -370,6 +370,43 @@ def _unsupported(field: str) -> ValueError:
     return ValueError(f"{field}: this parameter is not supported by Lanner yet")
 
 
+class TokenizeRequest(_Request):
+    """vLLM's POST /tokenize: a completion `prompt`, or chat `messages` rendered with the model's template."""
+
+    model: str
+    prompt: StrictStr | None = None
+    add_special_tokens: bool = True
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: bool = True
+    tools: list[ChatTool] | None = Field(default=None, max_length=128)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt: give either prompt or messages")
+        return self
+
+    def as_chat(self) -> ChatCompletionRequest:
+        return ChatCompletionRequest(model=self.model, messages=self.messages or [], tools=self.tools,
+                                     tool_choice="none" if self.tools else None,
+                                     add_generation_prompt=self.add_generation_prompt)
+
+
+class DetokenizeRequest(_Request):
+    model: str
+    tokens: list[StrictInt] = Field(max_length=1_000_000)
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 # ---------------------------------------------------------------- responses
 
 

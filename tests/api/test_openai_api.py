@@ -440,3 +440,29 @@ def test_chat_logprobs_match_reference(client, model_dirs, stream):
     # the bytes are the tokens' real bytes: joined, they decode to the text even across split characters
     assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="replace") == tok.decode(ids)
     assert text == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_tokenize_and_detokenize(http, model_dirs):
+    model_dir = model_dirs["demo-llama"]
+    r = http.post("/tokenize", json={"model": "demo-llama", "prompt": PROMPT})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == ref.encode(model_dir, PROMPT) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == http.get("/v1/models/demo-llama").json()["max_model_len"]
+    bare = http.post("/tokenize", json={"model": "demo-llama", "prompt": PROMPT, "add_special_tokens": False}).json()
+    assert bare["tokens"] == body["tokens"][1:]  # without the BOS
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "bye"}]
+    chat = http.post("/tokenize", json={"model": "demo-llama", "messages": messages}).json()
+    assert chat["tokens"] == ref.chat_ids(model_dir, messages)
+    # the same count as the chat endpoint's usage
+    usage = http.post("/v1/chat/completions", json={"model": "demo-llama", "messages": messages,
+                                                    "max_tokens": 1}).json()["usage"]
+    assert usage["prompt_tokens"] == chat["count"]
+    text = http.post("/detokenize", json={"model": "demo-llama", "tokens": bare["tokens"]}).json()
+    assert text == {"prompt": PROMPT}
+    for path, bad, param in [("/detokenize", {"tokens": [10**9]}, "tokens"), ("/tokenize", {}, "prompt"),
+                             ("/tokenize", {"prompt": "x", "messages": messages}, "prompt")]:
+        r = http.post(path, json={"model": "demo-llama", **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert http.post("/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
