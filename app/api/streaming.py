@@ -70,9 +70,11 @@ async def stream_choices(
 
     if kind == "chat":
         for job in req.jobs:
-            yield chunk({"index": job.index, "delta": {"role": "assistant", "content": None if tools else ""},
+            yield chunk({"index": job.index, "delta": {"role": "assistant",
+                                                       "content": "" if tools is None or tools.mode == "auto" else None},
                          "logprobs": None, "finish_reason": None})
-    pending: dict[int, str] = {}  # forced tool calls: the text of each choice so far
+    pending: dict[int, str] = {}  # tool calls: the text of each choice so far
+    texts: set[int] = set()  # tool_choice 'auto': the choices that answered with text
     output_tokens: dict[int, int] = {}
     try:
         async for index, delta in stream_jobs(req):
@@ -92,7 +94,7 @@ async def stream_choices(
                 if text or finish or entries:
                     yield chunk({"index": index, "text": text, "logprobs": lp_obj, "finish_reason": finish})
                 continue
-            if tools is not None:
+            if tools is not None and _is_tool_delta(tools, index, delta.text, pending, texts):
                 for out in _tool_chunks(tools, index, delta.text, finish, pending):
                     yield chunk(out)
                 continue
@@ -112,17 +114,30 @@ async def stream_choices(
     yield DONE
 
 
+def _is_tool_delta(tools: ToolPlan, index: int, text: str, pending: dict[int, str], texts: set[int]) -> bool:
+    """Whether a choice's delta belongs to a tool call: always for a forced call; for 'auto', decided by the
+    choice's first text (a call starts with `{`)."""
+    if tools.mode != "auto" or index in pending:
+        return True
+    if index in texts or not text:
+        return False
+    if tools.is_call(text):
+        return True
+    texts.add(index)
+    return False
+
+
 def _tool_chunks(tools: ToolPlan, index: int, text: str, finish: str | None,
                  pending: dict[int, str]) -> list[dict[str, Any]]:
-    """The choice deltas of a forced tool call for one engine delta. A named function's call opens with its
-    id and name, then streams its arguments; 'required' calls are sent whole once the array is complete
-    (or, cut short by max_tokens, the text as content)."""
+    """The choice deltas of a tool call for one engine delta (`pending` holds each call's text so far). A
+    named function's call opens with its id and name, then streams its arguments; 'required' and 'auto'
+    calls are sent whole once complete (or, cut short by max_tokens, the text as content)."""
     out: list[dict[str, Any]] = []
 
     def delta(d: dict[str, Any], reason: str | None = None) -> None:
         out.append({"index": index, "delta": d, "logprobs": None, "finish_reason": reason})
 
-    if tools.named is not None:
+    if tools.mode == "named":
         if index not in pending:
             pending[index] = ""
             delta({"tool_calls": [{"index": 0, "id": new_call_id(), "type": "function",

@@ -1,19 +1,21 @@
-"""Tool calls for chat: a forced call (tool_choice 'required' or a named function) is a grammar.
+"""Tool calls for chat, enforced by grammars (app/engine/grammar.py) so that any model's calls parse.
 
-As in vLLM, a forced call works for any model: the reply is generated under a JSON grammar (app/engine/
-grammar.py) and turned into OpenAI `tool_calls`, so its arguments always parse and follow the function's
-`parameters` schema (unless `max_tokens` cuts them short). The tools are also handed to the model's chat
-template (`tools=`), which describes them to models trained on a tool format.
+The tools are handed to the model's chat template (`tools=`), which describes them to models trained on a
+tool format, and the reply is generated under a grammar chosen by `tool_choice`:
 
-- a named function: the reply is that function's arguments object; finish_reason "stop", as OpenAI gives
-  for a forced function. Streamed, the call opens with its id and name and the arguments follow as they
-  are generated.
+- a named function: the reply is that function's arguments object (JSON following its `parameters`);
+  finish_reason "stop", as OpenAI gives for a forced function. Streamed, the call opens with its id and
+  name and the arguments follow as they are generated.
 - 'required': the reply is a JSON array of `{"name": ..., "arguments": {...}}` (one call when
-  `parallel_tool_calls` is false), each matching one tool; finish_reason "tool_calls". Streamed, the calls are sent
-  once the array is complete.
+  `parallel_tool_calls` is false), each matching one tool; finish_reason "tool_calls".
+- 'auto' (the default with tools): either text, or, when the reply starts with `{`, one call in the JSON
+  form Llama 3.1+ models are trained to emit, `{"name": ..., "parameters": {...}}`, held to the tool's
+  schema; finish_reason "tool_calls" for a call. A text reply cannot start with `{`: that first character
+  is how a call is told from text, so a call is never returned as broken text and text never misparsed.
 
-'auto' (the model chooses between text and a call) needs a parser of each model family's own tool-call
-format and is refused by the protocol layer, as vLLM does without a configured parser.
+A reply cut short by `max_tokens` in 'required' or 'auto' call form comes back as its text with
+finish_reason "length"; a named call's arguments come back cut short, as OpenAI returns them. Streamed,
+'required' and 'auto' calls are sent whole once complete; 'auto' text streams as usual.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from app.engine.grammar import json_grammar
+from llguidance import LLMatcher
+
+from app.engine.grammar import GrammarError, json_grammar, json_options
 from app.protocol.openai import ChatCompletionRequest, ChatTool, FunctionCall, NamedToolChoice, ToolCall
 
 NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -37,48 +41,81 @@ def _parameters(tool: ChatTool) -> dict[str, Any]:
     return tool.function.parameters if tool.function.parameters is not None else NO_ARGUMENTS
 
 
+def _call_schema(tools: list[ChatTool], arguments_key: str) -> dict[str, Any]:
+    return {"anyOf": [{
+        "type": "object",
+        "properties": {"name": {"const": t.function.name}, arguments_key: _parameters(t)},
+        "required": ["name", arguments_key],
+        "additionalProperties": False,
+    } for t in tools]}
+
+
+def _auto_grammar(tools: list[ChatTool]) -> str:
+    """Text that does not start with `{`, or one Llama-style call (Lark with llguidance's %json)."""
+    schema = json.dumps(json_options(_call_schema(tools, "parameters")))
+    lark = f"start: call | text\ncall: %json {schema}\ntext: /[^{{][\\s\\S]*/\n"
+    try:
+        grammar = LLMatcher.grammar_from_lark(lark)
+    except Exception as exc:
+        raise GrammarError(f"the JSON schema cannot be used: {exc}") from None
+    error = LLMatcher.validate_grammar(grammar)
+    if error:
+        raise GrammarError(f"the JSON schema cannot be used: {error}")
+    return grammar
+
+
 @dataclass(frozen=True)
 class ToolPlan:
-    """How a forced tool call is generated and read back."""
+    """How a reply that may call tools is generated and read back."""
 
-    named: str | None  # the function of a named tool_choice; None for 'required'
+    mode: Literal["auto", "required", "named"]
     grammar: str
+    named: str | None = None  # the function of a named tool_choice
 
     @classmethod
     def of(cls, body: ChatCompletionRequest) -> ToolPlan | None:
-        if not body.forced_tools:
+        """None when the reply is plain text (no tools, or tool_choice 'none'); GrammarError for a
+        `parameters` schema that cannot be enforced."""
+        mode, tools = body.tool_mode, body.tools or []
+        if mode is None:
             return None
-        tools = body.tools or []
-        if isinstance(body.tool_choice, NamedToolChoice):
+        if mode == "named":
+            assert isinstance(body.tool_choice, NamedToolChoice)
             name = body.tool_choice.function.name
             tool = next(t for t in tools if t.function.name == name)
-            return cls(name, json_grammar(_parameters(tool)))
-        call = {"anyOf": [{
-            "type": "object",
-            "properties": {"name": {"const": t.function.name}, "arguments": _parameters(t)},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        } for t in tools]}
-        array: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
+            return cls(mode, json_grammar(_parameters(tool)), name)
+        if mode == "auto":
+            return cls(mode, _auto_grammar(tools))
+        array: dict[str, Any] = {"type": "array", "items": _call_schema(tools, "arguments"), "minItems": 1}
         if body.parallel_tool_calls is False:
             array["maxItems"] = 1
-        return cls(None, json_grammar(array))
+        return cls(mode, json_grammar(array))
 
     @property
     def finish_reason(self) -> str:
-        return "stop" if self.named is not None else "tool_calls"
+        return "stop" if self.mode == "named" else "tool_calls"
+
+    def is_call(self, text: str) -> bool:
+        """Whether a reply that begins with `text` (non-empty) is a call rather than text."""
+        return self.mode != "auto" or text.startswith("{")
 
     def calls(self, text: str) -> list[ToolCall] | None:
-        """The tool calls in a complete reply; None when it is not one (cut short by max_tokens)."""
-        if self.named is not None:
-            return [ToolCall(id=new_call_id(), function=FunctionCall(name=self.named, arguments=text))]
+        """The tool calls in a finished reply; None when it is text (auto) or not a complete call."""
+        if self.mode == "named":
+            return [_call(self.named, text)]
+        if not self.is_call(text):
+            return None
         try:
-            items = json.loads(text)
+            doc = json.loads(text)
         except ValueError:
             return None
-        return [ToolCall(id=new_call_id(), function=FunctionCall(
-            name=item["name"], arguments=json.dumps(item["arguments"], ensure_ascii=False)))
-            for item in items]
+        if self.mode == "auto":
+            return [_call(doc["name"], json.dumps(doc["parameters"], ensure_ascii=False))]
+        return [_call(item["name"], json.dumps(item["arguments"], ensure_ascii=False)) for item in doc]
+
+
+def _call(name: str | None, arguments: str) -> ToolCall:
+    return ToolCall(id=new_call_id(), function=FunctionCall(name=name or "", arguments=arguments))
 
 
 def template_tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:

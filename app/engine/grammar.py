@@ -43,6 +43,11 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
     return grammar
 
 
+def json_options(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with Lanner's JSON options set (for a schema embedded in a Lark grammar with %json)."""
+    return {**schema, "x-guidance": {**_JSON_OPTIONS, **schema.get("x-guidance", {})}}
+
+
 def grammar_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> LLTokenizer:
     """llguidance's view of a worker's tokenizer: a `tokenizers.Tokenizer` or a transformers fast tokenizer.
     `vocab_size` is the width of the logits rows (it may exceed the tokenizer's own vocabulary)."""

@@ -346,19 +346,19 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError(f"tool_choice: no function named {choice.function.name!r} in tools")
         if choice == "required" and not names:
             raise ValueError("tool_choice: 'required' needs tools")
-        if names and choice in (None, "auto"):
-            # vLLM's rule too: choosing between text and a call needs a parser of the model's own tool-call
-            # format; a named function or 'required' is enforced by a grammar for any model.
-            raise ValueError("tool_choice: 'auto' (the default with tools) is not supported yet; pass "
-                             "'required', a named function, or 'none'")
-        if self.forced_tools and self.response_format is not None and self.response_format.type != "text":
-            raise ValueError("response_format: cannot be combined with a forced tool call")
+        if self.tool_mode is not None and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: cannot be combined with tool calls (tool_choice 'none' allows it)")
         return self
 
     @property
-    def forced_tools(self) -> bool:
-        """The reply must be tool calls (tool_choice 'required' or a named function)."""
-        return bool(self.tools) and self.tool_choice not in (None, "none", "auto")
+    def tool_mode(self) -> Literal["auto", "required", "named"] | None:
+        """How the reply may call tools: None (no tools, or tool_choice 'none'), 'auto' (the default with
+        tools: text or a call), 'required', or 'named' (tool_choice names a function)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return "required" if self.tool_choice == "required" else "auto"
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -247,6 +247,29 @@ def test_forced_tool_calls(client, model):
     assert finish == "tool_calls"
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_auto_tool_choice_answers_text_or_a_call(client, model_dirs, model):
+    tok, _ = ref.load(model_dirs[model])
+    kw = dict(model=model, messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=60,
+              temperature=0.7, seed=9, tools=[WEATHER, TIME])  # tool_choice defaults to 'auto'
+    text = client.chat.completions.create(**kw)
+    msg = text.choices[0].message
+    # this random model does not open with "{": a text answer, streamed as usual
+    assert msg.tool_calls is None and msg.content and not msg.content.startswith("{")
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                       if c.choices)
+    assert streamed == msg.content
+    # pushed to open with "{", the same model writes a call (Llama 3.1's form) that follows a tool's schema
+    brace = {str(i): 100 for i in tok.encode("{", add_special_tokens=False)}
+    call = client.chat.completions.create(**kw, logit_bias=brace)
+    assert call.choices[0].finish_reason == "tool_calls" and call.choices[0].message.content is None
+    assert len(call.choices[0].message.tool_calls) == 1
+    _check_call(call.choices[0].message.tool_calls[0])
+    calls, finish = _streamed_calls(client.chat.completions.create(**kw, logit_bias=brace, stream=True))
+    got = call.choices[0].message.tool_calls[0].function
+    assert [(c["name"], c["arguments"]) for c in calls] == [(got.name, got.arguments)] and finish == "tool_calls"
+
+
 def test_tool_results_go_through_the_chat_template(client, model_dirs):
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
                                                              "arguments": '{"city":"Paris","unit":"C"}'}}

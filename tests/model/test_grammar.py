@@ -112,3 +112,34 @@ async def test_engine_finishes_when_the_document_is_complete(model_dir):
         assert reason in (FinishReason.LENGTH, FinishReason.STOP)
     finally:
         engine.close()
+
+
+def test_auto_tool_grammar_takes_text_or_one_call(demo_models_dir):
+    from app.api.tools import ToolPlan
+    from app.protocol.openai import ChatCompletionRequest
+
+    tok = load_tokenizer(demo_models_dir / "demo-llama")
+    info = inspect_model_dir(demo_models_dir / "demo-llama")
+    tool = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], tools=[tool])
+    plan = ToolPlan.of(body)
+    assert plan.mode == "auto" and plan.finish_reason == "tool_calls"
+    ll = grammar_tokenizer(tok, info.vocab_size, list(info.eos_token_ids))
+
+    def accepts(text: str) -> bool:
+        m = Constraint(ll, plan.grammar)
+        try:
+            for t in tok.encode(text, add_special_tokens=False):
+                m.accept(t)
+        except GrammarError:
+            return False
+        return True
+
+    assert accepts("Hello {there}") and accepts('{"name":"add","parameters":{"a":2}}')
+    assert not accepts('{"name":"mul","parameters":{"a":2}}')  # not a tool
+    assert not accepts('{"name":"add","parameters":{"a":"two"}}')  # not its schema
+    assert not accepts('{"greeting": "hi"}')  # text cannot start with "{"
+    [call] = plan.calls('{"name":"add","parameters":{"a":2}}')
+    assert call.function.name == "add" and json.loads(call.function.arguments) == {"a": 2}
+    assert plan.calls("Hello {there}") is None and plan.calls('{"name":"add","param') is None

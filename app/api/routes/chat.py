@@ -141,7 +141,7 @@ async def create_chat_completion(body: ChatCompletionRequest, registry: Registry
     choices = []
     for r in results:
         message, finish = AssistantMessage(content=r.text), r.finish_reason
-        calls = tools.calls(r.text) if tools is not None and (finish == "stop" or tools.named) else None
+        calls = tools.calls(r.text) if tools is not None and (finish == "stop" or tools.mode == "named") else None
         if calls is not None:
             message, finish = AssistantMessage(content=None, tool_calls=calls), tools.finish_reason
             if r.finish_reason == "length":  # a named call's arguments cut short, as OpenAI returns them
