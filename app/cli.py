@@ -42,6 +42,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus", default=env("LANNER_CPUS"), help='cores for --model, e.g. "0-1"')
     p.add_argument("--max-num-seqs", type=int, default=env("LANNER_MAX_NUM_SEQS"),
                    help="max concurrent sequences for --model")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_const", const=False,
+                   default=None, help="prefill every prompt in full instead of continuing from a prefix a "
+                                      "free KV slot still holds (--model)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--api-key", action="append", default=None,
@@ -64,7 +67,7 @@ def _cli_models(args: argparse.Namespace) -> list | None:
     model_id = args.model_id or (Path(args.model.rstrip("/")).name if local else args.model)
     spec: dict = {"id": model_id, "source": args.model}
     for key in ("quantize", "woq_backend", "int4_group_size", "int4_head", "kv_cache_dtype", "cpus",
-                "max_num_seqs"):
+                "max_num_seqs", "prefix_caching"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
     return [ModelSpec(**spec)]

@@ -60,6 +60,8 @@ class Metrics:
         self.req_gen = Histogram("lanner_request_generation_tokens", "Generated tokens per finished request.",
                                  _MODEL, buckets=_TOKENS, registry=r)
         self.prompt_tokens = Counter("lanner_prompt_tokens", "Prompt tokens prefilled.", _MODEL, registry=r)
+        self.cached_tokens = Counter("lanner_prompt_tokens_cached", "Prompt tokens reused from the KV cache "
+                                     "(prefix caching) instead of prefilled.", _MODEL, registry=r)
         self.gen_tokens = Counter("lanner_generation_tokens", "Tokens generated.", _MODEL, registry=r)
         self.finished = Counter("lanner_requests_finished", "Sequences that left the engine, by reason.",
                                 [*_MODEL, "finished_reason"], registry=r)
@@ -115,6 +117,7 @@ class ModelMetrics:
                                                  m.decode.labels(**lbl))
         self.req_prompt, self.req_gen = m.req_prompt.labels(**lbl), m.req_gen.labels(**lbl)
         self.prompt_tokens, self.gen_tokens = m.prompt_tokens.labels(**lbl), m.gen_tokens.labels(**lbl)
+        self.cached_tokens = m.cached_tokens.labels(**lbl)
         self.finished = {r: m.finished.labels(name, r.value) for r in FinishReason}  # all exist at 0
         self.failed = {r: m.failed.labels(name, r) for r in FAILURE_REASONS}
         self.running, self.waiting, self.kv_usage = (m.running.labels(**lbl), m.waiting.labels(**lbl),
@@ -146,6 +149,8 @@ class ModelMetrics:
             if f.decode_s is not None:
                 self.decode.observe(f.decode_s)
             self.req_prompt.observe(f.num_prompt_tokens)
+            if f.num_cached_tokens:
+                self.cached_tokens.inc(f.num_cached_tokens)
             self.req_gen.observe(f.num_output_tokens)
 
     def fail(self, reason: str) -> None:

@@ -84,6 +84,7 @@ class ChoiceResult:
     num_output_tokens: int
     logprobs: list[Logprob] | None = None  # one per sampled token, when asked for
     prompt_logprobs: list[Logprob] | None = None  # prompt tokens 2..P, when asked for (echo)
+    num_cached_tokens: int = 0  # prompt tokens reused from the KV cache
 
 
 @dataclass
@@ -217,6 +218,7 @@ async def collect_jobs(req: Admitted) -> list[ChoiceResult]:
         parts[index].append(delta.text)
         res = results[index]
         res.num_output_tokens = delta.num_output_tokens
+        res.num_cached_tokens = delta.num_cached_tokens
         if delta.logprobs is not None:
             res.logprobs = (res.logprobs or []) + delta.logprobs
         if delta.prompt_logprobs is not None:
@@ -228,11 +230,17 @@ async def collect_jobs(req: Admitted) -> list[ChoiceResult]:
     return [results[i] for i in sorted(results)]
 
 
-def usage(prompts: list[list[int]], completion_tokens: int) -> dict[str, int]:
-    """OpenAI counts each distinct prompt once, however many choices (n) it has."""
+def usage(prompts: list[list[int]], completion_tokens: int, cached: dict[int, int] | None = None) -> dict:
+    """OpenAI counts each distinct prompt once, however many choices (n) it has. `cached`: each choice's
+    prompt tokens found in the KV cache (by choice index, prompt-major); a prompt counts its best choice's."""
     prompt = sum(len(p) for p in prompts)
+    n = max(1, len(cached or {}) // max(1, len(prompts)))
+    by_prompt: dict[int, int] = {}
+    for index, c in (cached or {}).items():
+        by_prompt[index // n] = max(by_prompt.get(index // n, 0), c)
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-            "total_tokens": prompt + completion_tokens}
+            "total_tokens": prompt + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(by_prompt.values())}}
 
 
 def _rid() -> str:

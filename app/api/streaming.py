@@ -76,9 +76,11 @@ async def stream_choices(
     pending: dict[int, str] = {}  # tool calls: the text of each choice so far
     texts: set[int] = set()  # tool_choice 'auto': the choices that answered with text
     output_tokens: dict[int, int] = {}
+    cached_tokens: dict[int, int] = {}
     try:
         async for index, delta in stream_jobs(req):
             output_tokens[index] = delta.num_output_tokens
+            cached_tokens[index] = delta.num_cached_tokens
             finish = delta.finish_reason.value if delta.finish_reason is not None else None
             if kind == "completion":
                 first = index not in offsets
@@ -110,7 +112,8 @@ async def stream_choices(
         yield DONE
         return
     if include_usage:
-        yield _dumps({**base, "choices": [], "usage": usage(prompts, sum(output_tokens.values()))})
+        yield _dumps({**base, "choices": [], "usage": usage(prompts, sum(output_tokens.values()),
+                                                                    cached_tokens)})
     yield DONE
 
 

@@ -33,7 +33,8 @@ def _merge(a: Delta, b: Delta | str) -> Delta | str:
     logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
     return Delta(a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, b.num_prompt_tokens,
                  b.num_output_tokens, b.stats, logprobs=logprobs,
-                 prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs)
+                 prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+                 num_cached_tokens=b.num_cached_tokens)
 
 
 class EngineBackend(Protocol):

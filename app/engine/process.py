@@ -48,6 +48,7 @@ class WorkerConfig:
     int4_group_size: int | None = None  # None: the quantizer's default (32)
     int4_head: str = "int8"  # int8 | int4: the output head of a model quantized to int4 at load
     kv_cache_dtype: str = "auto"  # auto | fp32 | bf16 (app/models/kv_cache.py)
+    prefix_caching: bool = True  # reuse a free slot's cached prompt prefix (EngineCore)
     # From the API process, which has read the model with transformers already: the ModelInfo with a
     # ConfigView (`ModelInfo.for_worker`) and the tokenizer's Rust backend (`backend_tokenizer_json`).
     # With both the worker never imports transformers; without them it reads model_path itself.
@@ -143,7 +144,8 @@ def _build_core(cfg: WorkerConfig, emit: Callable[[list, Any], None]) -> Any:
                           cfg.quantize, cfg.woq_backend, cfg.int4_group_size, cfg.kv_cache_dtype,
                           cfg.int4_head)
     return EngineCore(runner, tokenizer, info.eos_token_ids, emit_batch=emit,
-                      max_num_batched_tokens=cfg.max_num_batched_tokens, on_idle=trim_heap)
+                      max_num_batched_tokens=cfg.max_num_batched_tokens, on_idle=trim_heap,
+                      prefix_caching=cfg.prefix_caching)
 
 
 def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv_cache_bytes: int | None,

@@ -141,6 +141,7 @@ class ModelRegistry:
             int4_group_size=spec.int4_group_size,
             int4_head=spec.int4_head,
             kv_cache_dtype=spec.kv_cache_dtype,
+            prefix_caching=spec.prefix_caching,
             info=handle.info.for_worker(),
             tokenizer_json=backend_tokenizer_json(handle.tokenizer),
         ))

@@ -5,7 +5,7 @@ Every engine step gets a token budget (`max_num_batched_tokens`). The scheduler 
     1. one token for every running sequence that is decoding — running streams never stall;
     2. the next chunk of prompts that are part-way through prefill (oldest first);
     3. new sequences from the waiting queue, while a KV slot is free (`can_allocate`) and budget remains;
-       each gets a first chunk of its prompt.
+       each gets a first chunk of its prompt (after the part of it `on_admit` found cached).
 
 A long prompt is thus prefilled over several steps while the other streams keep receiving one token per
 step. A sequence whose prompt is not complete after its chunk produces no sample that step. Sequences wait
@@ -34,12 +34,16 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int,
-                 can_allocate: Callable[[Sequence], bool] | None = None) -> None:
+                 can_allocate: Callable[[Sequence], bool] | None = None,
+                 on_admit: Callable[[Sequence], None] | None = None) -> None:
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one decode token each)")
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self._can_allocate = can_allocate or (lambda seq: True)
+        # called as a sequence starts running, before its first chunk is cut: it may mark part of the
+        # prompt as already computed (a cached prefix)
+        self._on_admit = on_admit or (lambda seq: None)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -82,7 +86,8 @@ class Scheduler:
             seq = self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            n = min(seq.num_prompt_tokens, budget)
+            self._on_admit(seq)
+            n = min(seq.num_prompt_tokens - seq.num_computed_tokens, budget)
             prefills.append(ScheduledChunk(seq, n))
             budget -= n
         return decodes + prefills

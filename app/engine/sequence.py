@@ -29,6 +29,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens already in the KV cache
+    num_cached_tokens: int = 0  # prompt tokens found in the KV cache at admission (a reused prefix)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     prompt_logprobs: list[Logprob] = field(default_factory=list)  # filled chunk by chunk (echo + logprobs)

@@ -61,6 +61,7 @@ class Delta:
     stats: FinishedStats | None = None  # on the last delta: the sequence's engine timings
     logprobs: list[Logprob] | None = None  # one per token of token_ids, when the request asked for them
     prompt_logprobs: list[Logprob] | None = None  # on the first token's delta: prompt tokens 2..P
+    num_cached_tokens: int = 0  # prompt tokens that were already in the KV cache (a reused prefix)
 
     @property
     def is_finished(self) -> bool:
@@ -77,6 +78,7 @@ class FinishedStats:
     queue_s: float  # arrival at the engine -> first scheduled (or -> leaving, if never scheduled)
     prefill_s: float | None  # first scheduled -> first token
     decode_s: float | None  # first token -> last token
+    num_cached_tokens: int = 0  # prompt tokens reused from the KV cache rather than prefilled
 
 
 @dataclass

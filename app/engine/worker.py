@@ -63,6 +63,7 @@ class EngineCore:
         max_num_batched_tokens: int = 512,
         on_idle: Callable[[], None] | None = None,
         idle_after_s: float = 1.0,
+        prefix_caching: bool = True,
     ) -> None:
         self.runner = runner
         # called once when the engine has had nothing to do for `idle_after_s` after some work (the worker
@@ -73,7 +74,11 @@ class EngineCore:
         self.eos_token_ids = frozenset(eos_token_ids)
         self._grammar_tokenizer = None  # llguidance's view of `tokenizer`, built for the first grammar
         self.emit_batch = emit_batch
-        self.scheduler = Scheduler(runner.max_num_seqs, max(max_num_batched_tokens, runner.max_num_seqs))
+        # a runner that keeps freed slots' keys and values (BatchedRunner.adopt) lets a new prompt continue
+        # from the longest prefix a free slot already holds
+        self._adopt = getattr(runner, "adopt", None) if prefix_caching else None
+        self.scheduler = Scheduler(runner.max_num_seqs, max(max_num_batched_tokens, runner.max_num_seqs),
+                                   on_admit=self._reuse_prefix)
         self.inbox: queue.SimpleQueue[NewRequest | Abort | Stop] = queue.SimpleQueue()
         self._by_request: dict[str, Sequence] = {}
         self._seq_ids = itertools.count()
@@ -145,6 +150,11 @@ class EngineCore:
         self._by_request[req.request_id] = seq
         self.scheduler.add(seq)
 
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        # prompt logprobs need every prompt position's logits: such a request prefills all of it
+        if self._adopt is not None and seq.params.prompt_logprobs is None:
+            seq.num_cached_tokens = seq.num_computed_tokens = self._adopt(seq.seq_id, seq.prompt_ids)
+
     def _constraint(self, params: SamplingParams) -> Constraint | None:
         if params.grammar is None:
             return None
@@ -165,6 +175,7 @@ class EngineCore:
             queue_s=(first if first is not None else now) - seq.arrival_time,
             prefill_s=tok0 - first if tok0 is not None and first is not None else None,
             decode_s=last - tok0 if last is not None and tok0 is not None else None,
+            num_cached_tokens=seq.num_cached_tokens,
         ))
 
     def _stats(self, **step: Any) -> StepStats:
@@ -287,7 +298,7 @@ class EngineCore:
             self._finish(seq, reason)
             stats = self._finished[-1]
         delta = Delta(text, [token], reason, seq.num_prompt_tokens, seq.num_output_tokens, stats,
-                      logprobs=None if logprob is None else [logprob])
+                      logprobs=None if logprob is None else [logprob], num_cached_tokens=seq.num_cached_tokens)
         if seq.params.prompt_logprobs is not None and seq.num_output_tokens == 1:
             delta.prompt_logprobs = seq.prompt_logprobs
         self._outputs.append((seq.request_id, delta))

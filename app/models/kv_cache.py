@@ -163,6 +163,16 @@ class KVCache:
             raise RuntimeError(f"no free KV cache slot (all {self.num_slots} in use)")
         return heapq.heappop(self._free)
 
+    def free_slots(self) -> list[int]:
+        return list(self._free)
+
+    def take(self, slot: int) -> None:
+        """Allocate this particular free slot (one whose cached prefix a new sequence reuses)."""
+        if slot not in self._free:
+            raise ValueError(f"KV slot {slot} is not free")
+        self._free.remove(slot)
+        heapq.heapify(self._free)
+
     def free(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots or slot in self._free:
             raise ValueError(f"KV slot {slot} is not allocated")

@@ -104,6 +104,9 @@ class BatchedRunner:
         self._cos, self._sin = rope_tables(rope_inv_freq(model.config, model.head_dim), self.max_model_len)
         self._slot_of: dict[int, int] = {}  # seq_id -> slot
         self._num_cached: dict[int, int] = {}  # seq_id -> tokens in its slot
+        # slot -> the tokens whose keys and values it holds (positions 0..), kept after its sequence is
+        # freed, so that a new sequence starting with the same tokens can continue from them (`adopt`)
+        self._slot_tokens: list[list[int]] = [[] for _ in range(num_slots)]
         self.quant_report = QuantReport(mode="none")  # set by load_runner when weights are quantized
 
     # ------------------------------------------------------------ status
@@ -128,6 +131,35 @@ class BatchedRunner:
         self._num_cached.pop(seq_id, None)
         if slot is not None:
             self.kv.free(slot)
+
+    def adopt(self, seq_id: int, prompt_ids: list[int]) -> int:
+        """Give a new sequence the free slot that already holds the longest prefix of its prompt.
+
+        Returns how many prompt tokens are cached there (0: no free slot shares a prefix; the sequence then
+        gets a slot on its first step, as usual). At most all but the last prompt token are reused: the
+        last one must be fed to get the logits of the first sampled token. Keys and values depend only on
+        the tokens before them, so the reused positions are what a fresh prefill would compute (up to
+        float rounding: a prefill split at another point, as chunked prefill does too)."""
+        if seq_id in self._slot_of:
+            raise RuntimeError(f"sequence {seq_id} already has a KV slot")
+        limit = len(prompt_ids) - 1
+        best, best_len = -1, 0
+        for slot in self.kv.free_slots():
+            cached = self._slot_tokens[slot]
+            n = 0
+            for a, b in zip(cached, prompt_ids[:limit]):
+                if a != b:
+                    break
+                n += 1
+            if n > best_len:
+                best, best_len = slot, n
+        if best_len == 0:
+            return 0
+        self.kv.take(best)
+        self._slot_of[seq_id] = best
+        self._num_cached[seq_id] = best_len
+        del self._slot_tokens[best][best_len:]
+        return best_len
 
     def _slots_for(self, inputs: list[StepInput]) -> list[int]:
         """Check every input against the cache state; allocate slots of new sequences."""
@@ -169,6 +201,8 @@ class BatchedRunner:
         if not inputs:
             raise ValueError("step() needs at least one input")
         slots = self._slots_for(inputs)
+        for inp, slot in zip(inputs, slots):  # positions from start_pos on are rewritten (a failed step may
+            del self._slot_tokens[slot][inp.start_pos:]  # leave them half-written: they are not kept)
         decode = sorted((i for i, inp in enumerate(inputs) if len(inp.token_ids) == 1), key=slots.__getitem__)
         prefill = [i for i, inp in enumerate(inputs) if len(inp.token_ids) > 1]
         ids: list[int] = []
@@ -189,8 +223,9 @@ class BatchedRunner:
         meta = self.kv.plan(rows, cos=self._cos[pos].unsqueeze(1), sin=self._sin[pos].unsqueeze(1),
                             logit_rows=logit_rows, positions=pos, slot_ids=torch.tensor(slot_ids))
         logits = self.model(torch.tensor(ids), meta, self.kv)
-        for inp in inputs:
+        for inp, slot in zip(inputs, slots):
             self._num_cached[inp.seq_id] = inp.start_pos + len(inp.token_ids)
+            self._slot_tokens[slot].extend(inp.token_ids)
         return logits
 
 

@@ -77,8 +77,10 @@ def test_counters_follow_the_traffic(http, client):
 
     usage = chunks[-1].usage
     assert delta("lanner_generation_tokens_total", model_name=MODEL) == 7 + 5
+    cached = out.usage.prompt_tokens_details.cached_tokens + usage.prompt_tokens_details.cached_tokens
     assert delta("lanner_prompt_tokens_total", model_name=MODEL) == \
-        out.usage.prompt_tokens + usage.prompt_tokens
+        out.usage.prompt_tokens + usage.prompt_tokens - cached
+    assert delta("lanner_prompt_tokens_cached_total", model_name=MODEL) == cached
     assert delta("lanner_requests_finished_total", model_name=MODEL, finished_reason="length") == 2
     assert delta("lanner_requests_failed_total", model_name=MODEL, reason="invalid_request") == 1
     for hist in ("lanner_time_to_first_token_seconds", "lanner_e2e_request_latency_seconds",

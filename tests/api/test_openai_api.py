@@ -489,3 +489,20 @@ def test_tokenize_and_detokenize(http, model_dirs):
         r = http.post(path, json={"model": "demo-llama", **bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert http.post("/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_multi_turn_chat_reuses_the_cached_prefix(client, model_dirs, model):
+    turns = [{"role": "system", "content": "You are a helpful assistant who answers in short sentences."},
+             {"role": "user", "content": "What is the capital of France?"}]
+    first = client.chat.completions.create(model=model, messages=turns, max_tokens=12, temperature=0)
+    turns += [{"role": "assistant", "content": first.choices[0].message.content},
+              {"role": "user", "content": "And of Italy?"}]
+    second = client.chat.completions.create(model=model, messages=turns, max_tokens=12, temperature=0)
+    prompt = ref.chat_ids(model_dirs[model], turns)
+    expected, _ = ref.greedy_text(model_dirs[model], prompt, 12)
+    assert second.choices[0].message.content == expected  # as a full prefill would give
+    assert second.usage.prompt_tokens == len(prompt)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # at least the first turn's prompt (the template re-renders the assistant turn, so maybe not all of it)
+    assert first.usage.prompt_tokens <= cached < len(prompt), (cached, first.usage.prompt_tokens)

@@ -151,5 +151,6 @@ async def create_chat_completion(body: ChatCompletionRequest, registry: Registry
                                   else None))
     return ChatCompletionResponse(
         id=response_id, created=created, model=body.model, system_fingerprint=fingerprint,
-        choices=choices, usage=usage(prompts, sum(r.num_output_tokens for r in results)),
+        choices=choices, usage=usage(prompts, sum(r.num_output_tokens for r in results),
+                    {r.index: r.num_cached_tokens for r in results}),
     )

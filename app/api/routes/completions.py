@@ -72,7 +72,8 @@ async def create_completion(body: CompletionRequest, registry: RegistryDep, sett
         choices.append(CompletionChoice(index=r.index, text=text, logprobs=lp_obj, finish_reason=r.finish_reason))
     return CompletionResponse(
         id=response_id, created=created, model=body.model, system_fingerprint=fingerprint, choices=choices,
-        usage=usage(prompts, sum(r.num_output_tokens for r in results)),
+        usage=usage(prompts, sum(r.num_output_tokens for r in results),
+                    {r.index: r.num_cached_tokens for r in results}),
     )
 
 

@@ -1,0 +1,93 @@
+"""Prefix caching: a new sequence continues from the longest prefix of its prompt that a free KV slot still
+holds (BatchedRunner.adopt), and gets the logits and tokens a full prefill would give."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from app.engine.client import EngineClient
+from app.engine.types import SamplingParams
+from app.engine.worker import EngineCore, ThreadEngine
+from app.models.base import StepInput
+from app.models.loader import inspect_model_dir, load_tokenizer
+from app.models.runner import load_runner
+from tests import reference as ref
+
+
+@pytest.fixture(params=["demo-llama", "demo-falcon"])
+def model_dir(request, demo_models_dir):
+    return demo_models_dir / request.param
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 1000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_adopt_continues_from_a_free_slots_prefix(model_dir):
+    info = inspect_model_dir(model_dir)
+    runner = load_runner(info, 256, 2)
+    first, more = _ids(40, 1), _ids(15, 2)
+    runner.step([StepInput(0, first[:30], 0)])  # in two chunks, then one decoded token
+    runner.step([StepInput(0, first[30:], 30)])
+    runner.step([StepInput(0, [first[0]], 40)])
+    assert runner.adopt(5, first + more) == 0  # seq 0 still holds its slot: nothing free to reuse
+    runner.free(0)
+
+    assert runner.adopt(1, first + more) == 40  # the decoded token differs from more[0]
+    reused = runner.step([StepInput(1, more, 40)])
+    fresh = load_runner(info, 256, 2)
+    full = fresh.step([StepInput(9, first + more, 0)])
+    torch.testing.assert_close(reused, full, atol=1e-4, rtol=0)
+    runner.free(1)
+    assert runner.adopt(2, first + more) == 54  # everything but the last token, which must be fed
+    assert runner.adopt(3, first[:10] + more) == 0  # the other free slot holds nothing
+    runner.free(2)
+    assert runner.adopt(4, first[:10] + more) == 10  # a partly shared prefix
+    runner.free(4)
+    assert runner.adopt(6, [first[0] + 1] + first[1:]) == 0  # a different first token shares nothing
+    assert runner.kv.num_free_slots == 2  # seqs 3 and 6 found no prefix: they get slots on their first step
+
+
+def test_a_failed_step_does_not_leave_a_reusable_prefix(model_dir, monkeypatch):
+    runner = load_runner(inspect_model_dir(model_dir), 256, 1)
+    prompt = _ids(20, 3)
+    runner.step([StepInput(0, prompt[:10], 0)])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner.model, "forward", broken)
+    with pytest.raises(RuntimeError):
+        runner.step([StepInput(0, prompt[10:], 10)])
+    runner.free(0)
+    assert runner.adopt(1, prompt) == 10  # only what the successful step wrote
+
+
+async def test_engine_reuses_a_finished_requests_prefix(model_dir):
+    info = inspect_model_dir(model_dir)
+    runner = load_runner(info, 256, 2)
+    core = EngineCore(runner, load_tokenizer(model_dir), info.eos_token_ids, emit_batch=lambda *_: None)
+    engine = ThreadEngine(core)
+    client = EngineClient(engine, asyncio.get_running_loop())
+    engine.start()
+    try:
+        prompt = ref.encode(model_dir, "Once upon a time in a land far away, there lived")
+        first = ref.greedy_ids(model_dir, prompt, 8)
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        deltas = [d async for d in client.add_request("a", prompt, params)]
+        assert deltas[-1].num_cached_tokens == 0
+        follow = prompt + first + ref.encode(model_dir, " and then")[1:]
+        expected = ref.greedy_ids(model_dir, follow, 8)
+        deltas = [d async for d in client.add_request("b", follow, params)]
+        # the first request's prompt and its fed outputs (all but the last sampled token) are reused
+        assert deltas[-1].num_cached_tokens == len(prompt) + len(first) - 1
+        assert [t for d in deltas for t in d.token_ids][:len(expected)] == expected
+        # prompt logprobs need every position: such a request prefills all of it
+        echo = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        deltas = [d async for d in client.add_request("c", follow, echo)]
+        assert deltas[-1].num_cached_tokens == 0 and len(deltas[0].prompt_logprobs) == len(follow) - 1
+    finally:
+        engine.shutdown(10)
