@@ -53,7 +53,7 @@ async def stream_choices(
 ) -> AsyncIterator[str]:
     """`logprobs`: attach each delta's token logprobs; `echo` (completions): each prompt's text, sent
     ahead of its choices' first tokens (with the prompt tokens' logprobs when `logprobs`); `tools` (chat):
-    the reply is a forced tool call, sent as `tool_calls` deltas (app/api/tools.py)."""
+    the reply may be a tool call, sent as `tool_calls` deltas (app/api/tools.py)."""
     obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
     strings = token_strings(req.handle.tokenizer) if logprobs else None
     jobs = {job.index: job for job in req.jobs}
@@ -69,9 +69,9 @@ async def stream_choices(
         return _dumps(c)
 
     if kind == "chat":
+        opening = "" if tools is None or tools.mode == "auto" else None  # a forced call has no content
         for job in req.jobs:
-            yield chunk({"index": job.index, "delta": {"role": "assistant",
-                                                       "content": "" if tools is None or tools.mode == "auto" else None},
+            yield chunk({"index": job.index, "delta": {"role": "assistant", "content": opening},
                          "logprobs": None, "finish_reason": None})
     pending: dict[int, str] = {}  # tool calls: the text of each choice so far
     texts: set[int] = set()  # tool_choice 'auto': the choices that answered with text

@@ -131,7 +131,8 @@ def template_message(role: str, text: str, msg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"role": role, "content": text}
     if msg.tool_calls:
         out["tool_calls"] = [{"id": c.id, "type": "function",
-                              "function": {"name": c.function.name, "arguments": _loads_or_text(c.function.arguments)}}
+                              "function": {"name": c.function.name,
+                                           "arguments": _loads_or_text(c.function.arguments)}}
                              for c in msg.tool_calls]
     if msg.tool_call_id is not None:
         out["tool_call_id"] = msg.tool_call_id

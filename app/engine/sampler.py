@@ -133,6 +133,11 @@ class SamplingState:
         return self.num_output_tokens < self._min_tokens
 
     @property
+    def grammar_finished(self) -> bool:
+        """The grammar (response_format, tool calls) can take no further token: the text is complete."""
+        return self.constraint is not None and self.constraint.finished
+
+    @property
     def needs_processing(self) -> bool:
         """True when the logits row must be modified before greedy/sampling."""
         return (self._bias is not None or self.has_penalties or self.constraint is not None

@@ -153,7 +153,10 @@ class EngineCore:
     def _reuse_prefix(self, seq: Sequence) -> None:
         # prompt logprobs need every prompt position's logits: such a request prefills all of it
         if self._adopt is not None and seq.params.prompt_logprobs is None:
-            seq.num_cached_tokens = seq.num_computed_tokens = self._adopt(seq.seq_id, seq.prompt_ids)
+            try:
+                seq.num_cached_tokens = seq.num_computed_tokens = self._adopt(seq.seq_id, seq.prompt_ids)
+            except Exception:  # an optimisation: the sequence then prefills in full
+                log.exception("prefix reuse failed for %s", seq.request_id)
 
     def _constraint(self, params: SamplingParams) -> Constraint | None:
         if params.grammar is None:
@@ -288,7 +291,7 @@ class EngineCore:
             reason = FinishReason.STOP
         else:
             text = seq.detokenizer.step([token])
-            if seq.detokenizer.stopped or (seq.sampling.constraint is not None and seq.sampling.constraint.finished):
+            if seq.detokenizer.stopped or seq.sampling.grammar_finished:
                 reason = FinishReason.STOP  # a stop string, or the grammar's document is complete
             elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.runner.max_model_len:
                 reason = FinishReason.LENGTH
