@@ -173,6 +173,11 @@ class KVCache:
         self._free.remove(slot)
         heapq.heapify(self._free)
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Positions [0, n) of every layer's keys and values from slot `src` to slot `dst`."""
+        for cache in (*self.k, *self.v):
+            cache[dst, :, :n].copy_(cache[src, :, :n])
+
     def free(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots or slot in self._free:
             raise ValueError(f"KV slot {slot} is not allocated")

@@ -90,7 +90,18 @@ def build_decoder(arch: str, config, weights: Mapping[str, torch.Tensor]) -> nn.
     return model.eval()
 
 
+def _shared_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b[:limit]):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class BatchedRunner:
+    COPY_MIN_TOKENS = 32  # a running sequence's prefix shorter than this is prefilled, not copied
+
     def __init__(self, model: nn.Module, max_model_len: int, max_num_seqs: int,
                  kv_cache_bytes: int | None = None, kv_dtype: torch.dtype = torch.float32) -> None:
         self.model = model.eval()
@@ -133,33 +144,40 @@ class BatchedRunner:
             self.kv.free(slot)
 
     def adopt(self, seq_id: int, prompt_ids: list[int]) -> int:
-        """Give a new sequence the free slot that already holds the longest prefix of its prompt.
+        """Start a new sequence from the longest prefix of its prompt that a KV slot already holds.
 
-        Returns how many prompt tokens are cached there (0: no free slot shares a prefix; the sequence then
-        gets a slot on its first step, as usual). At most all but the last prompt token are reused: the
-        last one must be fed to get the logits of the first sampled token. Keys and values depend only on
-        the tokens before them, so the reused positions are what a fresh prefill would compute (up to
-        float rounding: a prefill split at another point, as chunked prefill does too)."""
+        Returns how many prompt tokens it starts with (0: none; the sequence then gets a slot on its first
+        step, as usual). A free slot holding the prefix is taken as it is. A prefix held by a busy slot
+        (another running sequence: a shared system prompt, say) is copied into the lowest free slot when it
+        is at least COPY_MIN_TOKENS long and longer than any free slot's: copying keys and values costs far
+        less than computing them. At most all but the last prompt token are reused: the last one must be
+        fed to get the logits of the first sampled token. Keys and values depend only on the tokens before
+        them, so the reused positions are what a fresh prefill would compute (up to float rounding: a
+        prefill split at another point, as chunked prefill does too)."""
         if seq_id in self._slot_of:
             raise RuntimeError(f"sequence {seq_id} already has a KV slot")
-        limit = len(prompt_ids) - 1
-        best, best_len = -1, 0
-        for slot in self.kv.free_slots():
-            cached = self._slot_tokens[slot]
-            n = 0
-            for a, b in zip(cached, prompt_ids[:limit]):
-                if a != b:
-                    break
-                n += 1
-            if n > best_len:
-                best, best_len = slot, n
-        if best_len == 0:
+        free = set(self.kv.free_slots())
+        if not free:
             return 0
-        self.kv.take(best)
-        self._slot_of[seq_id] = best
-        self._num_cached[seq_id] = best_len
-        del self._slot_tokens[best][best_len:]
-        return best_len
+        limit = len(prompt_ids) - 1
+        best = {True: (-1, 0), False: (-1, 0)}  # free?: (slot, shared tokens)
+        for slot, cached in enumerate(self._slot_tokens):
+            n = _shared_prefix(cached, prompt_ids, limit)
+            if n > best[slot in free][1]:
+                best[slot in free] = (slot, n)
+        (slot, n), (busy, busy_n) = best[True], best[False]
+        if busy_n >= self.COPY_MIN_TOKENS and busy_n > n:
+            slot, n = self.kv.allocate(), busy_n
+            self.kv.copy_prefix(busy, slot, n)
+            self._slot_tokens[slot] = self._slot_tokens[busy][:n]
+        elif n > 0:
+            self.kv.take(slot)
+            del self._slot_tokens[slot][n:]
+        else:
+            return 0
+        self._slot_of[seq_id] = slot
+        self._num_cached[seq_id] = n
+        return n
 
     def _slots_for(self, inputs: list[StepInput]) -> list[int]:
         """Check every input against the cache state; allocate slots of new sequences."""

@@ -506,3 +506,20 @@ def test_multi_turn_chat_reuses_the_cached_prefix(client, model_dirs, model):
     cached = second.usage.prompt_tokens_details.cached_tokens
     # at least the first turn's prompt (the template re-renders the assistant turn, so maybe not all of it)
     assert first.usage.prompt_tokens <= cached < len(prompt), (cached, first.usage.prompt_tokens)
+
+
+def test_a_running_requests_prefix_is_shared(client, model_dirs):
+    system = {"role": "system", "content": "You are the assistant of a shop that sells boats, sails, ropes and "
+                                           "anchors. Answer politely, briefly, and in English."}
+    running = client.chat.completions.create(model="demo-falcon", messages=[system, {"role": "user", "content": "Hi"}],
+                                             max_tokens=200, temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True})
+    next(c for c in running if c.choices and c.choices[0].delta.content)  # it is decoding now
+    turns = [system, {"role": "user", "content": "Do you sell anchors?"}]
+    out = client.chat.completions.create(model="demo-falcon", messages=turns, max_tokens=10, temperature=0)
+    rest = "".join(c.choices[0].delta.content or "" for c in running if c.choices)
+    assert rest
+    prompt = ref.chat_ids(model_dirs["demo-falcon"], turns)
+    assert out.choices[0].message.content == ref.greedy_text(model_dirs["demo-falcon"], prompt, 10)[0]
+    shared = len(ref.chat_ids(model_dirs["demo-falcon"], [system])) - 1  # up to the user turn (no gen prompt)
+    assert shared >= 32 and out.usage.prompt_tokens_details.cached_tokens >= shared, (shared, out.usage)

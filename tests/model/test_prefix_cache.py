@@ -26,29 +26,32 @@ def _ids(n: int, seed: int) -> list[int]:
     return torch.randint(3, 1000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_adopt_continues_from_a_free_slots_prefix(model_dir):
+def test_adopt_reuses_free_slots_and_copies_running_ones(model_dir):
     info = inspect_model_dir(model_dir)
-    runner = load_runner(info, 256, 2)
+    runner = load_runner(info, 256, 3)
     first, more = _ids(40, 1), _ids(15, 2)
     runner.step([StepInput(0, first[:30], 0)])  # in two chunks, then one decoded token
     runner.step([StepInput(0, first[30:], 30)])
     runner.step([StepInput(0, [first[0]], 40)])
-    assert runner.adopt(5, first + more) == 0  # seq 0 still holds its slot: nothing free to reuse
-    runner.free(0)
+    fresh = load_runner(info, 256, 1).step([StepInput(9, first + more, 0)])
 
-    assert runner.adopt(1, first + more) == 40  # the decoded token differs from more[0]
-    reused = runner.step([StepInput(1, more, 40)])
-    fresh = load_runner(info, 256, 2)
-    full = fresh.step([StepInput(9, first + more, 0)])
-    torch.testing.assert_close(reused, full, atol=1e-4, rtol=0)
-    runner.free(1)
-    assert runner.adopt(2, first + more) == 54  # everything but the last token, which must be fed
-    assert runner.adopt(3, first[:10] + more) == 0  # the other free slot holds nothing
-    runner.free(2)
-    assert runner.adopt(4, first[:10] + more) == 10  # a partly shared prefix
-    runner.free(4)
-    assert runner.adopt(6, [first[0] + 1] + first[1:]) == 0  # a different first token shares nothing
-    assert runner.kv.num_free_slots == 2  # seqs 3 and 6 found no prefix: they get slots on their first step
+    # seq 0 is running: its 40 prompt tokens are copied into a free slot
+    assert runner.adopt(5, first + more) == 40
+    copied = runner.step([StepInput(5, more, 40)])
+    torch.testing.assert_close(copied, fresh, atol=1e-4, rtol=0)
+    assert runner.kv.num_free_slots == 1
+    # a running prefix shorter than COPY_MIN_TOKENS is prefilled again
+    assert runner.adopt(6, first[:20] + _ids(5, 3)) == 0
+    runner.free(0), runner.free(5)
+
+    # free slots: seq 0's (first + its token) and seq 5's (first + more)
+    assert runner.adopt(1, first + more) == 54  # all but the last token, which must be fed
+    reused = runner.step([StepInput(1, more[-1:], 54)])
+    torch.testing.assert_close(reused, fresh, atol=1e-4, rtol=0)
+    assert runner.adopt(2, first[:10] + more) == 10  # seq 0's slot shares 10 tokens
+    runner.free(1), runner.free(2)
+    assert runner.adopt(7, [first[0] + 1] + first[1:]) == 0  # a different first token shares nothing
+    assert runner.kv.num_free_slots == 3
 
 
 def test_a_failed_step_does_not_leave_a_reusable_prefix(model_dir, monkeypatch):
