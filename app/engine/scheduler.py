@@ -35,7 +35,8 @@ class ScheduledChunk:
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int,
                  can_allocate: Callable[[Sequence], bool] | None = None,
-                 on_admit: Callable[[Sequence], None] | None = None) -> None:
+                 on_admit: Callable[[Sequence], None] | None = None,
+                 hold: Callable[[Sequence], bool] | None = None) -> None:
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one decode token each)")
         self.max_num_seqs = max_num_seqs
@@ -44,6 +45,9 @@ class Scheduler:
         # called as a sequence starts running, before its first chunk is cut: it may mark part of the
         # prompt as already computed (a cached prefix)
         self._on_admit = on_admit or (lambda seq: None)
+        # true while the next waiting sequence should stay queued (a running one is still computing a
+        # prefix it will then copy); the queue stays first come, first served
+        self._hold = hold or (lambda seq: False)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -82,7 +86,9 @@ class Scheduler:
                 n = min(remaining, budget)
                 prefills.append(ScheduledChunk(seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and self.can_allocate(self.waiting[0]):
+        while self.waiting and budget > 0:
+            if not self.can_allocate(self.waiting[0]) or self._hold(self.waiting[0]):
+                break
             seq = self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

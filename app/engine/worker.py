@@ -44,7 +44,7 @@ from app.engine.types import (
     StepStats,
     Stop,
 )
-from app.models.base import ModelRunner, StepInput
+from app.models.base import ModelRunner, StepInput, shared_prefix
 
 log = logging.getLogger("lanner.engine")
 
@@ -78,7 +78,7 @@ class EngineCore:
         # from the longest prefix a free slot already holds
         self._adopt = getattr(runner, "adopt", None) if prefix_caching else None
         self.scheduler = Scheduler(runner.max_num_seqs, max(max_num_batched_tokens, runner.max_num_seqs),
-                                   on_admit=self._reuse_prefix)
+                                   on_admit=self._reuse_prefix, hold=self._prefix_in_progress)
         self.inbox: queue.SimpleQueue[NewRequest | Abort | Stop] = queue.SimpleQueue()
         self._by_request: dict[str, Sequence] = {}
         self._seq_ids = itertools.count()
@@ -157,6 +157,20 @@ class EngineCore:
                 seq.num_cached_tokens = seq.num_computed_tokens = self._adopt(seq.seq_id, seq.prompt_ids)
             except Exception:  # an optimisation: the sequence then prefills in full
                 log.exception("prefix reuse failed for %s", seq.request_id)
+
+    def _prefix_in_progress(self, seq: Sequence) -> bool:
+        """A running sequence is still prefilling a prefix it shares with `seq` (the n choices of one
+        prompt, requests with one system prompt arriving together): `seq` waits for it and copies it
+        (BatchedRunner.adopt) instead of computing it a second time."""
+        if self._adopt is None or seq.params.prompt_logprobs is not None:
+            return False
+        min_shared = getattr(self.runner, "COPY_MIN_TOKENS", 32)
+        for other in self.scheduler.running:
+            if other.num_computed_tokens < other.num_prompt_tokens:
+                shared = shared_prefix(other.prompt_ids, seq.prompt_ids, seq.num_prompt_tokens - 1)
+                if shared >= min_shared and other.num_computed_tokens < shared:
+                    return True
+        return False
 
     def _constraint(self, params: SamplingParams) -> Constraint | None:
         if params.grammar is None:

@@ -39,3 +39,13 @@ class ModelRunner(Protocol):
     def free(self, seq_id: int) -> None:
         """Release the KV state of a finished or aborted sequence."""
         ...
+
+
+def shared_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens `a` and `b[:limit]` have in common."""
+    n = 0
+    for x, y in zip(a, b[:limit]):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from torch import nn
 
 from app.models import ops, stack
-from app.models.base import StepInput
+from app.models.base import StepInput, shared_prefix
 from app.models.falcon import FalconDecoder, falcon_state_dict
 from app.models.kv_cache import KVCache
 from app.models.llama import LlamaDecoder, UnsupportedModelError, llama_state_dict, rope_inv_freq, rope_tables
@@ -88,15 +88,6 @@ def build_decoder(arch: str, config, weights: Mapping[str, torch.Tensor]) -> nn.
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
-
-
-def _shared_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = 0
-    for x, y in zip(a, b[:limit]):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class BatchedRunner:
@@ -162,7 +153,7 @@ class BatchedRunner:
         limit = len(prompt_ids) - 1
         best = {True: (-1, 0), False: (-1, 0)}  # free?: (slot, shared tokens)
         for slot, cached in enumerate(self._slot_tokens):
-            n = _shared_prefix(cached, prompt_ids, limit)
+            n = shared_prefix(cached, prompt_ids, limit)
             if n > best[slot in free][1]:
                 best[slot in free] = (slot, n)
         (slot, n), (busy, busy_n) = best[True], best[False]

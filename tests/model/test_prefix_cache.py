@@ -94,3 +94,32 @@ async def test_engine_reuses_a_finished_requests_prefix(model_dir):
         assert deltas[-1].num_cached_tokens == 0 and len(deltas[0].prompt_logprobs) == len(follow) - 1
     finally:
         engine.shutdown(10)
+
+
+async def test_identical_prompts_arriving_together_prefill_once(model_dir):
+    info = inspect_model_dir(model_dir)
+    runner = load_runner(info, 256, 4)
+    fed: list[int] = []
+    step = runner.step
+    runner.step = lambda inputs: fed.append(sum(len(i.token_ids) for i in inputs)) or step(inputs)
+    # a small token budget: the shared prompt takes several steps to prefill
+    core = EngineCore(runner, load_tokenizer(model_dir), info.eos_token_ids, emit_batch=lambda *_: None,
+                      max_num_batched_tokens=24)
+    engine = ThreadEngine(core)
+    client = EngineClient(engine, asyncio.get_running_loop())
+    engine.start()
+    try:
+        prompt = _ids(90, 5)
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+        async def run(rid: str):
+            return [d async for d in client.add_request(rid, prompt, params)]
+
+        results = await asyncio.gather(*(run(f"choice-{i}") for i in range(3)))
+        tokens = [[t for d in r for t in d.token_ids] for r in results]
+        assert tokens[0] == tokens[1] == tokens[2]
+        cached = sorted(r[-1].num_cached_tokens for r in results)
+        assert cached == [0, 89, 89]  # the others waited for the first's prompt and copied it
+        assert sum(fed) == 90 + 2 * 1 + 3 * 5  # one prefill; each copy feeds its last prompt token
+    finally:
+        engine.shutdown(10)
