@@ -461,7 +461,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=lambda v: v is None)  # as OpenAI: absent
 
 
 class TopLogprob(BaseModel):

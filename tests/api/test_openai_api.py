@@ -523,3 +523,10 @@ def test_a_running_requests_prefix_is_shared(client, model_dirs):
     assert out.choices[0].message.content == ref.greedy_text(model_dirs["demo-falcon"], prompt, 10)[0]
     shared = len(ref.chat_ids(model_dirs["demo-falcon"], [system])) - 1  # up to the user turn (no gen prompt)
     assert shared >= 32 and out.usage.prompt_tokens_details.cached_tokens >= shared, (shared, out.usage)
+
+
+def test_a_text_reply_has_no_tool_calls_key(http):
+    r = http.post("/v1/chat/completions", json={"model": "demo-llama", "max_tokens": 3,
+                                                "messages": [{"role": "user", "content": "hi"}]})
+    message = r.json()["choices"][0]["message"]
+    assert set(message) == {"role", "content", "refusal"}, message  # OpenAI's shape: no "tool_calls": null
