@@ -1,4 +1,5 @@
-"""Multi-turn chat with and without prefix caching: time to first token per turn, same run.
+"""Multi-turn chat (or a burst of users sharing a system prompt) with and without prefix caching: time to
+first token, same run.
 
 A conversation of --turns turns (a long system prompt, then user messages of --user-words words, replies of
 --reply-tokens tokens, greedy, streamed) is played --conversations times against Lanner serving the bench
@@ -7,9 +8,12 @@ with prefix caching (default: a turn continues from the previous turn's KV slot)
 own system prompt, so nothing is shared between conversations. The two servers never run at once.
 
 Reported per turn: prompt tokens, cached tokens (`usage.prompt_tokens_details`), TTFT median of the
-conversations for each mode, and the ratio off/on. Writes --out.{json,md,png}.
+conversations for each mode, and the ratio off/on. With `--burst N`, each round is N users sending their
+own question at once under one system prompt, and row k is the k-th user to get a first token. Writes
+--out.{json,md,png}.
 
     python bench/prefix_cache.py --quantize int8                     # TinyLlama-1.1B shape (~5 min)
+    python bench/prefix_cache.py --burst 4 --out bench/results/prefix-cache/burst   # shared system prompt
     python bench/prefix_cache.py --quick                             # demo-llama, seconds
 """
 
@@ -62,6 +66,34 @@ def conversation(client: Any, model: str, args: argparse.Namespace, seed: int) -
     return turns
 
 
+def burst(client: Any, model: str, args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
+    """--burst users at once, one shared system prompt, each their own question; per user: TTFT."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    system = {"role": "system", "content": f"Shop {seed}. " + words(args.system_words, seed)}
+
+    def one(user: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        ttft, usage = None, None
+        stream = client.chat.completions.create(
+            model=model, messages=[system, {"role": "user", "content": words(args.user_words, seed * 100 + user)}],
+            max_tokens=args.reply_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True})
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content and ttft is None:
+                ttft = time.perf_counter() - t0
+            if chunk.usage is not None:
+                usage = chunk.usage
+        details = getattr(usage, "prompt_tokens_details", None)
+        return {"turn": user + 1, "prompt_tokens": usage.prompt_tokens,
+                "cached_tokens": getattr(details, "cached_tokens", 0) or 0, "ttft_s": ttft,
+                "total_s": time.perf_counter() - t0}
+
+    with ThreadPoolExecutor(args.burst) as pool:
+        users = list(pool.map(one, range(args.burst)))
+    return sorted(users, key=lambda u: u["ttft_s"])  # row k: the k-th user to get a first token
+
+
 def run_mode(name: str, extra: list[str], model_dir: Path, args: argparse.Namespace) -> list[list[dict]]:
     from openai import OpenAI
 
@@ -75,10 +107,25 @@ def run_mode(name: str, extra: list[str], model_dir: Path, args: argparse.Namesp
         try:
             wait_ready(f"http://127.0.0.1:{port}/ready", proc, args.ready_timeout)
             client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=600)
-            conversation(client, "bench", args, seed=10_000)  # warm-up (kernels, allocator), not reported
-            return [conversation(client, "bench", args, seed) for seed in range(args.conversations)]
+            play = burst if args.burst else conversation
+            play(client, "bench", args, seed=10_000)  # warm-up (kernels, allocator), not reported
+            return [play(client, "bench", args, seed) for seed in range(args.conversations)]
         finally:
             stop(proc)
+
+
+def summarize_burst(runs: dict[str, list[list[dict]]]) -> list[dict[str, Any]]:
+    """Per round: the users' prompt and cached tokens, and their mean and last TTFT in each mode."""
+    rows = []
+    for i, (off, on) in enumerate(zip(runs["off"], runs["on"])):
+        row: dict[str, Any] = {"round": i + 1, "prompt_tokens": sum(u["prompt_tokens"] for u in on),
+                               "cached_on": sum(u["cached_tokens"] for u in on)}
+        for mode, users in (("off", off), ("on", on)):
+            row[f"ttft_mean_{mode}_s"] = statistics.mean(u["ttft_s"] for u in users)
+            row[f"ttft_last_{mode}_s"] = max(u["ttft_s"] for u in users)
+        row["ttft_last_ratio_off_on"] = row["ttft_last_off_s"] / row["ttft_last_on_s"]
+        rows.append(row)
+    return rows
 
 
 def summarize(runs: dict[str, list[list[dict]]]) -> list[dict[str, Any]]:
@@ -96,12 +143,28 @@ def summarize(runs: dict[str, list[list[dict]]]) -> list[dict[str, Any]]:
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
-    lines = ["# Multi-turn chat: prefix caching on vs off", "",
+    if result.get("burst"):
+        lines = ["# Prefix caching on vs off: users sharing a system prompt", "",
+                 f"CPU: {m['cpu_model']} ({m['usable_cpus']} usable); torch {m['torch']}; commit {m['git_commit']}.",
+                 f"Model: {result['model']} ({' '.join(result['lanner_args'])}); {result['conversations']} rounds of "
+                 f"{result['burst']} users sending their own question at once under one {result['system_words']}-word "
+                 f"system prompt; replies of {result['reply_tokens']} tokens, greedy, streamed.", "",
+                 "| round | prompt tokens (all users) | cached (on) | mean TTFT off | mean TTFT on | last TTFT off "
+                 "| last TTFT on | last: off / on |", "|---|---|---|---|---|---|---|---|"]
+        for r in result["rounds_summary"]:
+            lines.append(f"| {r['round']} | {r['prompt_tokens']} | {r['cached_on']} | {r['ttft_mean_off_s']:.2f} s "
+                         f"| {r['ttft_mean_on_s']:.2f} s | {r['ttft_last_off_s']:.2f} s | {r['ttft_last_on_s']:.2f} s "
+                         f"| {r['ttft_last_ratio_off_on']:.2f}x |")
+        return "\n".join(lines) + "\n"
+    what = (f"{result['burst']} users at once with one system prompt (row k: the k-th first token)"
+            if result.get("burst") else f"{result['turns']} turns")
+    lines = ["# Prefix caching on vs off: " + ("shared system prompt" if result.get("burst") else "multi-turn chat"), "",
              f"CPU: {m['cpu_model']} ({m['usable_cpus']} usable); torch {m['torch']}; commit {m['git_commit']}.",
              f"Model: {result['model']} ({' '.join(result['lanner_args']) or 'no extra args'}); "
-             f"{result['conversations']} conversations of {result['turns']} turns, replies of "
+             f"{result['conversations']} rounds of {what}, replies of "
              f"{result['reply_tokens']} tokens, greedy, streamed; TTFT, prompt and cached tokens = medians over the conversations.", "",
-             "| turn | prompt tokens | cached (on) | TTFT off | TTFT on | off / on |", "|---|---|---|---|---|---|"]
+             f"| {'user' if result.get('burst') else 'turn'} | prompt tokens | cached (on) | TTFT off | TTFT on "
+             "| off / on |", "|---|---|---|---|---|---|"]
     for r in result["turns_summary"]:
         lines.append(f"| {r['turn']} | {r['prompt_tokens']:.0f} | {r['cached_on']:.0f} | {r['ttft_off_s'] * 1e3:.0f} ms "
                      f"| {r['ttft_on_s'] * 1e3:.0f} ms | {r['ttft_ratio_off_on']:.2f}x |")
@@ -116,12 +179,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     rows = result["turns_summary"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    turns = [r["turn"] for r in rows]
-    ax.plot(turns, [r["ttft_off_s"] * 1e3 for r in rows], "o-", label="prefix caching off")
-    ax.plot(turns, [r["ttft_on_s"] * 1e3 for r in rows], "o-", label="prefix caching on")
-    ax.set_xlabel("turn")
-    ax.set_ylabel("time to first token (ms, median)")
-    ax.set_title(f"Multi-turn chat, {result['model']}")
+    if result.get("burst"):  # each user's TTFT, first to last, every round
+        for mode in ("off", "on"):
+            for i, users in enumerate(result["runs"][mode]):
+                ax.plot(range(1, len(users) + 1), [u["ttft_s"] * 1e3 for u in users], "o-",
+                        color="C0" if mode == "off" else "C1", alpha=0.8,
+                        label=f"prefix caching {mode}" if i == 0 else None)
+    else:
+        turns = [r["turn"] for r in rows]
+        ax.plot(turns, [r["ttft_off_s"] * 1e3 for r in rows], "o-", label="prefix caching off")
+        ax.plot(turns, [r["ttft_on_s"] * 1e3 for r in rows], "o-", label="prefix caching on")
+    ax.set_xlabel("k-th user to get a first token" if result.get("burst") else "turn")
+    ax.set_ylabel("time to first token (ms)" if result.get("burst") else "time to first token (ms, median)")
+    ax.set_title(f"{'Shared system prompt' if result.get('burst') else 'Multi-turn chat'}, {result['model']}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -137,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lanner-arg", action="append", default=[], help="extra `lanner serve` argument (repeatable)")
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="int8")
     p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--burst", type=int, default=0,
+                   help="instead of conversations: this many users at once sharing one system prompt")
     p.add_argument("--conversations", type=int, default=3)
     p.add_argument("--system-words", type=int, default=300)
     p.add_argument("--user-words", type=int, default=40)
@@ -149,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         result = json.loads(args.out.with_suffix(".json").read_text())
         result["turns_summary"] = summarize(result["runs"])
+        if result.get("burst"):
+            result["rounds_summary"] = summarize_burst(result["runs"])
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
         args.out.with_suffix(".md").write_text(markdown(result))
         plot(result, args.out.with_suffix(".png"))
@@ -171,9 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = {"off": run_mode("off", ["--no-prefix-caching"], args.model_dir, args),
             "on": run_mode("on", [], args.model_dir, args)}
     result = {"machine": machine_info(), "model": args.model_dir.name, "lanner_args": args.lanner_arg,
-              "turns": args.turns, "conversations": args.conversations, "reply_tokens": args.reply_tokens,
+              "turns": args.turns, "burst": args.burst, "conversations": args.conversations,
+              "reply_tokens": args.reply_tokens,
               "system_words": args.system_words, "user_words": args.user_words, "runs": runs,
               "turns_summary": summarize(runs)}
+    if args.burst:
+        result["rounds_summary"] = summarize_burst(runs)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(markdown(result))
     plot(result, args.out.with_suffix(".png"))
