@@ -147,6 +147,13 @@ def _validation_message(err: dict[str, Any], param: str | None) -> tuple[str, st
     return (f"{param}: {msg}" if param else msg), param
 
 
+def invalid_request_from(errors: list[dict[str, Any]]) -> InvalidRequestError:
+    """A 400 for pydantic errors raised outside request parsing (a model built from a validated body)."""
+    err = errors[0] if errors else {}
+    message, param = _validation_message(err, _param_from_loc(tuple(err.get("loc", ()))))
+    return InvalidRequestError(message, param=param)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:

@@ -57,6 +57,13 @@ def check_sampling_token_ids(handle: ModelHandle, body: SamplingFields) -> None:
     check_token_ids(handle, body.logit_bias_ids, "logit_bias")
 
 
+def check_grammar_support(handle: ModelHandle, params: SamplingParams, param: str) -> None:
+    """A grammar (response_format, tool calls) is enforced with the tokenizer's Rust backend."""
+    if params.grammar is not None and getattr(handle.tokenizer, "backend_tokenizer", None) is None:
+        raise InvalidRequestError(f"The model `{handle.id}` has a slow (Python) tokenizer; structured output "
+                                  "and tool calls need a fast one (tokenizer.json).", param=param)
+
+
 def resolve_max_tokens(handle: ModelHandle, prompt_len: int, requested: int | None, prompt_param: str) -> int:
     limit = handle.max_model_len
     if prompt_len == 0:
@@ -232,12 +239,13 @@ async def collect_jobs(req: Admitted) -> list[ChoiceResult]:
 
 def usage(prompts: list[list[int]], completion_tokens: int, cached: dict[int, int] | None = None) -> dict:
     """OpenAI counts each distinct prompt once, however many choices (n) it has. `cached`: each choice's
-    prompt tokens found in the KV cache (by choice index, prompt-major); a prompt counts its best choice's."""
+    prompt tokens found in the KV cache (by choice index, prompt-major); a prompt counts its choices' least
+    (the others copied what the first computed: that prompt was still computed once)."""
     prompt = sum(len(p) for p in prompts)
     n = max(1, len(cached or {}) // max(1, len(prompts)))
     by_prompt: dict[int, int] = {}
     for index, c in (cached or {}).items():
-        by_prompt[index // n] = max(by_prompt.get(index // n, 0), c)
+        by_prompt[index // n] = min(by_prompt.get(index // n, c), c)
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
             "total_tokens": prompt + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": sum(by_prompt.values())}}

@@ -20,6 +20,7 @@ finish_reason "length"; a named call's arguments come back cut short, as OpenAI 
 
 from __future__ import annotations
 
+import copy
 import json
 import uuid
 from dataclasses import dataclass
@@ -41,18 +42,56 @@ def _parameters(tool: ChatTool) -> dict[str, Any]:
     return tool.function.parameters if tool.function.parameters is not None else NO_ARGUMENTS
 
 
-def _call_schema(tools: list[ChatTool], arguments_key: str) -> dict[str, Any]:
-    return {"anyOf": [{
+def _mounted(schema: dict[str, Any], at: str, tag: str, defs: dict[str, Any]) -> dict[str, Any]:
+    """`schema` placed at JSON pointer `at` of a bigger document: its `$defs`/`definitions` move to the
+    document's `$defs` under names prefixed with `tag`, and its local `$ref`s are rewritten to match
+    (Pydantic-made tool schemas, the OpenAI SDK's and LangChain's, put every nested model in `$defs`)."""
+    schema = copy.deepcopy(schema)
+    own = {name: sub for key in ("$defs", "definitions") for name, sub in (schema.pop(key, None) or {}).items()}
+
+    def rewrite(ref: str) -> str:
+        pointer = ref[1:]
+        for key in ("$defs", "definitions"):
+            if pointer.startswith(f"/{key}/"):
+                return f"#/$defs/{tag}{pointer[len(key) + 2:]}"
+        return f"#{at}{pointer}"
+
+    def fix(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#"):
+                node["$ref"] = rewrite(node["$ref"])
+            for value in node.values():
+                fix(value)
+        elif isinstance(node, list):
+            for value in node:
+                fix(value)
+
+    fix(schema)
+    for name, sub in own.items():
+        fix(sub)
+        defs[f"{tag}{name}"] = sub
+    return schema
+
+
+def _call_schema(tools: list[ChatTool], arguments_key: str, at: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One call to any of `tools`, as a schema placed at JSON pointer `at` of its document, and the `$defs`
+    that document's root must carry."""
+    defs: dict[str, Any] = {}
+    calls = [{
         "type": "object",
-        "properties": {"name": {"const": t.function.name}, arguments_key: _parameters(t)},
+        "properties": {"name": {"const": t.function.name},
+                       arguments_key: _mounted(_parameters(t), f"{at}/anyOf/{i}/properties/{arguments_key}",
+                                               f"tool{i}_", defs)},
         "required": ["name", arguments_key],
         "additionalProperties": False,
-    } for t in tools]}
+    } for i, t in enumerate(tools)]
+    return {"anyOf": calls}, defs
 
 
 def _auto_grammar(tools: list[ChatTool]) -> str:
     """Text that does not start with `{`, or one Llama-style call (Lark with llguidance's %json)."""
-    schema = json.dumps(json_options(_call_schema(tools, "parameters")))
+    call, defs = _call_schema(tools, "parameters", "")
+    schema = json.dumps(json_options({**call, **({"$defs": defs} if defs else {})}))
     lark = f"start: call | text\ncall: %json {schema}\ntext: /[^{{][\\s\\S]*/\n"
     try:
         grammar = LLMatcher.grammar_from_lark(lark)
@@ -86,7 +125,8 @@ class ToolPlan:
             return cls(mode, json_grammar(_parameters(tool)), name)
         if mode == "auto":
             return cls(mode, _auto_grammar(tools))
-        array: dict[str, Any] = {"type": "array", "items": _call_schema(tools, "arguments"), "minItems": 1}
+        call, defs = _call_schema(tools, "arguments", "/items")
+        array: dict[str, Any] = {"type": "array", "items": call, "minItems": 1, **({"$defs": defs} if defs else {})}
         if body.parallel_tool_calls is False:
             array["maxItems"] = 1
         return cls(mode, json_grammar(array))

@@ -77,6 +77,8 @@ class EngineCore:
         # a runner that keeps freed slots' keys and values (BatchedRunner.adopt) lets a new prompt continue
         # from the longest prefix a free slot already holds
         self._adopt = getattr(runner, "adopt", None) if prefix_caching else None
+        if not prefix_caching and hasattr(runner, "keep_prefixes"):
+            runner.keep_prefixes = False  # new sequences fill the lowest slots: least resident memory
         self.scheduler = Scheduler(runner.max_num_seqs, max(max_num_batched_tokens, runner.max_num_seqs),
                                    on_admit=self._reuse_prefix, hold=self._prefix_in_progress)
         self.inbox: queue.SimpleQueue[NewRequest | Abort | Stop] = queue.SimpleQueue()

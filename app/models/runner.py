@@ -22,6 +22,7 @@ they are read, one decoder layer at a time, so the fp32 model is never held; a p
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -109,6 +110,11 @@ class BatchedRunner:
         # slot -> the tokens whose keys and values it holds (positions 0..), kept after its sequence is
         # freed, so that a new sequence starting with the same tokens can continue from them (`adopt`)
         self._slot_tokens: list[list[int]] = [[] for _ in range(num_slots)]
+        self._freed_at = [0] * num_slots  # slot -> when its last sequence was freed (a counter)
+        self._frees = itertools.count(1)
+        # False (EngineCore without prefix caching): new sequences take the lowest free slot, so resident KV
+        # memory follows the busiest moment; True: a slot holding a cached prefix is overwritten last
+        self.keep_prefixes = True
         self.quant_report = QuantReport(mode="none")  # set by load_runner when weights are quantized
 
     # ------------------------------------------------------------ status
@@ -133,6 +139,20 @@ class BatchedRunner:
         self._num_cached.pop(seq_id, None)
         if slot is not None:
             self.kv.free(slot)
+            self._freed_at[slot] = next(self._frees)
+
+    def _allocate(self) -> int:
+        """A free slot for a sequence that reuses no prefix: with `keep_prefixes`, an empty one (lowest
+        first), else the one freed longest ago (its cached prefix is the least likely to be asked for
+        again); without, the lowest."""
+        if not self.keep_prefixes:
+            return self.kv.allocate()
+        slot = min(self.kv.free_slots(), key=lambda s: (bool(self._slot_tokens[s]), self._freed_at[s], s),
+                   default=None)
+        if slot is None:
+            return self.kv.allocate()  # raises: no free slot
+        self.kv.take(slot)
+        return slot
 
     def adopt(self, seq_id: int, prompt_ids: list[int]) -> int:
         """Start a new sequence from the longest prefix of its prompt that a KV slot already holds.
@@ -158,8 +178,13 @@ class BatchedRunner:
                 best[slot in free] = (slot, n)
         (slot, n), (busy, busy_n) = best[True], best[False]
         if busy_n >= self.COPY_MIN_TOKENS and busy_n > n:
-            slot, n = self.kv.allocate(), busy_n
-            self.kv.copy_prefix(busy, slot, n)
+            slot, n = self._allocate(), busy_n
+            try:
+                self.kv.copy_prefix(busy, slot, n)
+            except BaseException:
+                self._slot_tokens[slot].clear()  # its keys and values may be half-copied
+                self.kv.free(slot)
+                raise
             self._slot_tokens[slot] = self._slot_tokens[busy][:n]
         elif n > 0:
             self.kv.take(slot)
@@ -190,7 +215,7 @@ class BatchedRunner:
                     if start != 0:
                         raise RuntimeError(f"KV cache of sequence {inp.seq_id} is out of step "
                                            f"(new, start_pos={start})")
-                    slot = self.kv.allocate()
+                    slot = self._allocate()
                     self._slot_of[inp.seq_id] = slot
                     self._num_cached[inp.seq_id] = 0
                     new.append(inp.seq_id)

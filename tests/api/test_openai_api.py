@@ -485,7 +485,9 @@ def test_tokenize_and_detokenize(http, model_dirs):
     text = http.post("/detokenize", json={"model": "demo-llama", "tokens": bare["tokens"]}).json()
     assert text == {"prompt": PROMPT}
     for path, bad, param in [("/detokenize", {"tokens": [10**9]}, "tokens"), ("/tokenize", {}, "prompt"),
-                             ("/tokenize", {"prompt": "x", "messages": messages}, "prompt")]:
+                             ("/tokenize", {"prompt": "x", "messages": messages}, "prompt"),
+                             ("/tokenize", {"messages": messages, "tools": [{"type": "function", "function": {
+                                 "name": "f"}}] * 2}, "tools")]:
         r = http.post(path, json={"model": "demo-llama", **bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert http.post("/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404

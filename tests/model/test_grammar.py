@@ -143,3 +143,51 @@ def test_auto_tool_grammar_takes_text_or_one_call(demo_models_dir):
     [call] = plan.calls('{"name":"add","parameters":{"a":2}}')
     assert call.function.name == "add" and json.loads(call.function.arguments) == {"a": 2}
     assert plan.calls("Hello {there}") is None and plan.calls('{"name":"add","param') is None
+
+
+def test_tool_schemas_with_defs_work_in_every_mode(demo_models_dir):
+    """Pydantic-made tool schemas (the OpenAI SDK's pydantic_function_tool, LangChain) keep nested models in
+    $defs; wrapped into one call schema, their $refs must still resolve."""
+    from pydantic import BaseModel
+
+    from app.api.tools import ToolPlan
+    from app.protocol.openai import ChatCompletionRequest
+
+    class Place(BaseModel):
+        city: str
+        zone: int
+
+    class Trip(BaseModel):
+        start: Place
+        stops: list[Place]
+
+    tok = load_tokenizer(demo_models_dir / "demo-llama")
+    info = inspect_model_dir(demo_models_dir / "demo-llama")
+    ll = grammar_tokenizer(tok, info.vocab_size, list(info.eos_token_ids))
+    params = Trip.model_json_schema()
+    assert "$defs" in params and "$ref" in json.dumps(params)
+    same = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"$ref": "#/properties/a"}}}
+    tools = [{"type": "function", "function": {"name": "plan", "parameters": params}},
+             {"type": "function", "function": {"name": "pair", "parameters": same}}]
+    args = {"start": {"city": "Oslo", "zone": 1}, "stops": [{"city": "Rome", "zone": 2}]}
+    bad = {"start": {"city": "Oslo", "zone": 1}, "stops": [{"city": "Rome", "zone": "two"}]}  # Place.zone: int
+    forms = {"auto": lambda a: {"name": "plan", "parameters": a},
+             "required": lambda a: [{"name": "pair", "arguments": {"a": 1, "b": 2}}, {"name": "plan", "arguments": a}],
+             "named": lambda a: a}
+
+    def follows(grammar: str, doc) -> bool:
+        m = Constraint(ll, grammar)
+        try:
+            for t in tok.encode(json.dumps(doc, separators=(",", ":")), add_special_tokens=False):
+                m.accept(t)
+        except GrammarError:
+            return False
+        return True
+
+    for mode, form in forms.items():
+        choice = {"type": "function", "function": {"name": "plan"}} if mode == "named" else mode
+        body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], tools=tools,
+                                     tool_choice=choice)
+        plan = ToolPlan.of(body)
+        assert follows(plan.grammar, form(args)), mode
+        assert not follows(plan.grammar, form(bad)), mode

@@ -123,3 +123,39 @@ async def test_identical_prompts_arriving_together_prefill_once(model_dir):
         assert sum(fed) == 90 + 2 * 1 + 3 * 5  # one prefill; each copy feeds its last prompt token
     finally:
         engine.shutdown(10)
+
+
+def test_an_unrelated_prompt_overwrites_the_least_useful_slot(model_dir, monkeypatch):
+    runner = load_runner(inspect_model_dir(model_dir), 256, 3)
+    a, b, c, d = (_ids(40, s) for s in (11, 12, 13, 14))
+
+    def serve(seq_id: int, prompt: list[int]) -> int:
+        cached = runner.adopt(seq_id, prompt)
+        runner.step([StepInput(seq_id, prompt[cached:], cached)])
+        slot = runner._slot_of[seq_id]
+        runner.free(seq_id)
+        return slot
+
+    slot_a = serve(0, a)
+    slot_b = serve(1, b)
+    assert slot_b != slot_a  # an empty slot is taken before one holding a prefix
+    slot_c = serve(2, c)
+    assert len({slot_a, slot_b, slot_c}) == 3
+    assert serve(3, d) == slot_a  # every free slot holds a prefix: the one freed longest ago goes
+    assert runner.adopt(4, b + [5]) == 40 and runner._slot_of[4] == slot_b  # b's prefix is still there
+    runner.free(4)
+
+    # a copy that fails gives its slot back, empty
+    monkeypatch.setattr(runner.kv, "copy_prefix", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    runner.adopt(5, c)  # seq 5 holds c's slot (a free slot, no copy)
+    with pytest.raises(RuntimeError):
+        runner.adopt(6, c + [9])  # c is busy now: it would be copied
+    assert runner.kv.num_free_slots == 2
+
+    # without prefix caching (keep_prefixes off) new sequences fill the lowest free slot
+    plain = load_runner(inspect_model_dir(model_dir), 256, 3)
+    plain.keep_prefixes = False
+    plain.step([StepInput(0, a, 0)])
+    plain.free(0)
+    plain.step([StepInput(1, b, 0)])
+    assert plain._slot_of[1] == 0

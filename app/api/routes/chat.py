@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 from fastapi import APIRouter
@@ -15,6 +16,7 @@ from app.api.logprobs import chat_logprobs, token_strings
 from app.api.serving import (
     Deadlines,
     admit,
+    check_grammar_support,
     check_sampling_token_ids,
     collect_jobs,
     get_model,
@@ -56,6 +58,15 @@ def render_chat(handle: ModelHandle, body: ChatCompletionRequest) -> list[int]:
         raise InvalidRequestError(f"The messages could not be rendered with the model's chat template: {exc}",
                                   param="messages") from None
     specials = _special_texts(tok)
+    # Tool definitions and calls are rendered by the template too, and are not isolated like contents:
+    # special-token text there would become real control tokens (a forged turn boundary).
+    for param, value in [("tools", kwargs.get("tools")),
+                         *((f"messages[{i}]", {k: v for k, v in m.items() if k not in ("role", "content")})
+                           for i, m in enumerate(messages))]:
+        dumped = json.dumps(value, ensure_ascii=False) if value else ""
+        if any(sp in dumped for sp in specials):
+            raise InvalidRequestError("Tool definitions, tool calls and tool_call_id must not contain special-"
+                                      "token text (e.g. an end-of-turn marker).", param=param)
     if not any(sp in m["content"] for m in messages for sp in specials):
         return tok.encode(text, add_special_tokens=False)
     ids = _encode_isolating_content(tok, text, messages, kwargs)
@@ -126,6 +137,7 @@ async def create_chat_completion(body: ChatCompletionRequest, registry: Registry
         raise InvalidRequestError(f"A function's parameters: {exc}", param="tools") from None
     if tools is not None:
         params = dataclasses.replace(params, grammar=tools.grammar)
+    check_grammar_support(handle, params, "tools" if tools is not None else "response_format")
     prompts = [prompt]
     jobs = make_jobs(prompts, [params], body.n or 1)
     req = admit(handle, jobs, deadlines)

@@ -12,6 +12,7 @@ from app.api.logprobs import completion_logprobs, completion_piece, token_string
 from app.api.serving import (
     Deadlines,
     admit,
+    check_grammar_support,
     check_sampling_token_ids,
     check_token_ids,
     collect_jobs,
@@ -50,6 +51,7 @@ async def create_completion(body: CompletionRequest, registry: RegistryDep, sett
         raise InvalidRequestError("At most 64 choices (prompts x n) per request.", param="prompt")
     params = [body.to_sampling_params(resolve_max_tokens(handle, len(p), body.max_tokens, "prompt"))
               for p in prompts]
+    check_grammar_support(handle, params[0], "response_format")
     jobs = make_jobs(prompts, params, body.n or 1)
     req = admit(handle, jobs, deadlines)
     response_id, created = new_id("cmpl"), now()
