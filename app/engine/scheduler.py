@@ -45,8 +45,8 @@ class Scheduler:
         # called as a sequence starts running, before its first chunk is cut: it may mark part of the
         # prompt as already computed (a cached prefix)
         self._on_admit = on_admit or (lambda seq: None)
-        # true while the next waiting sequence should stay queued (a running one is still computing a
-        # prefix it will then copy); the queue stays first come, first served
+        # true while a waiting sequence should stay queued (a running one is still computing a prefix it
+        # will then copy); the sequences behind it are admitted meanwhile
         self._hold = hold or (lambda seq: False)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -86,10 +86,13 @@ class Scheduler:
                 n = min(remaining, budget)
                 prefills.append(ScheduledChunk(seq, n))
                 budget -= n
-        while self.waiting and budget > 0:
-            if not self.can_allocate(self.waiting[0]) or self._hold(self.waiting[0]):
-                break
-            seq = self.waiting.popleft()
+        i = 0  # held sequences keep their place; those behind them may go first
+        while i < len(self.waiting) and budget > 0 and self.can_allocate(self.waiting[i]):
+            seq = self.waiting[i]
+            if self._hold(seq):
+                i += 1
+                continue
+            del self.waiting[i]
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._on_admit(seq)

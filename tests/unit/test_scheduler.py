@@ -255,3 +255,17 @@ def test_a_failing_on_idle_does_not_stop_the_engine():
         core.inbox.put(Stop())
         loop.join(30)
     assert texts(out) == {"a": "cd", "b": "ij"}
+
+
+def test_a_held_sequence_keeps_its_place_while_later_ones_run():
+    held: set[int] = {0}
+    sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=64, hold=lambda seq: seq.seq_id in held)
+    seqs = [Sequence(i, f"r{i}", [1] * 10, SamplingParams(), sampling=None, detokenizer=None) for i in range(3)]
+    for seq in seqs:
+        sched.add(seq)
+    chunks = sched.schedule()
+    assert [c.seq.seq_id for c in chunks] == [1, 2]  # 0 waits, the others go first
+    assert list(sched.waiting) == [seqs[0]] and seqs[0].status is SequenceStatus.WAITING
+    held.clear()
+    assert [c.seq.seq_id for c in sched.schedule() if c.seq.seq_id == 0] == [0]
+    assert not sched.waiting
