@@ -42,34 +42,44 @@ def _parameters(tool: ChatTool) -> dict[str, Any]:
     return tool.function.parameters if tool.function.parameters is not None else NO_ARGUMENTS
 
 
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})  # their values are data, not schemas
+
+
 def _mounted(schema: dict[str, Any], at: str, tag: str, defs: dict[str, Any]) -> dict[str, Any]:
     """`schema` placed at JSON pointer `at` of a bigger document: its `$defs`/`definitions` move to the
-    document's `$defs` under names prefixed with `tag`, and its local `$ref`s are rewritten to match
-    (Pydantic-made tool schemas, the OpenAI SDK's and LangChain's, put every nested model in `$defs`)."""
+    document's `$defs` under names prefixed with `tag`, and its local JSON-pointer `$ref`s are rewritten to
+    match (Pydantic-made tool schemas, the OpenAI SDK's and LangChain's, put every nested model in `$defs`).
+    A schema with its own `$id` resolves its refs against itself and is left as it is."""
+    if "$id" in schema:
+        return schema
     schema = copy.deepcopy(schema)
-    own = {name: sub for key in ("$defs", "definitions") for name, sub in (schema.pop(key, None) or {}).items()}
+    moved = {key: schema.pop(key) for key in ("$defs", "definitions") if isinstance(schema.get(key), dict)}
 
     def rewrite(ref: str) -> str:
+        if ref != "#" and not ref.startswith("#/"):
+            return ref  # an anchor or another document: not a pointer into this schema
         pointer = ref[1:]
-        for key in ("$defs", "definitions"):
+        for key in moved:
             if pointer.startswith(f"/{key}/"):
-                return f"#/$defs/{tag}{pointer[len(key) + 2:]}"
+                return f"#/$defs/{tag}{key.lstrip('$')}_{pointer[len(key) + 2:]}"
         return f"#{at}{pointer}"
 
     def fix(node: Any) -> None:
         if isinstance(node, dict):
-            if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#"):
+            if isinstance(node.get("$ref"), str):
                 node["$ref"] = rewrite(node["$ref"])
-            for value in node.values():
-                fix(value)
+            for key, value in node.items():
+                if key not in _DATA_KEYWORDS:
+                    fix(value)
         elif isinstance(node, list):
             for value in node:
                 fix(value)
 
     fix(schema)
-    for name, sub in own.items():
-        fix(sub)
-        defs[f"{tag}{name}"] = sub
+    for key, group in moved.items():
+        for name, sub in group.items():
+            fix(sub)
+            defs[f"{tag}{key.lstrip('$')}_{name}"] = sub
     return schema
 
 
@@ -115,6 +125,15 @@ class ToolPlan:
     def of(cls, body: ChatCompletionRequest) -> ToolPlan | None:
         """None when the reply is plain text (no tools, or tool_choice 'none'); GrammarError for a
         `parameters` schema that cannot be enforced."""
+        try:
+            return cls._of(body)
+        except GrammarError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:  # a malformed schema
+            raise GrammarError(f"the JSON schema cannot be used: {exc}") from None
+
+    @classmethod
+    def _of(cls, body: ChatCompletionRequest) -> ToolPlan | None:
         mode, tools = body.tool_mode, body.tools or []
         if mode is None:
             return None

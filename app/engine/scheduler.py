@@ -86,9 +86,13 @@ class Scheduler:
                 n = min(remaining, budget)
                 prefills.append(ScheduledChunk(seq, n))
                 budget -= n
-        i = 0  # held sequences keep their place; those behind them may go first
-        while i < len(self.waiting) and budget > 0 and self.can_allocate(self.waiting[i]):
+        # A held sequence keeps its place and a slot for when it is released; sequences behind it may go
+        # first into the slots left over.
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) + i < self.max_num_seqs:
             seq = self.waiting[i]
+            if not self._can_allocate(seq):
+                break
             if self._hold(seq):
                 i += 1
                 continue

@@ -44,7 +44,7 @@ from app.engine.types import (
     StepStats,
     Stop,
 )
-from app.models.base import ModelRunner, StepInput, shared_prefix
+from app.models.base import ModelRunner, StepInput
 
 log = logging.getLogger("lanner.engine")
 
@@ -169,8 +169,10 @@ class EngineCore:
         min_shared = getattr(self.runner, "COPY_MIN_TOKENS", 32)
         for other in self.scheduler.running:
             if other.num_computed_tokens < other.num_prompt_tokens:
-                shared = shared_prefix(other.prompt_ids, seq.prompt_ids, seq.num_prompt_tokens - 1)
-                if shared >= min_shared and other.num_computed_tokens < shared:
+                # held iff they share more than `other` has computed, and at least min_shared tokens
+                n = max(min_shared, other.num_computed_tokens + 1)
+                if n <= min(other.num_prompt_tokens, seq.num_prompt_tokens - 1) and \
+                        other.prompt_ids[:n] == seq.prompt_ids[:n]:  # list equality runs in C
                     return True
         return False
 

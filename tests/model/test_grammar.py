@@ -191,3 +191,41 @@ def test_tool_schemas_with_defs_work_in_every_mode(demo_models_dir):
         plan = ToolPlan.of(body)
         assert follows(plan.grammar, form(args)), mode
         assert not follows(plan.grammar, form(bad)), mode
+
+
+def test_unusual_tool_schemas_compile_or_are_refused_cleanly(demo_models_dir):
+    from app.api.tools import ToolPlan
+    from app.protocol.openai import ChatCompletionRequest
+
+    tok = load_tokenizer(demo_models_dir / "demo-llama")
+    info = inspect_model_dir(demo_models_dir / "demo-llama")
+    ll = grammar_tokenizer(tok, info.vocab_size, list(info.eos_token_ids))
+    clash = {"type": "object", "properties": {"a": {"$ref": "#/$defs/X"}, "b": {"$ref": "#/definitions/X"}},
+             "required": ["a", "b"], "additionalProperties": False,
+             "$defs": {"X": {"type": "integer"}}, "definitions": {"X": {"type": "string"}}}
+    data = {"type": "object", "properties": {"k": {"const": {"$ref": "#/x"}}}, "required": ["k"],
+            "additionalProperties": False}
+    with_id = {"$id": "https://example.com/p", "type": "object", "properties": {"p": {"$ref": "#/$defs/P"}},
+               "$defs": {"P": {"type": "integer"}}, "required": ["p"], "additionalProperties": False}
+    odd = {"type": "object", "$defs": "not an object", "properties": {}}
+    for choice in ("auto", "required"):
+        for schema in (clash, data, with_id, odd):
+            body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], tool_choice=choice,
+                                         tools=[{"type": "function", "function": {"name": "f", "parameters": schema}}])
+            try:
+                plan = ToolPlan.of(body)
+            except GrammarError:
+                continue  # refused with a reason: a 400
+            if schema is clash:  # $defs/X and definitions/X are different types
+                form = (lambda a: {"name": "f", "parameters": a}) if choice == "auto" else (
+                    lambda a: [{"name": "f", "arguments": a}])
+                for args, ok in (({"a": 1, "b": "s"}, True), ({"a": "s", "b": 1}, False)):
+                    m = Constraint(ll, plan.grammar)
+                    try:
+                        for t in tok.encode(json.dumps(form(args), separators=(",", ":")), add_special_tokens=False):
+                            m.accept(t)
+                        assert ok, args
+                    except GrammarError:
+                        assert not ok, args
+            if schema is data:  # the const value is data: left as it is
+                assert '"$ref":"#/x"' in plan.grammar.replace(" ", "") or "#/x" in plan.grammar

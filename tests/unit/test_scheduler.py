@@ -269,3 +269,14 @@ def test_a_held_sequence_keeps_its_place_while_later_ones_run():
     held.clear()
     assert [c.seq.seq_id for c in sched.schedule() if c.seq.seq_id == 0] == [0]
     assert not sched.waiting
+
+    # a held sequence keeps a slot too: later ones take only what is left
+    held.add(10)
+    small = Scheduler(max_num_seqs=2, max_num_batched_tokens=64, hold=lambda seq: seq.seq_id in held)
+    for i in (10, 11, 12):
+        small.add(Sequence(i, f"r{i}", [1] * 10, SamplingParams(), sampling=None, detokenizer=None))
+    assert [c.seq.seq_id for c in small.schedule()] == [11]
+    held.clear()
+    small.schedule()
+    assert [s.seq_id for s in small.running] == [11, 10]  # 10 took the slot it kept; 12 still waits
+    assert [s.seq_id for s in small.waiting] == [12]
