@@ -26,9 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from llguidance import LLMatcher
-
-from app.engine.grammar import GrammarError, json_grammar, json_options
+from app.engine.grammar import GrammarError, json_grammar, json_options, lark_grammar
 from app.protocol.openai import ChatCompletionRequest, ChatTool, FunctionCall, NamedToolChoice, ToolCall
 
 NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -102,15 +100,7 @@ def _auto_grammar(tools: list[ChatTool]) -> str:
     """Text that does not start with `{`, or one Llama-style call (Lark with llguidance's %json)."""
     call, defs = _call_schema(tools, "parameters", "")
     schema = json.dumps(json_options({**call, **({"$defs": defs} if defs else {})}))
-    lark = f"start: call | text\ncall: %json {schema}\ntext: /[^{{][\\s\\S]*/\n"
-    try:
-        grammar = LLMatcher.grammar_from_lark(lark)
-    except Exception as exc:
-        raise GrammarError(f"the JSON schema cannot be used: {exc}") from None
-    error = LLMatcher.validate_grammar(grammar)
-    if error:
-        raise GrammarError(f"the JSON schema cannot be used: {error}")
-    return grammar
+    return lark_grammar(f"start: call | text\ncall: %json {schema}\ntext: /[^{{][\\s\\S]*/\n")
 
 
 @dataclass(frozen=True)

@@ -30,17 +30,26 @@ class GrammarError(ValueError):
     """The schema cannot be compiled or enforced (the message says why)."""
 
 
-def json_grammar(schema: dict[str, Any] | None) -> str:
-    """The llguidance grammar of JSON documents that follow `schema` (None: any JSON object)."""
+def _validated(compile_grammar: Any, text: Any) -> str:
     try:
-        grammar = LLMatcher.grammar_from_json_schema(ANY_JSON_OBJECT if schema is None else schema,
-                                                     defaults=_JSON_OPTIONS)
+        grammar = compile_grammar(text)
     except Exception as exc:  # llguidance raises plain ValueError/RuntimeError with the reason
         raise GrammarError(f"the JSON schema cannot be used: {exc}") from None
     error = LLMatcher.validate_grammar(grammar)
     if error:
         raise GrammarError(f"the JSON schema cannot be used: {error}")
     return grammar
+
+
+def json_grammar(schema: dict[str, Any] | None) -> str:
+    """The llguidance grammar of JSON documents that follow `schema` (None: any JSON object)."""
+    return _validated(lambda s: LLMatcher.grammar_from_json_schema(s, defaults=_JSON_OPTIONS),
+                      ANY_JSON_OBJECT if schema is None else schema)
+
+
+def lark_grammar(lark: str) -> str:
+    """The llguidance grammar of a Lark grammar (JSON schemas inside it with %json, see `json_options`)."""
+    return _validated(LLMatcher.grammar_from_lark, lark)
 
 
 def json_options(schema: dict[str, Any]) -> dict[str, Any]:

@@ -40,12 +40,3 @@ class ModelRunner(Protocol):
         """Release the KV state of a finished or aborted sequence."""
         ...
 
-
-def shared_prefix(a: list[int], b: list[int], limit: int) -> int:
-    """How many leading tokens `a` and `b[:limit]` have in common."""
-    n = 0
-    for x, y in zip(a, b[:limit]):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from torch import nn
 
 from app.models import ops, stack
-from app.models.base import StepInput, shared_prefix
+from app.models.base import StepInput
 from app.models.falcon import FalconDecoder, falcon_state_dict
 from app.models.kv_cache import KVCache
 from app.models.llama import LlamaDecoder, UnsupportedModelError, llama_state_dict, rope_inv_freq, rope_tables
@@ -89,6 +89,16 @@ def build_decoder(arch: str, config, weights: Mapping[str, torch.Tensor]) -> nn.
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
+
+
+def _shared_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens `a` and `b[:limit]` have in common."""
+    n = 0
+    for x, y in zip(a, b[:limit]):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class BatchedRunner:
@@ -173,7 +183,7 @@ class BatchedRunner:
         limit = len(prompt_ids) - 1
         best = {True: (-1, 0), False: (-1, 0)}  # free?: (slot, shared tokens)
         for slot, cached in enumerate(self._slot_tokens):
-            n = shared_prefix(cached, prompt_ids, limit)
+            n = _shared_prefix(cached, prompt_ids, limit)
             if n > best[slot in free][1]:
                 best[slot in free] = (slot, n)
         (slot, n), (busy, busy_n) = best[True], best[False]
@@ -216,6 +226,7 @@ class BatchedRunner:
                         raise RuntimeError(f"KV cache of sequence {inp.seq_id} is out of step "
                                            f"(new, start_pos={start})")
                     slot = self._allocate()
+                    self._slot_tokens[slot].clear()  # its old prefix is overwritten from position 0
                     self._slot_of[inp.seq_id] = slot
                     self._num_cached[inp.seq_id] = 0
                     new.append(inp.seq_id)
@@ -235,8 +246,6 @@ class BatchedRunner:
         if not inputs:
             raise ValueError("step() needs at least one input")
         slots = self._slots_for(inputs)
-        for inp, slot in zip(inputs, slots):  # positions from start_pos on are rewritten (a failed step may
-            del self._slot_tokens[slot][inp.start_pos:]  # leave them half-written: they are not kept)
         decode = sorted((i for i, inp in enumerate(inputs) if len(inp.token_ids) == 1), key=slots.__getitem__)
         prefill = [i for i, inp in enumerate(inputs) if len(inp.token_ids) > 1]
         ids: list[int] = []
@@ -257,6 +266,7 @@ class BatchedRunner:
         meta = self.kv.plan(rows, cos=self._cos[pos].unsqueeze(1), sin=self._sin[pos].unsqueeze(1),
                             logit_rows=logit_rows, positions=pos, slot_ids=torch.tensor(slot_ids))
         logits = self.model(torch.tensor(ids), meta, self.kv)
+        # recorded only after the forward succeeded: a failed step's half-written positions are never claimed
         for inp, slot in zip(inputs, slots):
             self._num_cached[inp.seq_id] = inp.start_pos + len(inp.token_ids)
             self._slot_tokens[slot].extend(inp.token_ids)
