@@ -47,7 +47,8 @@ CSRC = Path(__file__).parent / "csrc"
 # The WOQ matmuls, the decoder's small per-layer ops (RMSNorm, RoPE + KV store, decode attention) and the
 # whole layer stack in one call (decoder_stack.cpp): one library.
 SOURCES = (CSRC / "woq_kernels.cpp", CSRC / "decoder_ops.cpp", CSRC / "decoder_stack.cpp")
-HEADERS = (CSRC / "lanner_ops.h",)  # included by the sources (part of the build key)
+HEADERS = tuple(CSRC / h for h in ("lanner_ops.h", "parallel.h", "woq_core.h", "decoder_core.h"))  # included
+# by the sources (part of the build key)
 CACHE_ENV = "LANNER_KERNEL_CACHE"
 ENABLE_ENV = "LANNER_OWN_KERNELS"
 CXX_ENV = "CXX"
