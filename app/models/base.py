@@ -9,9 +9,7 @@ inside the runner until `free(seq_id)`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
-
-import torch
+from typing import Any, Protocol
 
 
 @dataclass
@@ -31,9 +29,10 @@ class ModelRunner(Protocol):
     max_model_len: int
     max_num_seqs: int
 
-    def step(self, inputs: list[StepInput]) -> torch.Tensor:
-        """Run one forward for the batch; returns fp32 logits, `num_logit_rows` rows per input in input
-        order (so [B, V] of each input's last token when no input asks for all its logits)."""
+    def step(self, inputs: list[StepInput]) -> Any:
+        """Run one forward for the batch; returns fp32 logits (a torch tensor, or a numpy array from the
+        torch-free runner, app/lite/runner.py), `num_logit_rows` rows per input in input order (so [B, V] of
+        each input's last token when no input asks for all its logits)."""
         ...
 
     def free(self, seq_id: int) -> None:

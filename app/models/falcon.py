@@ -30,6 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.models import stack
+from app.models.arch import (  # noqa: F401 - re-exported
+    PARALLEL,
+    PARALLEL_TWO_NORMS,
+    SEQUENTIAL,
+    falcon_layout,
+    falcon_num_kv_heads,
+)
 from app.models.kv_cache import BatchMeta, KVCache
 from app.models.llama import (
     Reader,
@@ -46,29 +53,6 @@ ACTIVATIONS = MappingProxyType({
     "relu": F.relu,
 })
 
-PARALLEL, PARALLEL_TWO_NORMS, SEQUENTIAL = "parallel", "parallel_two_norms", "sequential"
-
-
-def falcon_layout(config) -> str:
-    """Which residual layout the config describes (refusing the ones transformers cannot run either)."""
-    if getattr(config, "alibi", False):
-        raise UnsupportedModelError(
-            "Falcon checkpoints with ALiBi position biases (alibi=true) are not supported; "
-            "only rotary-embedding Falcon models (falcon-7b/40b/180b style) can be served."
-        )
-    if config.new_decoder_architecture:
-        if not config.parallel_attn:
-            raise UnsupportedModelError(
-                "Falcon new_decoder_architecture with parallel_attn=false is not supported")
-        num_ln = getattr(config, "num_ln_in_parallel_attn", None) or 2
-        return PARALLEL_TWO_NORMS if num_ln == 2 else PARALLEL
-    return PARALLEL if config.parallel_attn else SEQUENTIAL
-
-
-def falcon_num_kv_heads(config) -> int:
-    if config.new_decoder_architecture:
-        return int(config.num_kv_heads)
-    return 1 if config.multi_query else int(config.num_attention_heads)
 
 
 class FalconLayer(nn.Module):

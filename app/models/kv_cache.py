@@ -36,7 +36,6 @@ the softmax @ V product); stale values of a previous occupant are finite and alw
 
 from __future__ import annotations
 
-import heapq
 import math
 import mmap
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from app.models import ops
+from app.models.slots import SlotPool
 
 # Use the packed-range view for decode rows while the slot range is at most this many times the rows.
 DECODE_RANGE_SLACK = 2
@@ -94,7 +94,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
 
 
-class KVCache:
+class KVCache(SlotPool):
     def __init__(
         self,
         num_layers: int,
@@ -104,17 +104,13 @@ class KVCache:
         num_slots: int,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if num_slots < 1:
-            raise ValueError("the KV cache needs at least one slot")
         shape = (num_slots, num_kv_heads, max_len, head_dim)
         self.k = [lazy_zeros(shape, dtype) for _ in range(num_layers)]
         self.v = [lazy_zeros(shape, dtype) for _ in range(num_layers)]
-        self.num_slots = num_slots
+        super().__init__(num_slots)
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.max_len = max_len
-        self._free: list[int] = list(range(num_slots))  # a heap: lowest free slot first
-        heapq.heapify(self._free)
 
     # ------------------------------------------------------------ sizing
 
@@ -147,41 +143,10 @@ class KVCache:
 
     # ------------------------------------------------------------ slots
 
-    @property
-    def num_free_slots(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used_slots(self) -> int:
-        return self.num_slots - len(self._free)
-
-    def can_allocate(self) -> bool:
-        return bool(self._free)
-
-    def allocate(self) -> int:
-        if not self._free:
-            raise RuntimeError(f"no free KV cache slot (all {self.num_slots} in use)")
-        return heapq.heappop(self._free)
-
-    def free_slots(self) -> list[int]:
-        return list(self._free)
-
-    def take(self, slot: int) -> None:
-        """Allocate this particular free slot (one whose cached prefix a new sequence reuses)."""
-        if slot not in self._free:
-            raise ValueError(f"KV slot {slot} is not free")
-        self._free.remove(slot)
-        heapq.heapify(self._free)
-
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Positions [0, n) of every layer's keys and values from slot `src` to slot `dst`."""
         for cache in (*self.k, *self.v):
             cache[dst, :, :n].copy_(cache[src, :, :n])
-
-    def free(self, slot: int) -> None:
-        if not 0 <= slot < self.num_slots or slot in self._free:
-            raise ValueError(f"KV slot {slot} is not allocated")
-        heapq.heappush(self._free, slot)
 
     # ------------------------------------------------------------ per step
 

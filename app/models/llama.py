@@ -31,25 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.models import ops, stack
+from app.models.arch import UnsupportedModelError, llama_head_dim, rope_parameters  # noqa: F401 - re-exported
 from app.models.kv_cache import BatchMeta, KVCache
 
 
-class UnsupportedModelError(ValueError):
-    """The checkpoint uses a feature this implementation does not support (message says which)."""
-
-
 # --------------------------------------------------------------------------- rope (shared with falcon)
-
-
-def rope_parameters(config) -> dict:
-    """The config's rope dict in transformers-5 form ({'rope_type', 'rope_theta', ...})."""
-    params = getattr(config, "rope_parameters", None)
-    if params is None:  # pre-v5 style config
-        params = dict(getattr(config, "rope_scaling", None) or {})
-        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    params = dict(params)
-    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
-    return params
 
 
 def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
@@ -138,8 +124,7 @@ class LlamaDecoder(nn.Module):
         if config.hidden_act not in ACTIVATIONS:
             raise UnsupportedModelError(f"Llama activation {config.hidden_act!r} is not supported")
         self.config = config
-        default_head_dim = config.hidden_size // config.num_attention_heads
-        self.head_dim = int(getattr(config, "head_dim", None) or default_head_dim)
+        self.head_dim = llama_head_dim(config)
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = config.num_key_value_heads
         self.vocab_size = config.vocab_size

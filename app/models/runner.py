@@ -22,7 +22,6 @@ they are read, one decoder layer at a time, so the fp32 model is never held; a p
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -37,6 +36,7 @@ from app.models import ops, stack
 from app.models.base import StepInput
 from app.models.falcon import FalconDecoder, falcon_state_dict
 from app.models.kv_cache import KVCache
+from app.models.slots import PrefixSlots
 from app.models.llama import LlamaDecoder, UnsupportedModelError, llama_state_dict, rope_inv_freq, rope_tables
 from app.models.loader import ModelInfo, ModelLoadError
 from app.quant.checkpoint import is_quantized_dir, load_and_quantize, load_quantized
@@ -91,19 +91,7 @@ def build_decoder(arch: str, config, weights: Mapping[str, torch.Tensor]) -> nn.
     return model.eval()
 
 
-def _shared_prefix(a: list[int], b: list[int], limit: int) -> int:
-    """How many leading tokens `a` and `b[:limit]` have in common."""
-    n = 0
-    for x, y in zip(a, b[:limit]):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-class BatchedRunner:
-    COPY_MIN_TOKENS = 32  # a running sequence's prefix shorter than this is prefilled, not copied
-
+class BatchedRunner(PrefixSlots):
     def __init__(self, model: nn.Module, max_model_len: int, max_num_seqs: int,
                  kv_cache_bytes: int | None = None, kv_dtype: torch.dtype = torch.float32) -> None:
         self.model = model.eval()
@@ -115,130 +103,8 @@ class BatchedRunner:
                           kv_dtype)
         self.max_num_seqs = num_slots
         self._cos, self._sin = rope_tables(rope_inv_freq(model.config, model.head_dim), self.max_model_len)
-        self._slot_of: dict[int, int] = {}  # seq_id -> slot
-        self._num_cached: dict[int, int] = {}  # seq_id -> tokens in its slot
-        # slot -> the tokens whose keys and values it holds (positions 0..), kept after its sequence is
-        # freed, so that a new sequence starting with the same tokens can continue from them (`adopt`)
-        self._slot_tokens: list[list[int]] = [[] for _ in range(num_slots)]
-        self._freed_at = [0] * num_slots  # slot -> when its last sequence was freed (a counter)
-        self._frees = itertools.count(1)
-        # False (EngineCore without prefix caching): new sequences take the lowest free slot, so resident KV
-        # memory follows the busiest moment; True: a slot holding a cached prefix is overwritten last
-        self.keep_prefixes = True
+        PrefixSlots.__init__(self, self.kv)
         self.quant_report = QuantReport(mode="none")  # set by load_runner when weights are quantized
-
-    # ------------------------------------------------------------ status
-
-    @property
-    def num_free_slots(self) -> int:
-        return self.kv.num_free_slots
-
-    @property
-    def kv_usage(self) -> float:
-        """Fraction of KV slots held by sequences (a slot reserves max_model_len tokens)."""
-        return self.kv.num_used_slots / self.kv.num_slots
-
-    @property
-    def num_cached_tokens(self) -> int:
-        return sum(self._num_cached.values())
-
-    # ------------------------------------------------------------ protocol
-
-    def free(self, seq_id: int) -> None:
-        slot = self._slot_of.pop(seq_id, None)
-        self._num_cached.pop(seq_id, None)
-        if slot is not None:
-            self.kv.free(slot)
-            self._freed_at[slot] = next(self._frees)
-
-    def _allocate(self) -> int:
-        """A free slot for a sequence that reuses no prefix: with `keep_prefixes`, an empty one (lowest
-        first), else the one freed longest ago (its cached prefix is the least likely to be asked for
-        again); without, the lowest."""
-        if not self.keep_prefixes:
-            return self.kv.allocate()
-        slot = min(self.kv.free_slots(), key=lambda s: (bool(self._slot_tokens[s]), self._freed_at[s], s),
-                   default=None)
-        if slot is None:
-            return self.kv.allocate()  # raises: no free slot
-        self.kv.take(slot)
-        return slot
-
-    def adopt(self, seq_id: int, prompt_ids: list[int]) -> int:
-        """Start a new sequence from the longest prefix of its prompt that a KV slot already holds.
-
-        Returns how many prompt tokens it starts with (0: none; the sequence then gets a slot on its first
-        step, as usual). A free slot holding the prefix is taken as it is. A prefix held by a busy slot
-        (another running sequence: a shared system prompt, say) is copied into the lowest free slot when it
-        is at least COPY_MIN_TOKENS long and longer than any free slot's: copying keys and values costs far
-        less than computing them. At most all but the last prompt token are reused: the last one must be
-        fed to get the logits of the first sampled token. Keys and values depend only on the tokens before
-        them, so the reused positions are what a fresh prefill would compute (up to float rounding: a
-        prefill split at another point, as chunked prefill does too)."""
-        if seq_id in self._slot_of:
-            raise RuntimeError(f"sequence {seq_id} already has a KV slot")
-        free = set(self.kv.free_slots())
-        if not free:
-            return 0
-        limit = len(prompt_ids) - 1
-        best = {True: (-1, 0), False: (-1, 0)}  # free?: (slot, shared tokens)
-        for slot, cached in enumerate(self._slot_tokens):
-            n = _shared_prefix(cached, prompt_ids, limit)
-            if n > best[slot in free][1]:
-                best[slot in free] = (slot, n)
-        (slot, n), (busy, busy_n) = best[True], best[False]
-        if busy_n >= self.COPY_MIN_TOKENS and busy_n > n:
-            slot, n = self._allocate(), busy_n
-            try:
-                self.kv.copy_prefix(busy, slot, n)
-            except BaseException:
-                self._slot_tokens[slot].clear()  # its keys and values may be half-copied
-                self.kv.free(slot)
-                raise
-            self._slot_tokens[slot] = self._slot_tokens[busy][:n]
-        elif n > 0:
-            self.kv.take(slot)
-            del self._slot_tokens[slot][n:]
-        else:
-            return 0
-        self._slot_of[seq_id] = slot
-        self._num_cached[seq_id] = n
-        return n
-
-    def _slots_for(self, inputs: list[StepInput]) -> list[int]:
-        """Check every input against the cache state; allocate slots of new sequences."""
-        seen: set[int] = set()
-        slots, new = [], []
-        try:
-            for inp in inputs:
-                n, start = len(inp.token_ids), inp.start_pos
-                if inp.seq_id in seen:
-                    raise ValueError(f"sequence {inp.seq_id} appears twice in one step")
-                seen.add(inp.seq_id)
-                if n == 0:
-                    raise ValueError(f"sequence {inp.seq_id} was fed no tokens")
-                if start + n > self.max_model_len:
-                    raise ValueError(f"sequence {inp.seq_id} would reach {start + n} tokens, "
-                                     f"more than max_model_len={self.max_model_len}")
-                slot = self._slot_of.get(inp.seq_id)
-                if slot is None:
-                    if start != 0:
-                        raise RuntimeError(f"KV cache of sequence {inp.seq_id} is out of step "
-                                           f"(new, start_pos={start})")
-                    slot = self._allocate()
-                    self._slot_tokens[slot].clear()  # its old prefix is overwritten from position 0
-                    self._slot_of[inp.seq_id] = slot
-                    self._num_cached[inp.seq_id] = 0
-                    new.append(inp.seq_id)
-                elif self._num_cached[inp.seq_id] != start:
-                    raise RuntimeError(f"KV cache of sequence {inp.seq_id} is out of step "
-                                       f"({self._num_cached[inp.seq_id]} cached, start_pos={start})")
-                slots.append(slot)
-        except BaseException:
-            for seq_id in new:
-                self.free(seq_id)
-            raise
-        return slots
 
     @torch.inference_mode()
     def step(self, inputs: list[StepInput]) -> torch.Tensor:
@@ -266,10 +132,7 @@ class BatchedRunner:
         meta = self.kv.plan(rows, cos=self._cos[pos].unsqueeze(1), sin=self._sin[pos].unsqueeze(1),
                             logit_rows=logit_rows, positions=pos, slot_ids=torch.tensor(slot_ids))
         logits = self.model(torch.tensor(ids), meta, self.kv)
-        # recorded only after the forward succeeded: a failed step's half-written positions are never claimed
-        for inp, slot in zip(inputs, slots):
-            self._num_cached[inp.seq_id] = inp.start_pos + len(inp.token_ids)
-            self._slot_tokens[slot].extend(inp.token_ids)
+        self._record(inputs, slots)
         return logits
 
 

@@ -48,7 +48,6 @@ on.  A manifest whose format version or hash differs from the running code is re
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import logging
 import mmap
@@ -71,6 +70,17 @@ from torch import nn
 from app.models.falcon import FalconDecoder, falcon_global_readers, falcon_layer_readers, falcon_layout
 from app.models.llama import LlamaDecoder, Reader, llama_global_readers, llama_layer_readers
 from app.models.loader import ModelInfo, ModelLoadError
+from app.heap import return_freed_memory_promptly, trim_heap  # noqa: F401 - re-exported
+from app.quant.manifest import (  # noqa: F401 - re-exported
+    FORMAT_HASH,
+    FORMAT_NAME,
+    FORMAT_SPEC,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    is_quantized_dir,
+    read_manifest,
+)
 from app.quant.woq import (
     PackedWeight,
     QuantizedWeight,
@@ -90,29 +100,6 @@ from app.quant.woq import (
 
 log = logging.getLogger("lanner.quant")
 
-MANIFEST_FILE = "lanner_quant.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT_NAME = "lanner-woq"
-FORMAT_VERSION = 4  # 4: int4 scales on 8-bit row code grids; 3: int8 token embedding (was fp32/bf16);
-# 2: integer int4 zero points (were bf16)
-# What a loader must know to read the tensors.  Any change to the layout (names, dtypes, nibble order, the
-# meaning of scales/zeros, the decoders' fused state-dict layout) changes FORMAT_HASH; bump FORMAT_VERSION
-# with it (tests/unit/test_woq_checkpoint.py pins the pair).
-FORMAT_SPEC = MappingProxyType({
-    "container": "one model.safetensors; Lanner decoder state-dict names",
-    "decoder": "llama: layers.i.qkv_proj = cat(q, k, v), layers.i.gate_up_proj = cat(gate, up); "
-               "falcon: layers.i.qkv_proj rows in [q heads | k heads | v heads] order",
-    "int8": "<m>.qweight int8 [N, K]; <m>.scales bf16 [N]; w = q * scales[n]",
-    "int4": "<m>.qweight uint8 [N, K/2], byte j = q[:, 2j] | q[:, 2j+1] << 4, q in 0..15; "
-            "<m>.scales bf16 [N, K/G], scales[n, g] = c * 2^e[n] with c an integer 1..255; "
-            "<m>.zeros uint8 [N, K/G], 0..15; "
-            "w = (q - zeros[n, k // G]) * scales[n, k // G]",
-    "bias": "<m>.bias fp32 [N]",
-    "embedding": "manifest embedding=int8: embed_tokens.qweight int8 [V, H], embed_tokens.scales bf16 [V], "
-                 "row v = q[v] * scales[v]; embedding=lm_head (tied, int8 head): no tensor, lm_head's rows",
-    "other": "state-dict name, fp32 or a lossless bf16/fp16",
-})
-FORMAT_HASH = hashlib.sha256(json.dumps(dict(FORMAT_SPEC), sort_keys=True).encode()).hexdigest()[:16]
 # Copied unchanged from the source directory when present.
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
                 "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
@@ -475,35 +462,6 @@ def load_and_quantize(info: ModelInfo, mode: Literal["int8", "int4"], *, group_s
 # --------------------------------------------------------------------------- pre-quantized directories
 
 
-def is_quantized_dir(path: Path) -> bool:
-    return (Path(path) / MANIFEST_FILE).is_file()
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of a pre-quantized directory, checked against this code's format (ModelLoadError)."""
-    file = Path(path) / MANIFEST_FILE
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"Cannot read {file}: {exc}") from exc
-    fmt = manifest.get("format") if isinstance(manifest, dict) else None
-    if not isinstance(fmt, dict) or fmt.get("name") != FORMAT_NAME:
-        raise ModelLoadError(f"{file} is not a Lanner quantized-checkpoint manifest "
-                             f"(format {FORMAT_NAME!r}).")
-    if fmt.get("version") != FORMAT_VERSION or fmt.get("hash") != FORMAT_HASH:
-        made_by = manifest.get("lanner_version", "unknown")
-        raise ModelLoadError(
-            f"Model in {path} was quantized by Lanner {made_by} in checkpoint format version "
-            f"{fmt.get('version')} (hash {fmt.get('hash')}); this Lanner reads format version "
-            f"{FORMAT_VERSION} (hash {FORMAT_HASH}) only. Quantize the original model again with "
-            "`lanner quantize`.")
-    modules = manifest.get("modules")
-    if (manifest.get("mode") not in ("int8", "int4") or not isinstance(modules, dict)
-            or not all(isinstance(entry, dict) for entry in modules.values())):
-        raise ModelLoadError(f"{file} has no valid `mode` (int8|int4) or `modules`.")
-    return manifest
-
-
 def _stored_weight(name: str, entry: Mapping[str, Any], weights: SourceScope,
                    shape: tuple[int, int, bool], path: Path) -> QuantizedWeight:
     """A stored Linear's portable weight, checked against the decoder's shape."""
@@ -634,35 +592,6 @@ def _quantized_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor
     if qw.bias is not None:
         out[f"{name}.bias"] = qw.bias.float()
     return out
-
-
-def trim_heap() -> None:
-    """glibc only: give the heap's free pages back to the OS (malloc_trim).  Called after each part: the
-    allocator otherwise keeps freed quantizer blocks resident; and by a worker whose engine goes idle
-    (`EngineCore.on_idle`): a 681-token prompt left a TinyLlama int4 worker 40 MB larger, 4.5 MB after it.
-    Measured serving a 178 MB fp32 model (5 layers of 34 MB) with quantize-at-load: int8 peak 96 MB over
-    baseline without it, 62 MB with it (47 MB of them the model); int4 74-104 vs 83-95 MB (31 MB the
-    model).  The rest is glibc keeping
-    multi-MB blocks in its heap once its mmap threshold has grown (pinning the threshold at 1 MiB gives
-    57 / 59 MB), which `lanner quantize` does (`return_freed_memory_promptly`) and a server does not."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def return_freed_memory_promptly(threshold: int = 1 << 20) -> bool:
-    """glibc only: serve allocations of `threshold` bytes or more with mmap, so a freed block leaves the
-    process at once.  By default glibc raises that threshold to the largest block freed so far (up to
-    32 MiB); after the first few, the quantizer's blocks come from the heap and freed ones stay resident.
-    Measured on a 180 MB fp32 model (int4): peak RSS 120 MB over baseline without this, 55 MB with it.
-    Meant for `lanner quantize`, a process of its own: a server keeps glibc's default (its per-call
-    buffers are faster reused from the heap).  Returns whether the setting was applied."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 def quantize_checkpoint(info: ModelInfo, out: Path, mode: Literal["int8", "int4"], *,

@@ -26,20 +26,23 @@ logged and reported).
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
 import sys
-import sysconfig
-import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
+
+from app.quant.cbuild import (  # noqa: F401 - CACHE_ENV, cache_dir, switched_off: used through this module
+    CACHE_ENV,
+    FLAGS,
+    build_key,
+    build_once,
+    cache_dir,
+    compiler,
+    switched_off,
+)
 
 log = logging.getLogger("lanner.quant")
 
@@ -49,10 +52,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "woq_kernels.cpp", CSRC / "decoder_ops.cpp", CSRC / "decoder_stack.cpp")
 HEADERS = tuple(CSRC / h for h in ("lanner_ops.h", "parallel.h", "woq_core.h", "decoder_core.h"))  # included
 # by the sources (part of the build key)
-CACHE_ENV = "LANNER_KERNEL_CACHE"
 ENABLE_ENV = "LANNER_OWN_KERNELS"
-CXX_ENV = "CXX"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")
 TILE = 16  # output rows per weight tile (kTile in the C++ source)
 
 
@@ -63,25 +63,6 @@ class KernelBuild:
     ok: bool
     detail: str  # the library path, or why the kernels are not in use
     isa: str = ""  # the dot-product code compiled in: avx512-vnni | avx-vnni | avx2 | scalar
-
-
-def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV)
-    return Path(root) if root else Path.home() / ".cache" / "lanner" / "kernels"
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get(CXX_ENV, "") or "c++") or shutil.which("g++") or shutil.which("clang++")
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":")[0].strip() in ("flags", "Features"):
-                return line
-    except OSError:
-        pass
-    return ""
 
 
 def _commands(cxx: str, out: Path, extra: tuple[str, ...] = ()) -> tuple[list[list[str]], list[str]]:
@@ -97,50 +78,16 @@ def _commands(cxx: str, out: Path, extra: tuple[str, ...] = ()) -> tuple[list[li
     return compiles, [cxx, *FLAGS, *extra, *map(str, objects), "-o", str(out), *libdirs, "-ltorch_cpu", "-lc10"]
 
 
-def switched_off(env: str) -> bool:
-    """Whether an on/off environment variable (on by default) says off: 0, false, no or off."""
-    return os.environ.get(env, "1").strip().lower() in ("0", "false", "no", "off")
-
-
 def _build_key(cxx: str, extra: tuple[str, ...] = ()) -> str:
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    h = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in (*SOURCES, *HEADERS)), " ".join((*FLAGS, *extra)).encode(),
-                 version.encode(),
-                 torch.__version__.encode(), _cpu_flags().encode(), sysconfig.get_platform().encode()):
-        h.update(part)
-        h.update(b"\0")
-    return h.hexdigest()[:20]
+    return build_key(cxx, (*SOURCES, *HEADERS), (*FLAGS, *extra), (torch.__version__.encode(),))
 
 
 def build(cxx: str, extra: tuple[str, ...] = ()) -> Path:
     """The kernels' shared object for this machine, compiled now unless cached (raises on failure).
     `extra` compiler flags build a variant, e.g. ("-mno-avx512vnni", "-mno-avxvnni") for the AVX2 code
     on a VNNI machine (the tests compare the variants)."""
-    target_dir = cache_dir() / _build_key(cxx, extra)
-    target = target_dir / "lanner_woq_kernels.so"
-    if target.exists():
-        return target
-    target_dir.mkdir(parents=True, exist_ok=True)
-    with open(target_dir / "build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same key
-        if target.exists():
-            return target
-        with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
-            out = Path(tmp) / target.name
-            compiles, link = _commands(cxx, out, extra)
-            log.info("building Lanner's kernels for this CPU (once per machine): %s", " ".join(link[:8]))
-            jobs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                    for cmd in compiles]
-            errors = [(job.returncode, err) for job in jobs for _, err in [job.communicate()]]  # wait for all
-            for code, err in errors:
-                if code != 0:
-                    raise RuntimeError(f"{cxx} failed ({code}): {err.strip()[-2000:]}")
-            done = subprocess.run(link, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise RuntimeError(f"{cxx} (link) failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-            os.replace(out, target)  # atomic: readers never see a half-written library
-    return target
+    target = cache_dir() / _build_key(cxx, extra) / "lanner_woq_kernels.so"
+    return build_once(target, lambda out: _commands(cxx, out, extra), "Lanner's kernels")
 
 
 @cache
@@ -151,7 +98,7 @@ def load() -> KernelBuild:
     missing = [str(src) for src in (*SOURCES, *HEADERS) if not src.exists()]
     if missing:
         return KernelBuild(False, f"kernel source {missing[0]} is missing")
-    cxx = _compiler()
+    cxx = compiler()
     if cxx is None:
         return KernelBuild(False, "no C++ compiler (set CXX or install g++)")
     try:

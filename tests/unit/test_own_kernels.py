@@ -30,7 +30,7 @@ from app.quant.woq import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-needs_kernels = pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler on this machine")
+needs_kernels = pytest.mark.skipif(kernels.compiler() is None, reason="no C++ compiler on this machine")
 
 
 def gen(seed: int) -> torch.Generator:
@@ -271,7 +271,7 @@ torch.save({"int8": kernels.int8_mm(*inputs["int8"]), "int4": kernels.int4_mm(*i
 def test_isa_variants_give_bit_identical_results(variant, tmp_path, monkeypatch):
     """What an AVX2-only CPU (Zen 3) or a non-x86 one computes equals this machine's result bit for bit."""
     monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "cache"))
-    library = kernels.build(kernels._compiler(), ISA_VARIANTS[variant])
+    library = kernels.build(kernels.compiler(), ISA_VARIANTS[variant])
     q, s = random_int8(100, 176, seed=11)  # K=176: padded to 192 inside
     qw = random_int4(100, 256, 64, seed=12)
     inputs = {"int8": (torch.randn(7, 176, generator=gen(13)), *kernels.pack_int8(q, s), 100),
@@ -313,10 +313,10 @@ def test_int4_quantize_matches_the_python_reference(shape, group):
 def test_avx_vnni_variant_assembles(tmp_path, monkeypatch):
     """The AVX-VNNI code (Alder Lake and later client CPUs: VEX-encoded vpdpbusd, no AVX-512) cannot run on
     this machine, but it must compile and assemble: its inline asm needs the `{vex}` prefix."""
-    if kernels._compiler() is None:
+    if kernels.compiler() is None:
         pytest.skip("no C++ compiler")
     monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "cache"))
-    library = kernels.build(kernels._compiler(), ("-mno-avx512f", "-mavxvnni"))
+    library = kernels.build(kernels.compiler(), ("-mno-avx512f", "-mavxvnni"))
     dump = subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=False).stdout
     if dump:  # binutils present: every vpdpbusd is VEX (c4/c5 prefix), none needs AVX-512's EVEX
         lines = [line for line in dump.splitlines() if "vpdpbusd" in line]
@@ -399,7 +399,7 @@ def test_plan_uses_own_kernels(monkeypatch):
 
 def test_unavailable_kernels_fall_back_to_aten(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV, raising=False)
-    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    monkeypatch.setattr(kernels, "compiler", lambda: None)
     result = kernels.load.__wrapped__()  # the uncached body: what a machine without a compiler gets
     assert not result.ok and "no C++ compiler" in result.detail
     monkeypatch.setattr(kernels, "load", lambda: result)
