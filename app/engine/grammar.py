@@ -83,13 +83,18 @@ class Constraint:
         return self._matcher.is_stopped()
 
     def mask_(self, row: Any) -> None:
-        """Set the logits of tokens the grammar does not allow next to -inf, in place.  row: [V] fp32."""
+        """Set the logits of tokens the grammar does not allow next to -inf, in place.
+        row: [V] fp32, a torch tensor or a numpy array (a numpy row does not import torch)."""
         import numpy as np
-        import torch
 
         vocab = row.shape[0]
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(bits, count=vocab, bitorder="little")  # bit t of the mask: token t
+        if isinstance(row, np.ndarray):
+            row[allowed == 0] = -np.inf
+            return
+        import torch
+
         row.masked_fill_(torch.from_numpy(allowed == 0), float("-inf"))
 
     def accept(self, token_id: int) -> None:

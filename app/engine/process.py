@@ -40,7 +40,7 @@ class WorkerConfig:
     max_num_batched_tokens: int
     cpus: list[int] | None
     num_threads: int | None
-    runner: str  # "batched" | "reference"
+    runner: str  # "batched" | "reference" | "lite"
     kv_cache_bytes: int | None
     log_level: str = "INFO"
     quantize: str = "none"  # none | int8 | int4 (weight-only, app/quant/woq.py)
@@ -92,9 +92,10 @@ def worker_main(cfg: WorkerConfig, commands: Connection, outputs: Connection) ->
     threads = cfg.num_threads or min(len(cpus), cgroup_cpu_limit() or len(cpus))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
-        import torch
+        if cfg.runner != "lite":  # the lite runner's OpenMP threads follow OMP_NUM_THREADS; torch is never imported
+            import torch
 
-        torch.set_num_threads(threads)
+            torch.set_num_threads(threads)
         core = _build_core(cfg, emit=lambda batch, stats: _send_outputs(outputs, batch, stats))
     except Exception as exc:
         from app.models.loader import ModelLoadError
@@ -113,9 +114,15 @@ def worker_main(cfg: WorkerConfig, commands: Connection, outputs: Connection) ->
                             "backend": report.backend if report else "transformers",
                             "kernel": report.kernel if report else "transformers",
                             "isa": report.isa if report else "",
-                            "kv_cache_dtype": str(kv.k[0].dtype).removeprefix("torch.") if kv else "transformers"}))
+                            "kv_cache_dtype": _kv_dtype_name(kv)}))
     threading.Thread(target=_pump_commands, args=(commands, core), daemon=True, name="lanner-commands").start()
     core.run_forever()
+
+
+def _kv_dtype_name(kv: Any) -> str:
+    if kv is None:
+        return "transformers"
+    return getattr(kv, "dtype", None) or str(kv.k[0].dtype).removeprefix("torch.")  # the lite KV names its dtype
 
 
 def _send_outputs(outputs: Connection, batch: list, stats: Any) -> None:
@@ -136,7 +143,7 @@ def _pump_commands(commands: Connection, core: Any) -> None:
 def _build_core(cfg: WorkerConfig, emit: Callable[[list, Any], None]) -> Any:
     from app.engine.worker import EngineCore
     from app.models.loader import inspect_model_dir, load_tokenizer, worker_tokenizer
-    from app.quant.checkpoint import trim_heap
+    from app.heap import trim_heap
 
     info = cfg.info or inspect_model_dir(cfg.model_path)
     tokenizer = worker_tokenizer(info.path, cfg.tokenizer_json) if cfg.info else load_tokenizer(info.path)
@@ -164,6 +171,17 @@ def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv
         if isinstance(info.config, ConfigView):  # transformers' model class wants its own config class
             info = inspect_model_dir(info.path)
         return ReferenceRunner(load_hf_model(info), max_model_len, max_num_seqs)
+    if kind == "lite":
+        ignored = {"woq_backend": (woq_backend, "native"), "int4_group_size": (int4_group_size, None),
+                   "int4_head": (int4_head, "int8")}
+        for name, (value, default) in ignored.items():
+            if value != default:
+                log.warning("%s=%s has no effect with runner: lite (a pre-quantized checkpoint is served as stored, "
+                            "on Lanner's kernels)", name, value)
+        from app.lite.runner import load_lite_runner
+
+        return load_lite_runner(info, max_model_len, max_num_seqs, kv_cache_bytes, quantize=quantize,
+                                kv_cache_dtype=kv_cache_dtype)
     from app.models.runner import load_runner
 
     return load_runner(info, max_model_len, max_num_seqs, kv_cache_bytes, quantize=quantize,

@@ -18,6 +18,7 @@ slots; the loop keeps running, so no request can kill the engine or leak its slo
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import queue
@@ -26,11 +27,8 @@ import time
 from collections.abc import Callable, Sequence as Seq
 from typing import Any
 
-import torch
-
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.grammar import Constraint, GrammarError, grammar_tokenizer
-from app.engine.sampler import SamplingState, logprobs_of, sample
 from app.engine.scheduler import Scheduler
 from app.engine.sequence import Sequence
 from app.engine.types import (
@@ -66,6 +64,9 @@ class EngineCore:
         prefix_caching: bool = True,
     ) -> None:
         self.runner = runner
+        # sampling for the runner's logits: torch tensors (app/engine/sampler.py), or numpy arrays from the
+        # torch-free runner, whose SAMPLER names app/lite/sampler.py (this process then never imports torch)
+        self._sampling = importlib.import_module(getattr(runner, "SAMPLER", "app.engine.sampler"))
         # called once when the engine has had nothing to do for `idle_after_s` after some work (the worker
         # process gives the allocator's free pages back to the OS there)
         self.on_idle, self.idle_after_s = on_idle, idle_after_s
@@ -140,7 +141,7 @@ class EngineCore:
                 request_id=req.request_id,
                 prompt_ids=req.prompt_ids,
                 params=req.params,
-                sampling=SamplingState(req.params, req.prompt_ids, self.runner.vocab_size,
+                sampling=self._sampling.SamplingState(req.params, req.prompt_ids, self.runner.vocab_size,
                                        tuple(self.eos_token_ids), self._constraint(req.params)),
                 detokenizer=IncrementalDetokenizer(self.tokenizer, req.prompt_ids, stop=req.params.stop),
             )
@@ -238,7 +239,7 @@ class EngineCore:
                 logits = logits[[e - 1 for e in ends]]  # [B, V]: each input's last position
             ready_logits = logits[ready] if len(ready) < len(chunks) else logits
             states = [chunks[i].seq.sampling for i in ready]
-            tokens = sample(ready_logits, states) if ready else []
+            tokens = self._sampling.sample(ready_logits, states) if ready else []
             logprobs = self._logprobs(ready_logits, [chunks[i].seq for i in ready], tokens)
         except Exception as exc:
             log.exception("engine step failed; failing %d sequence(s)", len(chunks))
@@ -264,17 +265,15 @@ class EngineCore:
             num_prompt_tokens=num_prompt, num_generation_tokens=len(tokens),
             step_s=time.monotonic() - t0, inter_token_s=itl))
 
-    @staticmethod
-    def _logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> dict[int, Logprob]:
+    def _logprobs(self, logits: Any, seqs: list[Sequence], tokens: list[int]) -> dict[int, Logprob]:
         """Logprob of each sampled token whose request asked for them, by position in `seqs`."""
         rows = [j for j, seq in enumerate(seqs) if seq.params.logprobs is not None]
         if not rows:
             return {}
-        found = logprobs_of(logits[rows], [tokens[j] for j in rows], [seqs[j].params.logprobs for j in rows])
+        found = self._sampling.logprobs_of(logits[rows], [tokens[j] for j in rows], [seqs[j].params.logprobs for j in rows])
         return dict(zip(rows, found))
 
-    @staticmethod
-    def _prompt_logprobs(chunks: list, inputs: list[StepInput], logits: torch.Tensor) -> None:
+    def _prompt_logprobs(self, chunks: list, inputs: list[StepInput], logits: Any) -> None:
         """Score the prompt tokens that the all-logits rows of this step predict (a row at position p
         predicts token p + 1; the prompt's last position predicts the first sampled token instead)."""
         start = 0
@@ -285,7 +284,7 @@ class EngineCore:
                 first = inp.start_pos  # position of the first row
                 targets = seq.prompt_ids[first + 1: min(first + n_rows, seq.num_prompt_tokens - 1) + 1]
                 if targets:
-                    seq.prompt_logprobs.extend(logprobs_of(
+                    seq.prompt_logprobs.extend(self._sampling.logprobs_of(
                         logits[start: start + len(targets)], targets,
                         [seq.params.prompt_logprobs] * len(targets)))
             start += n_rows

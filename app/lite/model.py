@@ -1,0 +1,338 @@
+"""A pre-quantized int8/int4 Llama or Falcon checkpoint (`lanner quantize`) run without torch.
+
+The torch-free worker's model: numpy arrays for the weights and the KV cache, lite.cpp (app/lite/native.py)
+for the compute.  Loading reads each stored tensor of model.safetensors once into a fresh array, packs it into
+the kernels' tiles (the same bytes app/quant/kernels.py's `pack_int8` / `pack_int4` make; the tests compare
+them) and drops the stored copy, so the process holds the packed model plus one tensor in flight.  A forward:
+
+    embedding rows (int8 rows times their scales) -> lite.cpp's layer stack (every layer, KV cache writes and
+    causal attention by position) -> the final norm of the rows whose logits are wanted -> the head (int8
+    or int4 kernel) -> fp32 logits
+
+The same model through the torch worker (app/models/llama.py, falcon.py with app/models/stack.py) differs only
+where torch ran ATen ops: prompt chunks' attention (SDPA there, lite.cpp's decode attention here), LayerNorm
+and GELU; tests/model/test_lite.py bounds the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.lite import native
+from app.models.arch import (
+    PARALLEL,
+    PARALLEL_TWO_NORMS,
+    SEQUENTIAL,
+    UnsupportedModelError,
+    falcon_layout,
+    falcon_num_kv_heads,
+    llama_head_dim,
+)
+from app.models.loader import ModelInfo, ModelLoadError
+from app.quant.manifest import MANIFEST_FILE, WEIGHTS_FILE, read_manifest
+
+TILE, QUAD, BLOCK, UNIT_ROWS = 16, 4, 32, 4  # app/quant/kernels.py's tile geometry
+LAYOUTS = {SEQUENTIAL: 0, PARALLEL: 1, PARALLEL_TWO_NORMS: 2}
+FALCON_ACTS = {"gelu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2, "relu": 3}
+LLAMA_ACTS = ("silu", "swish")
+KV_DTYPES = {"fp32": np.float32, "bf16": np.uint16}  # bf16 elements held as their 16 bits
+_NP_DTYPES = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "I8": np.int8, "U8": np.uint8}
+
+
+def bf16_to_f32(a: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) -> fp32, exactly."""
+    return (a.astype(np.uint32) << 16).view(np.float32)
+
+
+class SafetensorsFile:
+    """The tensors of one safetensors file, each read on request into an array of its own (no mapping kept)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self._base = 8 + size
+        self.entries: dict[str, dict[str, Any]] = header
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor `name` as a numpy array (bf16 as uint16 bits); fp16/bf16 norms become fp32 by `plain`."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise KeyError(name)
+        dtype = _NP_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ModelLoadError(f"{self.path}: tensor {name} has dtype {entry['dtype']}, which this loader "
+                                 "does not read")
+        start, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        count = math.prod(shape)
+        if end - start != count * np.dtype(dtype).itemsize:
+            raise ModelLoadError(f"{self.path}: tensor {name} has {end - start} bytes for shape {list(shape)}")
+        with open(self.path, "rb") as f:
+            f.seek(self._base + start)
+            out = np.empty(count, dtype)
+            if f.readinto(memoryview(out).cast("B")) != end - start:
+                raise ModelLoadError(f"{self.path} is truncated (tensor {name})")
+        return out.reshape(shape)
+
+    def plain(self, name: str) -> np.ndarray:
+        """A norm weight or bias as fp32."""
+        a = self.read(name)
+        entry = self.entries[name]
+        return bf16_to_f32(a) if entry["dtype"] == "BF16" else a.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- the kernels' tiles
+
+
+def pack_int8(q: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """app/quant/kernels.py's `pack_int8`: q int8 [N, K], scales [N] -> tiles int8 [T, Kp/4, 16, 4], fp32 [16 T]
+    (rows and k past the matrix zero, -128 clamped to -127)."""
+    n, k = q.shape
+    tiles, kp = -(-n // TILE), -(-k // BLOCK) * BLOCK
+    padded = np.zeros((tiles * TILE, kp), np.int8)
+    padded[:n, :k] = q
+    np.maximum(padded, -127, out=padded)
+    out = np.ascontiguousarray(padded.reshape(tiles, TILE, kp // QUAD, QUAD).transpose(0, 2, 1, 3))
+    s = np.zeros(tiles * TILE, np.float32)
+    s[:n] = scales
+    return out, s
+
+
+def int4_scale_codes(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """app/quant/kernels.py's `int4_scale_codes`: fp32 scales [N, G'] -> (codes uint8 [N, G'], units fp32 [N])."""
+    widest = scales.max(axis=1)
+    _, exponent = np.frexp(widest)
+    exponent = np.where(np.isinf(widest), 127, exponent) - 8
+    units = np.ldexp(np.float32(1), np.clip(exponent, -126, 119)).astype(np.float32)
+    c = scales / units[:, None]
+    if not ((c == np.round(c)) & (c >= 0) & (c <= 255)).all():
+        raise ModelLoadError("int4 scales are not 8-bit codes times a power of two per row (quantize_int4's "
+                             "grid); quantize the weights again with this version of Lanner")
+    return c.astype(np.uint8), units
+
+
+def pack_int4(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """app/quant/kernels.py's `pack_int4`: the portable int4 form -> nibble tiles uint8 [T, K/4, 8, 4], scales
+    uint8 [T, 4 + K/G, 16] (row units, then codes) and zero points uint8 [T, K/G, 8]."""
+    n, half = qweight.shape
+    k, groups = 2 * half, scales.shape[1]
+    tiles = -(-n // TILE)
+    q = np.zeros((tiles * TILE, k), np.uint8)
+    q[:n, 0::2] = qweight & 0x0F
+    q[:n, 1::2] = qweight >> 4
+    qt = q.reshape(tiles, TILE, k // QUAD, QUAD).transpose(0, 2, 1, 3)  # [T, K/4, 16, 4]
+    nib = np.ascontiguousarray(qt[:, :, :TILE // 2] | (qt[:, :, TILE // 2:] << 4))
+    del q, qt
+    codes, units = int4_scale_codes(scales)
+    s = np.zeros((tiles, UNIT_ROWS + groups, TILE), np.uint8)
+    u = np.zeros(tiles * TILE, np.float32)
+    u[:n] = units
+    s[:, :UNIT_ROWS] = u.reshape(tiles, TILE).view(np.uint8).reshape(tiles, UNIT_ROWS, TILE)
+    c = np.zeros((tiles * TILE, groups), np.uint8)
+    c[:n] = codes
+    s[:, UNIT_ROWS:] = c.reshape(tiles, TILE, groups).transpose(0, 2, 1)
+    z = np.zeros((tiles * TILE, groups), np.uint8)
+    z[:n] = zeros
+    z = z.reshape(tiles, TILE, groups).transpose(0, 2, 1)  # [T, K/G, 16]
+    return nib, s, np.ascontiguousarray(z[..., :TILE // 2] | (z[..., TILE // 2:] << 4))
+
+
+@dataclass
+class Linear:
+    """A Linear in the kernels' tiles (kind 1 int8: weight, scales; kind 2 int4: weight, scales, zeros)."""
+
+    kind: int
+    n: int
+    k: int
+    group: int
+    weight: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray | None
+    bias: np.ndarray | None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.kind == 1:
+            y = native.int8_mm(x, self.weight, self.scales, self.n)
+        else:
+            y = native.int4_mm(x, self.weight, self.scales, self.zeros, self.group, self.n)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """An int8 Linear's weight rows `ids` dequantized [len(ids), K] fp32 (a tied model's embedding)."""
+        q = self.weight[ids // TILE, :, ids % TILE, :].reshape(len(ids), -1)[:, :self.k]
+        return q.astype(np.float32) * self.scales[ids, None]
+
+    def arrays(self) -> list[np.ndarray | None]:
+        return [self.weight, self.scales, self.zeros, self.bias]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays() if a is not None)
+
+
+def _linear(file: SafetensorsFile, name: str, entry: dict[str, Any], n: int, k: int, path: Path) -> Linear:
+    """A stored Linear, checked against the config's shape, packed into tiles."""
+    kind, g = entry.get("kind"), entry.get("group_size")
+
+    def get(suffix: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        key = f"{name}.{suffix}"
+        if key not in file:
+            raise ModelLoadError(f"Pre-quantized model in {path} is missing tensor {key!r}.")
+        a = file.read(key)
+        if a.shape != shape or a.dtype != dtype:
+            raise ModelLoadError(f"Pre-quantized model in {path}: {key} is {a.dtype} {list(a.shape)}, expected "
+                                 f"{np.dtype(dtype)} {list(shape)} for this config.")
+        return a
+
+    if entry.get("out_features") != n or entry.get("in_features") != k:
+        raise ModelLoadError(f"Pre-quantized model in {path} does not match its config: {name} is "
+                             f"{entry.get('out_features')} x {entry.get('in_features')}, expected {n} x {k}.")
+    bias = get("bias", (n,), np.float32) if entry.get("bias") else None
+    if kind == "int8":
+        tiles, scales = pack_int8(get("qweight", (n, k), np.int8), bf16_to_f32(get("scales", (n,), np.uint16)))
+        return Linear(1, n, k, 0, tiles, scales, None, bias)
+    if kind == "int4" and isinstance(g, int) and g % BLOCK == 0 and k % g == 0:
+        zeros = get("zeros", (n, k // g), np.uint8)
+        if zeros.size and int(zeros.max()) > 15:
+            raise ModelLoadError(f"Pre-quantized model in {path}: {name}.zeros holds values above 15.")
+        nib, scales, zp = pack_int4(get("qweight", (n, k // 2), np.uint8),
+                                    bf16_to_f32(get("scales", (n, k // g), np.uint16)), zeros)
+        return Linear(2, n, k, g, nib, scales, zp, bias)
+    raise ModelLoadError(f"Pre-quantized model in {path}: module {name!r} has an invalid kind/group size "
+                         f"({kind!r}, {g!r}) for K={k}.")
+
+
+class LiteModel:
+    """The decoder of a pre-quantized checkpoint: numpy weights in the kernels' tiles, lite.cpp's compute."""
+
+    def __init__(self, info: ModelInfo) -> None:
+        path, config = info.path, info.config
+        manifest = read_manifest(path)
+        if manifest.get("arch") != info.arch:
+            raise ModelLoadError(f"Pre-quantized model in {path} was made for arch {manifest.get('arch')!r}, "
+                                 f"but its config.json describes {info.arch!r}.")
+        self.mode = manifest["mode"]
+        self.arch = info.arch
+        self.vocab_size = int(config.vocab_size)
+        self.hidden = int(config.hidden_size)
+        self.num_layers = int(config.num_hidden_layers)
+        self.num_heads = int(config.num_attention_heads)
+        if info.arch == "llama":
+            act = getattr(config, "hidden_act", "silu")
+            if act not in LLAMA_ACTS:
+                raise UnsupportedModelError(f"hidden_act {act!r} is not supported (supported: silu)")
+            self.head_dim, self.num_kv_heads = llama_head_dim(config), int(config.num_key_value_heads)
+            self.norm, self.layout, self.act, self.eps = 0, 0, 0, float(config.rms_norm_eps)
+            self.inter = int(config.intermediate_size)
+            names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+            mlp = (2 * self.inter, self.inter)
+        elif info.arch == "falcon":
+            act = getattr(config, "activation", "gelu")
+            if act not in FALCON_ACTS:
+                raise UnsupportedModelError(f"activation {act!r} is not supported (supported: {', '.join(FALCON_ACTS)})")
+            self.head_dim, self.num_kv_heads = self.hidden // self.num_heads, falcon_num_kv_heads(config)
+            self.norm, self.layout = 1, LAYOUTS[falcon_layout(config)]
+            self.act, self.eps, self.inter = FALCON_ACTS[act], float(config.layer_norm_epsilon), 0
+            names = ("qkv_proj", "o_proj", "up_proj", "down_proj")
+            ffn = int(getattr(config, "ffn_hidden_size", None) or 4 * self.hidden)
+            mlp = (ffn, ffn)
+        else:
+            raise UnsupportedModelError(f"architecture {info.arch!r} is not supported")
+        h, d = self.hidden, self.head_dim
+        shapes = {names[0]: ((self.num_heads + 2 * self.num_kv_heads) * d, h), names[1]: (h, self.num_heads * d),
+                  names[2]: (mlp[0], h), names[3]: (h, mlp[1])}
+        modules: dict[str, Any] = manifest["modules"]
+        want = {"lm_head", *(f"layers.{i}.{m}" for i in range(self.num_layers) for m in names)}
+        if set(modules) != want:
+            diff = sorted(set(modules) ^ want)
+            raise ModelLoadError(f"Pre-quantized model in {path} does not match its config: modules "
+                                 f"{', '.join(diff[:5])} differ.")
+        file = SafetensorsFile(path / WEIGHTS_FILE)
+        self.head = _linear(file, "lm_head", modules["lm_head"], self.vocab_size, h, path)
+        embedding = manifest.get("embedding")
+        if embedding == "lm_head" and self.head.kind == 1:
+            self.embed_q = self.embed_s = None  # rows of the head
+        elif embedding == "int8":
+            self.embed_q = file.read("embed_tokens.qweight")
+            self.embed_s = bf16_to_f32(file.read("embed_tokens.scales"))
+            if self.embed_q.shape != (self.vocab_size, h) or self.embed_q.dtype != np.int8:
+                raise ModelLoadError(f"Pre-quantized model in {path}: embed_tokens.qweight is not int8 "
+                                     f"[{self.vocab_size}, {h}].")
+        else:
+            raise ModelLoadError(f"Pre-quantized model in {path} has no valid `embedding` in {MANIFEST_FILE}: "
+                                 f"{embedding!r}.")
+        norm_names = ("norm", None) if self.norm == 0 else ("ln_f.weight", "ln_f.bias")
+        self.final_norm = tuple(file.plain(n) if n else None for n in norm_names)
+        self.layers: list[tuple[list[Linear], list[np.ndarray | None]]] = []
+        for i in range(self.num_layers):
+            linears = [_linear(file, f"layers.{i}.{m}", modules[f"layers.{i}.{m}"], *shapes[m], path)
+                       for m in names]
+            if self.norm == 0:
+                norm_names = (f"layers.{i}.input_norm", None, f"layers.{i}.post_attn_norm", None)
+            else:
+                norm_names = (f"layers.{i}.ln_attn.weight", f"layers.{i}.ln_attn.bias",
+                              *((f"layers.{i}.ln_mlp.weight", f"layers.{i}.ln_mlp.bias")
+                                if self.layout != LAYOUTS[PARALLEL] else (None, None)))
+            norms = [file.plain(n) if n and n in file else None for n in norm_names]
+            if norms[0] is None or (self.layout != LAYOUTS[PARALLEL] and norms[2] is None):
+                raise ModelLoadError(f"Pre-quantized model in {path} is missing layer {i}'s norm weights.")
+            self.layers.append((linears, norms))
+
+    @property
+    def weight_nbytes(self) -> int:
+        norms = [a for _, ns in self.layers for a in ns if a is not None]
+        embed = 0 if self.embed_q is None else self.embed_q.nbytes + self.embed_s.nbytes
+        return (self.head.nbytes + embed + sum(l.nbytes for ls, _ in self.layers for l in ls)
+                + sum(a.nbytes for a in norms))
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token embeddings [T, H] fp32."""
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token id out of range [0, {self.vocab_size})")
+        if self.embed_q is None:
+            return self.head.rows(ids)
+        return self.embed_q[ids].astype(np.float32) * self.embed_s[ids, None]
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Final norm and head of hidden states [R, H] -> logits [R, V] fp32."""
+        w, b = self.final_norm
+        return self.head(native.norm(x, w, b, self.eps, "rms" if self.norm == 0 else "layer"))
+
+    def stack(self, k: list[np.ndarray], v: list[np.ndarray], bf16: bool) -> native.Stack:
+        """lite.cpp's layer stack over these weights and the per-layer KV caches k, v [S, nkv, L, d]."""
+        slots, _, max_len, _ = k[0].shape
+        ints = [self.norm, self.layout, self.act, self.num_heads, self.num_kv_heads, self.head_dim, self.inter,
+                self.num_layers, self.hidden, slots, max_len, int(bf16)]
+        arrays: list[np.ndarray | None] = []
+        for (linears, norms), kc, vc in zip(self.layers, k, v):
+            for lin in linears:
+                ints += [lin.kind, lin.group, lin.n]
+                arrays += lin.arrays()
+            arrays += [*norms, kc, vc]
+        return native.Stack(ints, arrays, self.eps)
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """A zero array resident only where written (its own anonymous mapping), as app/models/kv_cache.py's."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)

@@ -1,0 +1,66 @@
+"""`runner: lite` through a real server and the openai client: a pre-quantized checkpoint served by a worker
+that never loads torch, beside the same checkpoint on the torch runner."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from app.models.loader import inspect_model_dir
+from app.quant.checkpoint import quantize_checkpoint
+from tests.api.conftest import start_server, stop_server
+from tests.api.test_workers import mapped_libraries, worker_of
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, demo_models_dir):
+    root = tmp_path_factory.mktemp("lite-server")
+    ckpt = root / "demo-llama-int8"
+    quantize_checkpoint(inspect_model_dir(demo_models_dir / "demo-llama"), ckpt, "int8")
+    cfg = root / "models.yaml"
+    cfg.write_text("models:\n"
+                   f"  - {{id: lite, source: {ckpt}, runner: lite, max_num_seqs: 4}}\n"
+                   f"  - {{id: torch, source: {ckpt}, max_num_seqs: 4}}\n")
+    proc, base = start_server(["--config", str(cfg)], root / "server.log")
+    yield proc, openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+    assert stop_server(proc) == 0
+
+
+def test_lite_worker_holds_no_torch(served):
+    proc, _ = served
+    libs = mapped_libraries(worker_of(proc.pid, "lite"))
+    assert "libtorch_cpu.so" not in libs and any(name.startswith("lanner_lite") for name in libs)
+    assert "libtorch_cpu.so" in mapped_libraries(worker_of(proc.pid, "torch"))
+
+
+def test_lite_greedy_text_equals_the_torch_runner(served):
+    _, client = served
+    prompt = "The llama climbed the hill and"
+    texts = {m: client.completions.create(model=m, prompt=prompt, max_tokens=24, temperature=0).choices[0].text
+             for m in ("lite", "torch")}
+    assert texts["lite"] == texts["torch"] and len(texts["lite"]) > 0
+
+
+def test_lite_serves_sampling_logprobs_and_json(served):
+    _, client = served
+    chat = client.chat.completions.create(model="lite", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                          logprobs=True, top_logprobs=3, temperature=0.9, seed=7, n=2)
+    assert len(chat.choices) == 2 and chat.usage.completion_tokens == sum(
+        len(c.logprobs.content) for c in chat.choices)
+    for c in chat.choices:
+        for lp in c.logprobs.content:
+            assert lp.logprob <= 0 and len(lp.top_logprobs) == 3
+    again = client.chat.completions.create(model="lite", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                           temperature=0.9, seed=7, n=2)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in chat.choices]
+    echo = client.completions.create(model="lite", prompt="once upon a", max_tokens=2, echo=True, logprobs=1)
+    assert echo.choices[0].text.startswith("once upon a") and echo.choices[0].logprobs.token_logprobs[0] is None
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    doc = client.chat.completions.create(
+        model="lite", messages=[{"role": "user", "content": "a number"}], max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    value = json.loads(doc.choices[0].message.content)
+    assert set(value) == {"n"} and 0 <= value["n"] <= 99

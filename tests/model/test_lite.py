@@ -1,0 +1,206 @@
+"""The torch-free runner (app/lite) against the torch runner on the same pre-quantized checkpoints.
+
+Both read the same stored int8/int4 tensors into the same tiles and run the same C++ kernels; they differ where
+the torch runner uses ATen (prompt chunks' SDPA, LayerNorm, GELU, SiLU), so logits agree to float rounding, not
+bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.lite import model as lite_model
+from app.lite import native
+from app.lite.runner import LiteRunner, load_lite_runner
+from app.models.base import StepInput
+from app.models.loader import ModelLoadError, inspect_model_dir
+from app.models.runner import load_runner
+from app.quant import kernels
+from app.quant.checkpoint import quantize_checkpoint
+from tests.model.test_parity import save_parity_models
+
+pytestmark = pytest.mark.skipif(kernels.compiler() is None, reason="no C++ compiler on this machine")
+
+MODES = ("int8", "int4")
+NAMES = ("demo-llama", "demo-falcon", "llama-gqa-bias", "llama-llama3-rope", "llama-tied-linear-rope", "falcon-7b",
+         "falcon-40b", "falcon-sequential")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, demo_models_dir) -> dict[tuple[str, str], Path]:
+    sources = {m: demo_models_dir / m for m in ("demo-llama", "demo-falcon")}
+    sources.update(save_parity_models(tmp_path_factory.mktemp("lite-sources"), demo_models_dir))
+    root = tmp_path_factory.mktemp("lite-ckpts")
+    out = {}
+    for name in NAMES:
+        for mode in MODES:
+            out[name, mode] = root / f"{name}-{mode}"
+            quantize_checkpoint(inspect_model_dir(sources[name]), out[name, mode], mode)
+    return out
+
+
+def run(runner, prompts: list[list[int]], steps: int, fed: list[list[int]] | None = None) -> list[np.ndarray]:
+    """Prompt 0 in one chunk, prompt 1 in two (the second chunk with all its logits), then `steps` decode
+    steps of both as one batch, feeding `fed[t]` (or the runner's own greedy tokens).  Logits per step."""
+    out = []
+
+    def step(inputs):
+        logits = runner.step(inputs)
+        out.append(logits.numpy() if isinstance(logits, torch.Tensor) else logits)
+        return out[-1]
+
+    a, b = prompts
+    step([StepInput(0, a, 0), StepInput(1, b[:5], 0)])
+    last = step([StepInput(1, b[5:], 5, all_logits=True)])
+    nxt = [int(out[0][0].argmax()), int(last[-1].argmax())]
+    lens = [len(a), len(b)]
+    for t in range(steps):
+        tokens = fed[t] if fed else nxt
+        logits = step([StepInput(s, [tokens[s]], lens[s] + t) for s in range(2)])
+        nxt = logits.argmax(-1).tolist()
+    return out
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", NAMES)
+def test_lite_logits_equal_torch_runner(name, mode, checkpoints):
+    info = inspect_model_dir(checkpoints[name, mode])
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, info.vocab_size, 17).tolist(), rng.integers(0, info.vocab_size, 12).tolist()]
+    torch_steps = run(load_runner(info, 64, 2), prompts, steps=6)
+    # the torch runner's greedy tokens, fed to both
+    fed = [[int(torch_steps[0][0].argmax()), int(torch_steps[1][-1].argmax())],
+           *([int(r.argmax()) for r in s] for s in torch_steps[2:-1])]
+    lite_steps = run(load_lite_runner(info.for_worker(), 64, 2), prompts, steps=6, fed=fed)
+    for t, (ref, got) in enumerate(zip(torch_steps, lite_steps)):
+        assert got.shape == ref.shape and got.dtype == np.float32
+        assert cosines(got, ref).min() > 0.9999, f"step {t}"
+        scale = np.abs(ref).max()
+        # int4 rows sit closer to the activations' rounding edges (32-blocks quantized to int8): a float-rounding
+        # difference upstream flips more of them
+        assert np.abs(got - ref).max() < (2e-3 if mode == "int8" else 2e-2) * scale, f"step {t}"
+        # the same greedy token wherever the torch runner's best two are not a near tie
+        top2 = np.sort(ref, axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 1e-3 * scale
+        assert (got.argmax(-1) == ref.argmax(-1))[clear].all(), f"step {t}"
+
+
+def test_packing_equals_torch_packing():
+    rng = np.random.default_rng(1)
+    q = rng.integers(-128, 128, (37, 70), dtype=np.int8)
+    scales = rng.random(37, dtype=np.float32)
+    tiles, s = lite_model.pack_int8(q, scales)
+    ref_tiles, ref_s = kernels.pack_int8(torch.from_numpy(q), torch.from_numpy(scales))
+    assert np.array_equal(tiles, ref_tiles.numpy()) and np.array_equal(s, ref_s.numpy())
+    n, k, g = 37, 128, 32
+    packed = rng.integers(0, 256, (n, k // 2), dtype=np.uint8)
+    units = np.ldexp(np.float32(1), rng.integers(-20, -5, n)).astype(np.float32)
+    sc = (rng.integers(1, 256, (n, k // g)) * units[:, None]).astype(np.float32)
+    zeros = rng.integers(0, 16, (n, k // g), dtype=np.uint8)
+    got = lite_model.pack_int4(packed, sc, zeros)
+    ref = kernels.pack_int4(torch.from_numpy(packed), torch.from_numpy(sc), torch.from_numpy(zeros))
+    for a, b in zip(got, ref):
+        assert a.dtype == b.numpy().dtype and np.array_equal(a, b.numpy())
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 37])
+def test_standalone_kernels_equal_torch_ops(m):
+    """The same woq_core.h code in both builds: bit-identical results."""
+    rng = np.random.default_rng(m)
+    n, k = 45, 96
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    tiles, s = lite_model.pack_int8(rng.integers(-127, 128, (n, k), dtype=np.int8), rng.random(n, dtype=np.float32))
+    assert np.array_equal(native.int8_mm(x, tiles, s, n),
+                          kernels.int8_mm(torch.from_numpy(x), torch.from_numpy(tiles), torch.from_numpy(s), n).numpy())
+    units = np.full(n, 2.0 ** -10, np.float32)
+    sc = (rng.integers(1, 256, (n, k // 32)) * units[:, None]).astype(np.float32)
+    nib, s4, z4 = lite_model.pack_int4(rng.integers(0, 256, (n, k // 2), dtype=np.uint8), sc,
+                                       rng.integers(0, 16, (n, k // 32), dtype=np.uint8))
+    got = native.int4_mm(x, nib, s4, z4, 32, n)
+    ref = kernels.int4_mm(*(torch.from_numpy(a) for a in (x, nib, s4, z4)), 32, n).numpy()
+    assert np.array_equal(got, ref)
+
+
+def test_prefix_reuse_and_copy_equal_a_full_prefill(checkpoints):
+    info = inspect_model_dir(checkpoints["demo-llama", "int8"]).for_worker()
+    rng = np.random.default_rng(2)
+    first, more = rng.integers(2, info.vocab_size, 40).tolist(), rng.integers(2, info.vocab_size, 6).tolist()
+    runner = load_lite_runner(info, 128, 3)
+    runner.step([StepInput(0, first, 0)])
+    runner.step([StepInput(0, [first[0]], 40)])  # the slot now holds first + one token
+    fresh = load_lite_runner(info, 128, 1).step([StepInput(9, first + more, 0)])
+    assert runner.adopt(5, first + more) == 40  # copied from the busy slot of sequence 0
+    copied = runner.step([StepInput(5, more, 40)])
+    assert np.abs(copied - fresh).max() < 1e-4 * np.abs(fresh).max()
+    runner.free(0)
+    runner.free(5)
+    assert runner.adopt(6, first + more) == 41 - 1 or runner.num_cached_tokens > 0
+
+
+def test_bad_inputs_are_refused_without_writing(checkpoints):
+    info = inspect_model_dir(checkpoints["demo-falcon", "int4"]).for_worker()
+    runner = load_lite_runner(info, 32, 1)
+    with pytest.raises(ValueError, match="token id out of range"):
+        runner.step([StepInput(0, [info.vocab_size], 0)])
+    with pytest.raises(ValueError, match="max_model_len"):
+        runner.step([StepInput(0, [1] * 33, 0)])
+    runner.free(0)  # as the engine frees the sequences of a failed step
+    assert runner.num_free_slots == 1
+    assert runner.step([StepInput(0, [1, 2], 0)]).shape == (1, info.vocab_size)
+    with pytest.raises(native.LiteError, match="out of range"):
+        runner._stack.forward(np.zeros((1, runner.model.hidden), np.float32), runner._cos[:1], runner._sin[:1],
+                              np.array([3]), np.array([0]))
+
+
+def test_refuses_what_it_cannot_serve(checkpoints, demo_models_dir):
+    with pytest.raises(ModelLoadError, match="pre-quantized checkpoints only"):
+        load_lite_runner(inspect_model_dir(demo_models_dir / "demo-llama"), 32, 1)
+    with pytest.raises(ModelLoadError, match="pre-quantized int4 checkpoint"):
+        load_lite_runner(inspect_model_dir(checkpoints["demo-llama", "int4"]), 32, 1, quantize="int8")
+
+
+def test_worker_side_never_imports_torch(checkpoints, tmp_path):
+    """A process that loads the lite runner and samples from it has no torch module (and no libtorch mapped);
+    the model's config is read as the API process reads it (describe_model_dirs: in a child process)."""
+    path = checkpoints["demo-llama", "int4"]
+    script = tmp_path / "lite_child.py"
+    script.write_text(f"""
+import json, sys
+from app.models.loader import describe_model_dirs
+from app.lite.runner import load_lite_runner
+from app.lite.sampler import SamplingState, sample
+from app.engine.types import SamplingParams
+from app.models.base import StepInput
+
+if __name__ == "__main__":
+    info = describe_model_dirs([{str(path)!r}])[0]
+    runner = load_lite_runner(info, 64, 2)
+    logits = runner.step([StepInput(0, [3, 4, 5], 0)])
+    state = SamplingState(SamplingParams(temperature=0.8, seed=1), [3, 4, 5], runner.vocab_size, [1])
+    token = sample(logits, [state])
+    maps = open("/proc/self/maps").read()
+    print(json.dumps({{"torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")),
+                       "libtorch": "libtorch" in maps, "token": token}}))
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2], env={**os.environ, "PYTHONPATH": str(
+                              Path(__file__).resolve().parents[2])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out == {"torch": [], "libtorch": False, "token": out["token"]} and 0 <= out["token"][0] < 1024
+
+
+def test_runner_is_a_lite_runner(checkpoints):
+    runner = load_lite_runner(inspect_model_dir(checkpoints["falcon-40b", "int8"]), 16, 2, kv_cache_dtype="fp32")
+    assert isinstance(runner, LiteRunner) and runner.kv.k[0].dtype == np.float32 and runner.max_num_seqs == 2
