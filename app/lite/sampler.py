@@ -31,20 +31,13 @@ engine calls ``SamplingState.append(token_id)`` afterwards.
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from app.engine.sampling_state import MIN_LOGPROB, SamplingStateBase
 from app.engine.types import Logprob, SamplingParams
 
-if TYPE_CHECKING:  # app.engine.grammar imports llguidance; a Constraint arrives ready-made
-    from app.engine.grammar import Constraint
-
-# Temperatures below this are treated as greedy (dividing by them would overflow fp32).
-_GREEDY_TEMPERATURE = 1e-5
-_SEED_MASK = (1 << 64) - 1
 # exp() arguments below this are treated as weight 0 (exp(-78) ~ 1e-34, still a normal float32).
 _MIN_LOG_WEIGHT = np.float32(-78.0)
 # top_p without top_k: only this many best tokens are sorted, unless their mass is below top_p.
@@ -52,111 +45,33 @@ _TOP_P_WINDOW = 1024
 _WINDOW_GROWTH = 16
 _NEG_INF = np.float32(-np.inf)
 
-# OpenAI reports -9999.0 for tokens the model gives no probability at all (JSON has no -inf).
-MIN_LOGPROB = -9999.0
 
 
-class SamplingState:
-    """Per-sequence sampling state, built once when a request is admitted.
+class SamplingState(SamplingStateBase):
+    """Per-sequence sampling state (app/engine/sampling_state.py) with numpy arrays and a PCG64 generator.
+    Token-count arrays exist only when a penalty needs them."""
 
-    ``vocab_size`` is the width of the logits rows (the model's, possibly padded, vocabulary).
-    Token-count arrays exist only when a penalty needs them.
-    """
+    __slots__ = ()
 
-    __slots__ = (
-        "_bias",
-        "_bias_ids",
-        "_counts",
-        "_frequency_penalty",
-        "_min_tokens",
-        "_min_tokens_ids",
-        "_presence_penalty",
-        "_prompt_ids",
-        "_repetition_penalty",
-        "_seen",
-        "constraint",
-        "generator",
-        "greedy",
-        "has_penalties",
-        "num_output_tokens",
-        "params",
-        "seed",
-        "vocab_size",
-    )
+    @staticmethod
+    def _generator(seed: int) -> np.random.Generator:
+        return np.random.Generator(np.random.PCG64(seed))
 
-    def __init__(
-        self,
-        params: SamplingParams,
-        prompt_ids: Sequence[int],
-        vocab_size: int,
-        eos_token_ids: Sequence[int],
-        constraint: Constraint | None = None,
-    ) -> None:
-        self.params = params
-        self.constraint = constraint  # the grammar of a response_format request
-        self.vocab_size = vocab_size
-        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self.generator = np.random.Generator(np.random.PCG64(self.seed & _SEED_MASK))
-        self.greedy = params.is_greedy or params.temperature < _GREEDY_TEMPERATURE
-        self.num_output_tokens = 0
+    @staticmethod
+    def _ids(ids: list[int]) -> np.ndarray:
+        return np.array(ids, dtype=np.int64)
 
-        banned_ids = (int(t) for t in (*eos_token_ids, *params.stop_token_ids))
-        banned = sorted({t for t in banned_ids if 0 <= t < vocab_size})
-        self._min_tokens = params.min_tokens if banned and constraint is None else 0
-        self._min_tokens_ids = np.array(banned, dtype=np.int64) if banned else None  # [n]
-
-        bias = [(int(t), float(b)) for t, b in params.logit_bias if 0 <= t < vocab_size and b != 0.0]
-        self._bias_ids = np.array([t for t, _ in bias], dtype=np.int64) if bias else None  # [n]
-        self._bias = np.array([b for _, b in bias], dtype=np.float32) if bias else None  # [n]
-
-        self._repetition_penalty = float(params.repetition_penalty)
-        self._presence_penalty = float(params.presence_penalty)
-        self._frequency_penalty = float(params.frequency_penalty)
-        self.has_penalties = (
-            self._repetition_penalty != 1.0 or self._presence_penalty != 0.0 or self._frequency_penalty != 0.0
-        )
-        # Built lazily, at the first sample()/append() of a request that uses penalties.
-        self._prompt_ids: Sequence[int] | None = prompt_ids if self._repetition_penalty != 1.0 else None
-        self._seen: np.ndarray | None = None  # [V] bool: token in prompt or output
-        self._counts: np.ndarray | None = None  # [V] fp32: occurrences in the output
-
-    @property
-    def min_tokens_active(self) -> bool:
-        return self.num_output_tokens < self._min_tokens
-
-    @property
-    def grammar_finished(self) -> bool:
-        """The grammar (response_format, tool calls) can take no further token: the text is complete."""
-        return self.constraint is not None and self.constraint.finished
-
-    @property
-    def needs_processing(self) -> bool:
-        """True when the logits row must be modified before greedy/sampling."""
-        return (self._bias is not None or self.has_penalties or self.constraint is not None
-                or self.num_output_tokens < self._min_tokens)
-
-    def append(self, token_id: int) -> None:
-        """Record a generated token (updates penalty bookkeeping, the grammar and the output count)."""
-        self.num_output_tokens += 1
-        if self.constraint is not None:
-            self.constraint.accept(token_id)
-        if self.has_penalties and 0 <= token_id < self.vocab_size:
-            self._ensure_penalty_arrays()
-            if self._seen is not None:
-                self._seen[token_id] = True
-            if self._counts is not None:
-                self._counts[token_id] += 1.0
-
-    # -- internals used by sample() -------------------------------------------------------------
+    @staticmethod
+    def _values(values: list[float]) -> np.ndarray:
+        return np.array(values, dtype=np.float32)
 
     def _ensure_penalty_arrays(self) -> None:
         if self._repetition_penalty != 1.0 and self._seen is None:
             seen = np.zeros(self.vocab_size, dtype=np.bool_)
-            ids = [t for t in self._prompt_ids or () if 0 <= t < self.vocab_size]
+            ids = self._prompt_seen_ids()
             if ids:
                 seen[np.array(ids, dtype=np.int64)] = True
             self._seen = seen
-            self._prompt_ids = None
         if (self._presence_penalty != 0.0 or self._frequency_penalty != 0.0) and self._counts is None:
             self._counts = np.zeros(self.vocab_size, dtype=np.float32)
 

@@ -4,6 +4,8 @@ decoders (llama.py, falcon.py) and by the torch-free worker's model (app/lite/mo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -26,32 +28,44 @@ def rope_parameters(config) -> dict:
     return params
 
 
-def rope_inv_freq_np(config, head_dim: int) -> np.ndarray:
-    """llama.py's `rope_inv_freq` in numpy fp32 (default/linear/llama3 RoPE, as transformers computes them);
-    the torch-free worker's tables (fp32 rounding may differ from torch's in the last bit)."""
+def rope_settings(config) -> tuple[dict, float]:
+    """The config's rope parameters and base (theta), refusing partial rotary embeddings."""
     params = rope_parameters(config)
-    kind = params["rope_type"]
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedModelError("partial rotary embeddings (partial_rotary_factor != 1) are unsupported")
-    base = np.float32(params["rope_theta"])
-    inv_freq = (np.float32(1.0) / base ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
-                                           / np.float32(head_dim))).astype(np.float32)
+    return params, float(params["rope_theta"])
+
+
+def scaled_inv_freq(inv_freq: Any, params: dict, where: Callable[[Any, Any, Any], Any]) -> Any:
+    """The default inverse frequencies scaled for the rope type (default, linear, llama3), as transformers
+    scales them: `inv_freq` a torch tensor with `where` torch.where (llama.py), or a numpy array with
+    np.where (the torch-free worker), computed by the same operations."""
+    kind = params["rope_type"]
     if kind == "default":
         return inv_freq
     if kind == "linear":
-        return (inv_freq / np.float32(params["factor"])).astype(np.float32)
+        return inv_freq / params["factor"]
     if kind == "llama3":
         factor = params["factor"]
         low, high = params["low_freq_factor"], params["high_freq_factor"]
         old_len = params["original_max_position_embeddings"]
         low_wavelen, high_wavelen = old_len / low, old_len / high
         wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        scaled = where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
         smooth = (old_len / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return np.where(medium, smoothed, scaled).astype(np.float32)
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return where(medium, smoothed, scaled)
     raise UnsupportedModelError(f"RoPE type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def rope_inv_freq_np(config, head_dim: int) -> np.ndarray:
+    """llama.py's `rope_inv_freq` in numpy fp32, for the torch-free worker (fp32 rounding of the power may
+    differ from torch's in the last bit)."""
+    params, base = rope_settings(config)
+    inv_freq = (np.float32(1.0) / np.float32(base) ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
+                                                       / np.float32(head_dim))).astype(np.float32)
+    return np.asarray(scaled_inv_freq(inv_freq, params, np.where), dtype=np.float32)
 
 
 def rope_tables_np(inv_freq: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:

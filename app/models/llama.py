@@ -22,7 +22,6 @@ with falcon.py; RMSNorm and RoPE + KV store run as Lanner's C++ ops where built 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
@@ -31,7 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.models import ops, stack
-from app.models.arch import UnsupportedModelError, llama_head_dim, rope_parameters  # noqa: F401 - re-exported
+from app.models.arch import (  # noqa: F401 - UnsupportedModelError, rope_parameters: re-exported
+    UnsupportedModelError,
+    llama_head_dim,
+    rope_parameters,
+    rope_settings,
+    scaled_inv_freq,
+)
 from app.models.kv_cache import BatchMeta, KVCache
 
 
@@ -40,30 +45,9 @@ from app.models.kv_cache import BatchMeta, KVCache
 
 def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
     """Inverse frequencies [head_dim // 2] fp32, as transformers computes them for default/linear/llama3."""
-    params = rope_parameters(config)
-    kind = params["rope_type"]
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedModelError("partial rotary embeddings (partial_rotary_factor != 1) are unsupported")
-    base = float(params["rope_theta"])
+    params, base = rope_settings(config)
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if kind == "default":
-        return inv_freq
-    if kind == "linear":
-        return inv_freq / params["factor"]
-    if kind == "llama3":
-        factor = params["factor"]
-        low, high = params["low_freq_factor"], params["high_freq_factor"]
-        old_len = params["original_max_position_embeddings"]
-        low_wavelen, high_wavelen = old_len / low, old_len / high
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-        return torch.where(medium, smoothed, scaled)
-    raise UnsupportedModelError(
-        f"RoPE type {kind!r} is not supported (supported: default, linear, llama3)"
-    )
+    return scaled_inv_freq(inv_freq, params, torch.where)
 
 
 def rope_tables(inv_freq: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
