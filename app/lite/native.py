@@ -57,7 +57,6 @@ def lib() -> ctypes.CDLL:
     so.lanner_stack_new.restype = _vp
     so.lanner_stack_free.argtypes = [_vp]
     so.lanner_stack_forward.argtypes = [_vp, _vp, _i64, _vp, _vp, _vp, _vp]
-    so.lanner_copy_prefix.argtypes = [_vp, _i64, _i64, _i64]
     log.info("Lanner's standalone decoder: %s dot products (%s)", isa(so), path)
     return so
 
@@ -150,6 +149,3 @@ class Stack:
                 raise ValueError("stack forward: expected C-contiguous x, cos, sin (fp32), slots, positions "
                                  "(int64) with one row per token")
         _check(lib().lanner_stack_forward(self._handle, ptr(x), t, ptr(cos), ptr(sin), ptr(slots), ptr(positions)))
-
-    def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        _check(lib().lanner_copy_prefix(self._handle, src, dst, n))

@@ -19,7 +19,6 @@
 //       values are stored there, and it attends positions 0..positions[t] of its slot (causal attention
 //       by position: a prompt chunk's rows and single decode rows alike, no masks).
 //   lanner_stack_free(handle)
-//   lanner_copy_prefix(handle, src, dst, n): positions [0, n) of every layer's K and V, slot src -> dst.
 #include "decoder_core.h"
 #include "woq_core.h"
 
@@ -282,22 +281,6 @@ int lanner_stack_forward(void* stack, float* x, int64_t T, const float* cos, con
   return guarded([&] {
     check(stack != nullptr && T > 0, "lanner_stack_forward: no stack or no rows");
     static_cast<const Stack*>(stack)->forward(x, T, cos, sin, slots, positions);
-  });
-}
-
-int lanner_copy_prefix(void* stack, int64_t src, int64_t dst, int64_t n) {
-  return guarded([&] {
-    const Stack& s = *static_cast<const Stack*>(stack);
-    check(src >= 0 && src < s.slots && dst >= 0 && dst < s.slots && n >= 0 && n <= s.max_len,
-          "lanner_copy_prefix: slot or length out of range");
-    const int64_t elem = s.kv_bf16 ? 2 : 4, row = s.d * elem;
-    for (const Layer& L : s.layers)
-      for (void* cache : {L.k, L.v})
-        for (int64_t h = 0; h < s.nkv; ++h) {
-          char* base = static_cast<char*>(cache);
-          std::memmove(base + ((dst * s.nkv + h) * s.max_len) * row, base + ((src * s.nkv + h) * s.max_len) * row,
-                       n * row);
-        }
   });
 }
 
