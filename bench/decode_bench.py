@@ -83,12 +83,14 @@ for p in (str(REPO_ROOT), str(BENCH)):
 
 ENGINES = ("lanner-fp32", "lanner-int8", "lanner-int4", "lanner-int4-g64", "llama.cpp-q8_0", "llama.cpp-q4_0",
            "llama.cpp-f32")
-OPTIONAL_ENGINES = ("lanner-int4-h4",)  # int4 with an int4 output head (`int4_head: int4`); on request only
+OPTIONAL_ENGINES = ("lanner-int4-h4", "lanner-lite-int8", "lanner-lite-int4")  # int4 with an int4 output head (`int4_head: int4`); on request only
 PAIRS = (("lanner-int8", "llama.cpp-q8_0"), ("lanner-int4", "llama.cpp-q4_0"), ("lanner-int4-g64", "llama.cpp-q4_0"),
-         ("lanner-int4-h4", "llama.cpp-q4_0"), ("lanner-int4-h4", "lanner-int4"), ("lanner-fp32", "llama.cpp-q8_0"))
+         ("lanner-int4-h4", "llama.cpp-q4_0"), ("lanner-int4-h4", "lanner-int4"), ("lanner-fp32", "llama.cpp-q8_0"),
+         ("lanner-lite-int8", "llama.cpp-q8_0"), ("lanner-lite-int4", "llama.cpp-q4_0"))
 # the issue's targets: decode tok/s ratio at least, prefill ratio at most, RSS / weight bytes at most
 TARGETS = {"lanner-int8": {"decode_vs": 0.95}, "lanner-int4": {"decode_vs": 1.0}, "lanner-int4-g64": {"decode_vs": 1.0},
-           "lanner-int4-h4": {"decode_vs": 1.0}}
+           "lanner-int4-h4": {"decode_vs": 1.0}, "lanner-lite-int8": {"decode_vs": 0.95},
+           "lanner-lite-int4": {"decode_vs": 1.0}}
 
 
 def decode_target(ours: str, theirs: str) -> float | None:
@@ -179,35 +181,67 @@ def worker_model_info(model_dir: Path) -> Any:
     return pickle.loads(done.stdout)
 
 
+def lite_checkpoint(model_dir: Path, mode: str) -> Path:
+    """The pre-quantized copy of the bench model that the lite engines serve (`lanner quantize`, made once)."""
+    return model_dir.parent / f"{model_dir.name}-lanner-{mode}"
+
+
+def ensure_lite_checkpoint(model_dir: Path, mode: str, root: Path) -> Path:
+    out = lite_checkpoint(model_dir, mode)
+    if not (out / "lanner_quant.json").is_file():
+        print(f"quantizing {model_dir.name} to {out} (once) ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "app", "quantize", str(model_dir), "--bits", mode.removeprefix("int"),
+                        "--out", str(out)], check=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    return out
+
+
+def load_lite(args: argparse.Namespace, mode: str, max_len: int) -> tuple[Any, int, int]:
+    """A lanner-lite engine: the pre-quantized checkpoint on the torch-free runner (this process never imports
+    torch), its weight bytes and KV cache bytes."""
+    from app.lite.runner import load_lite_runner
+
+    info = worker_model_info(lite_checkpoint(Path(args.model_dir), mode))
+    runner = load_lite_runner(info, max_model_len=max_len, max_num_seqs=1)
+    return runner, runner.model.weight_nbytes, runner.kv.nbytes
+
+
 def child_lanner(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any]:
     if args.lanner_root:  # import `app` from that checkout (e.g. a clean worktree of a commit)
         sys.path.insert(0, str(Path(args.lanner_root).resolve()))
-    import torch
+    lite = args.child.startswith("lanner-lite-")
+    if not lite:
+        import torch
 
-    torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
     from app.models.base import StepInput
-    from app.models.runner import load_runner
 
-    mode, *variant = args.child.split("-", 1)[1].replace("fp32", "none").split("-")  # e.g. int4-g64, int4-h4
-    options = {v[0]: v[1:] for v in variant}  # g: int4 group size, h: bits of the output head
+    mode, *variant = args.child.split("-", 1)[1].removeprefix("lite-").replace("fp32", "none").split("-")
+    options = {v[0]: v[1:] for v in variant}  # g: int4 group size, h: bits of the output head (e.g. int4-g64)
     group = options.get("g")
     head = {"int4_head": "int4"} if options.get("h") == "4" else {}  # (a checkout from before the option)
     mem_imports = proc_status()
     t0 = time.perf_counter()
-    info = worker_model_info(Path(args.model_dir))
     max_len = len(prompt) + args.decode_tokens + args.warmup_tokens + 8
-    runner = load_runner(info, max_model_len=max_len, max_num_seqs=1, quantize=mode,
-                         int4_group_size=int(group) if group else None, **head)
-    load_s = time.perf_counter() - t0
-    mem_loaded = proc_status()
-    seen: set[int] = set()
-    weight_bytes = 0
-    for t in [*runner.model.parameters(), *runner.model.buffers()]:
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            weight_bytes += t.untyped_storage().nbytes()
-    kv_bytes = sum(t.numel() * t.element_size() for t in runner.kv.k + runner.kv.v)
+    if lite:
+        runner, weight_bytes, kv_bytes = load_lite(args, mode, max_len)
+        load_s = time.perf_counter() - t0
+        mem_loaded = proc_status()
+    else:
+        from app.models.runner import load_runner
+
+        info = worker_model_info(Path(args.model_dir))
+        runner = load_runner(info, max_model_len=max_len, max_num_seqs=1, quantize=mode,
+                             int4_group_size=int(group) if group else None, **head)
+        load_s = time.perf_counter() - t0
+        mem_loaded = proc_status()
+        seen: set[int] = set()
+        weight_bytes = 0
+        for t in [*runner.model.parameters(), *runner.model.buffers()]:
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                weight_bytes += t.untyped_storage().nbytes()
+        kv_bytes = sum(t.numel() * t.element_size() for t in runner.kv.k + runner.kv.v)
 
     seq = [0]
 
@@ -241,19 +275,21 @@ def child_lanner(args: argparse.Namespace, prompt: list[int]) -> dict[str, Any]:
     times, fed = _timed_decode(make_step(), tok, args.decode_tokens)
     result = {"load_s": load_s, "prefill_s": prefill_times, "decode_step_s": times, "tokens": fed,
               "weight_bytes": weight_bytes, "kv_cache_bytes": kv_bytes,
-              "quant": runner.quant_report.summary(), "quant_linear_bytes": runner.quant_report.bytes_after,
-              "kv_cache_dtype": str(runner.kv.k[0].dtype).removeprefix("torch."),
-              "threads": torch.get_num_threads(), "mem_after_imports": mem_imports,
+              "quant": (f"{mode} pre-quantized checkpoint, torch-free runner (app/lite)" if lite
+                        else runner.quant_report.summary()),
+              "quant_linear_bytes": weight_bytes if lite else runner.quant_report.bytes_after,
+              "kv_cache_dtype": "bf16" if lite else str(runner.kv.k[0].dtype).removeprefix("torch."),
+              "threads": args.threads if lite else torch.get_num_threads(), "mem_after_imports": mem_imports,
               "mem_after_load": mem_loaded, "mem_end": proc_status()}
     # the logit check: a fresh sequence, the prompt, then the fixed continuation (every engine sees the
     # same inputs, so the logits are comparable row by row)
     runner.free(seq[0])
     seq[0] += 1
-    rows = [runner.step([StepInput(seq[0], list(prompt), 0)])[-1].numpy()]
+    rows = [runner.step([StepInput(seq[0], list(prompt), 0)])[-1]]  # torch or numpy rows: save_logits takes both
     for i, tok in enumerate(accuracy_tokens(prompt, args.accuracy_tokens)):
-        rows.append(runner.step([StepInput(seq[0], [tok], len(prompt) + i)])[-1].numpy())
+        rows.append(runner.step([StepInput(seq[0], [tok], len(prompt) + i)])[-1])
     save_logits(args.logits_out, rows)
-    if args.profile and mode != "none":
+    if args.profile and mode != "none" and not lite:  # (torch.profiler)
         runner.free(seq[0])
         out: list[int] = []
         # a fresh sequence: one profiled prefill, then decode steps at the measured positions
@@ -802,6 +838,9 @@ def parent_main(args: argparse.Namespace) -> int:
     else:
         model_dir = Path(args.model_dir).expanduser()
     args.model_dir = model_dir
+    for e in engines:
+        if e.startswith("lanner-lite-"):
+            ensure_lite_checkpoint(model_dir, e.removeprefix("lanner-lite-"), Path(args.lanner_root or REPO_ROOT))
     quant = [e.split("-", 1)[1] for e in engines if e.startswith("llama.cpp")]
     ggufs = ensure_ggufs(model_dir, quant, args.gguf_dir or GGUF_CACHE) if quant else {}
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
