@@ -20,6 +20,7 @@ import json
 import math
 import mmap
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,8 @@ class SafetensorsFile:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor `name` as a numpy array (bf16 as uint16 bits); fp16/bf16 norms become fp32 by `plain`."""
+    def entry(self, name: str) -> tuple[type, tuple[int, ...], int]:
+        """(numpy dtype, shape, byte offset in the file) of the tensor `name` (bf16 as uint16 bits)."""
         entry = self.entries.get(name)
         if entry is None:
             raise KeyError(name)
@@ -78,15 +79,21 @@ class SafetensorsFile:
                                  "does not read")
         start, end = entry["data_offsets"]
         shape = tuple(entry["shape"])
-        count = math.prod(shape)
-        if end - start != count * np.dtype(dtype).itemsize:
+        if end - start != math.prod(shape) * np.dtype(dtype).itemsize:
             raise ModelLoadError(f"{self.path}: tensor {name} has {end - start} bytes for shape {list(shape)}")
+        return dtype, shape, self._base + start
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor `name` (or its rows [r0, r1)) as a fresh array, read from the file (no mapping kept)."""
+        dtype, shape, offset = self.entry(name)
+        r0, r1 = rows if rows is not None else (0, shape[0] if shape else 1)
+        row = math.prod(shape[1:]) * np.dtype(dtype).itemsize
+        out = np.empty((r1 - r0, *shape[1:]) if shape else (), dtype)
         with open(self.path, "rb") as f:
-            f.seek(self._base + start)
-            out = np.empty(count, dtype)
-            if f.readinto(memoryview(out).cast("B")) != end - start:
+            f.seek(offset + r0 * row)
+            if f.readinto(memoryview(out.reshape(-1)).cast("B")) != out.nbytes:
                 raise ModelLoadError(f"{self.path} is truncated (tensor {name})")
-        return out.reshape(shape)
+        return out
 
     def plain(self, name: str) -> np.ndarray:
         """A norm weight or bias as fp32."""
@@ -98,15 +105,32 @@ class SafetensorsFile:
 # --------------------------------------------------------------------------- the kernels' tiles
 
 
-def pack_int8(q: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """app/quant/kernels.py's `pack_int8`: q int8 [N, K], scales [N] -> tiles int8 [T, Kp/4, 16, 4], fp32 [16 T]
-    (rows and k past the matrix zero, -128 clamped to -127)."""
-    n, k = q.shape
+PACK_BYTES = 2 << 20  # weight bytes packed at once: the load's temporaries stay this small
+Rows = Callable[[int, int], np.ndarray]  # rows [r0, r1) of a stored matrix
+
+
+def _rows_of(q: np.ndarray | Rows) -> Rows:
+    return (lambda r0, r1: q[r0:r1]) if isinstance(q, np.ndarray) else q
+
+
+def pack_int8(q: np.ndarray | Rows, scales: np.ndarray, n: int | None = None, k: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """app/quant/kernels.py's `pack_int8`: q int8 [N, K] (or a reader of its rows, with n and k), scales [N]
+    -> tiles int8 [T, Kp/4, 16, 4] and fp32 scales [16 T]; rows and k past the matrix are zero, -128 becomes
+    -127.  Goes PACK_BYTES of weights at a time."""
+    if isinstance(q, np.ndarray):
+        n, k = q.shape
+    rows = _rows_of(q)
     tiles, kp = -(-n // TILE), -(-k // BLOCK) * BLOCK
-    padded = np.zeros((tiles * TILE, kp), np.int8)
-    padded[:n, :k] = q
-    np.maximum(padded, -127, out=padded)
-    out = np.ascontiguousarray(padded.reshape(tiles, TILE, kp // QUAD, QUAD).transpose(0, 2, 1, 3))
+    out = np.empty((tiles, kp // QUAD, TILE, QUAD), np.int8)
+    step = max(1, PACK_BYTES // (TILE * kp))
+    for t0 in range(0, tiles, step):
+        t1 = min(t0 + step, tiles)
+        r0, r1 = t0 * TILE, min(t1 * TILE, n)
+        block = np.zeros(((t1 - t0) * TILE, kp), np.int8)
+        block[:r1 - r0, :k] = rows(r0, r1)
+        np.maximum(block, -127, out=block)
+        out[t0:t1] = block.reshape(t1 - t0, TILE, kp // QUAD, QUAD).transpose(0, 2, 1, 3)
     s = np.zeros(tiles * TILE, np.float32)
     s[:n] = scales
     return out, s
@@ -125,19 +149,27 @@ def int4_scale_codes(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return c.astype(np.uint8), units
 
 
-def pack_int4(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray
+def pack_int4(qweight: np.ndarray | Rows, scales: np.ndarray, zeros: np.ndarray, k: int | None = None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """app/quant/kernels.py's `pack_int4`: the portable int4 form -> nibble tiles uint8 [T, K/4, 8, 4], scales
-    uint8 [T, 4 + K/G, 16] (row units, then codes) and zero points uint8 [T, K/G, 8]."""
-    n, half = qweight.shape
-    k, groups = 2 * half, scales.shape[1]
+    """app/quant/kernels.py's `pack_int4`: the portable int4 form (qweight uint8 [N, K/2], or a reader of its
+    rows, with k) -> nibble tiles uint8 [T, K/4, 8, 4], scales uint8 [T, 4 + K/G, 16] (row units, then codes)
+    and zero points uint8 [T, K/G, 8].  Goes PACK_BYTES of weights at a time."""
+    n, groups = scales.shape
+    if isinstance(qweight, np.ndarray):
+        k = 2 * qweight.shape[1]
+    rows = _rows_of(qweight)
     tiles = -(-n // TILE)
-    q = np.zeros((tiles * TILE, k), np.uint8)
-    q[:n, 0::2] = qweight & 0x0F
-    q[:n, 1::2] = qweight >> 4
-    qt = q.reshape(tiles, TILE, k // QUAD, QUAD).transpose(0, 2, 1, 3)  # [T, K/4, 16, 4]
-    nib = np.ascontiguousarray(qt[:, :, :TILE // 2] | (qt[:, :, TILE // 2:] << 4))
-    del q, qt
+    nib = np.empty((tiles, k // QUAD, TILE // 2, QUAD), np.uint8)
+    step = max(1, PACK_BYTES // (TILE * k))
+    for t0 in range(0, tiles, step):
+        t1 = min(t0 + step, tiles)
+        r0, r1 = t0 * TILE, min(t1 * TILE, n)
+        packed = rows(r0, r1)
+        q = np.zeros(((t1 - t0) * TILE, k), np.uint8)
+        q[:r1 - r0, 0::2] = packed & 0x0F
+        q[:r1 - r0, 1::2] = packed >> 4
+        qt = q.reshape(t1 - t0, TILE, k // QUAD, QUAD).transpose(0, 2, 1, 3)  # [T', K/4, 16, 4]
+        np.bitwise_or(qt[:, :, :TILE // 2], qt[:, :, TILE // 2:] << 4, out=nib[t0:t1])
     codes, units = int4_scale_codes(scales)
     s = np.zeros((tiles, UNIT_ROWS + groups, TILE), np.uint8)
     u = np.zeros(tiles * TILE, np.float32)
@@ -188,32 +220,37 @@ class Linear:
 
 
 def _linear(file: SafetensorsFile, name: str, entry: dict[str, Any], n: int, k: int, path: Path) -> Linear:
-    """A stored Linear, checked against the config's shape, packed into tiles."""
+    """A stored Linear, checked against the config's shape, packed into tiles block by block."""
     kind, g = entry.get("kind"), entry.get("group_size")
 
-    def get(suffix: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    def stored(suffix: str, shape: tuple[int, ...], dtype: type) -> str:
         key = f"{name}.{suffix}"
         if key not in file:
             raise ModelLoadError(f"Pre-quantized model in {path} is missing tensor {key!r}.")
-        a = file.read(key)
-        if a.shape != shape or a.dtype != dtype:
-            raise ModelLoadError(f"Pre-quantized model in {path}: {key} is {a.dtype} {list(a.shape)}, expected "
-                                 f"{np.dtype(dtype)} {list(shape)} for this config.")
-        return a
+        got_dtype, got_shape, _ = file.entry(key)
+        if got_shape != shape or got_dtype != dtype:
+            raise ModelLoadError(f"Pre-quantized model in {path}: {key} is {np.dtype(got_dtype)} {list(got_shape)}, "
+                                 f"expected {np.dtype(dtype)} {list(shape)} for this config.")
+        return key
+
+    def rows(key: str) -> Rows:
+        return lambda r0, r1: file.read(key, (r0, r1))
 
     if entry.get("out_features") != n or entry.get("in_features") != k:
         raise ModelLoadError(f"Pre-quantized model in {path} does not match its config: {name} is "
                              f"{entry.get('out_features')} x {entry.get('in_features')}, expected {n} x {k}.")
-    bias = get("bias", (n,), np.float32) if entry.get("bias") else None
+    bias = file.read(stored("bias", (n,), np.float32)) if entry.get("bias") else None
     if kind == "int8":
-        tiles, scales = pack_int8(get("qweight", (n, k), np.int8), bf16_to_f32(get("scales", (n,), np.uint16)))
+        weight = stored("qweight", (n, k), np.int8)
+        tiles, scales = pack_int8(rows(weight), bf16_to_f32(file.read(stored("scales", (n,), np.uint16))), n, k)
         return Linear(1, n, k, 0, tiles, scales, None, bias)
     if kind == "int4" and isinstance(g, int) and g % BLOCK == 0 and k % g == 0:
-        zeros = get("zeros", (n, k // g), np.uint8)
+        zeros = file.read(stored("zeros", (n, k // g), np.uint8))
         if zeros.size and int(zeros.max()) > 15:
             raise ModelLoadError(f"Pre-quantized model in {path}: {name}.zeros holds values above 15.")
-        nib, scales, zp = pack_int4(get("qweight", (n, k // 2), np.uint8),
-                                    bf16_to_f32(get("scales", (n, k // g), np.uint16)), zeros)
+        weight = stored("qweight", (n, k // 2), np.uint8)
+        nib, scales, zp = pack_int4(rows(weight), bf16_to_f32(file.read(stored("scales", (n, k // g), np.uint16))),
+                                    zeros, k)
         return Linear(2, n, k, g, nib, scales, zp, bias)
     raise ModelLoadError(f"Pre-quantized model in {path}: module {name!r} has an invalid kind/group size "
                          f"({kind!r}, {g!r}) for K={k}.")

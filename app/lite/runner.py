@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from app.heap import trim_heap
 from app.lite import native
 from app.lite.model import KV_DTYPES, LiteModel, lazy_zeros
 from app.models.arch import rope_inv_freq_np, rope_tables_np
@@ -130,6 +131,7 @@ def load_lite_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int, kv_
             raise ModelLoadError(f"Model in {info.path} is a pre-quantized {model.mode} checkpoint, but "
                                  f"quantize={quantize} is configured.")
         rope = rope_tables_np(rope_inv_freq_np(info.config, model.head_dim), int(max_model_len))
+        trim_heap()  # the packing's freed temporaries, still resident in the heap's holes
         runner = LiteRunner(model, max_model_len, max_num_seqs, kv_cache_bytes, kv_dtype, rope)
         runner.quant_report = LiteReport(model.mode, native.isa())
     except native.LiteError as exc:
