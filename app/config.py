@@ -75,9 +75,10 @@ class ModelSpec(BaseModel):
     max_waiting_requests: int = Field(default=64, ge=0)  # queued choices beyond the KV slots; more -> 429
     max_waiting_tokens: int = Field(default=65536, ge=1)  # prompt tokens accepted but not yet prefilled
     kv_cache_gb: float | None = Field(default=None, gt=0)  # KV memory budget; default: max_num_seqs full slots
-    # reference = transformers modules, one seq at a time; lite = a pre-quantized checkpoint in a worker without
-    # torch (app/lite: ~200 MiB less resident memory; docs/engine.md)
-    runner: Literal["batched", "reference", "lite"] = "batched"
+    # lite = a pre-quantized checkpoint in a worker without torch (app/lite: ~200 MiB less resident memory);
+    # batched = Lanner's torch decoders; auto = lite for a pre-quantized checkpoint on the native backend where a
+    # C++ compiler exists, else batched; reference = transformers modules, one seq at a time (docs/engine.md)
+    runner: Literal["auto", "batched", "reference", "lite"] = "auto"
     # a new prompt continues from the longest prefix of it a free KV slot still holds (docs/engine.md)
     prefix_caching: bool = True
     revision: str | None = None

@@ -22,7 +22,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
@@ -40,7 +40,7 @@ class WorkerConfig:
     max_num_batched_tokens: int
     cpus: list[int] | None
     num_threads: int | None
-    runner: str  # "batched" | "reference" | "lite"
+    runner: str  # "auto" | "batched" | "reference" | "lite" (see resolve_runner)
     kv_cache_bytes: int | None
     log_level: str = "INFO"
     quantize: str = "none"  # none | int8 | int4 (weight-only, app/quant/woq.py)
@@ -92,6 +92,8 @@ def worker_main(cfg: WorkerConfig, commands: Connection, outputs: Connection) ->
     threads = cfg.num_threads or min(len(cpus), cgroup_cpu_limit() or len(cpus))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
+        cfg = replace(cfg, runner=resolve_runner(cfg.runner, cfg.info.path if cfg.info else cfg.model_path,
+                                                 cfg.woq_backend))
         if cfg.runner != "lite":  # the lite runner's OpenMP threads follow OMP_NUM_THREADS; torch is never imported
             import torch
 
@@ -153,6 +155,19 @@ def _build_core(cfg: WorkerConfig, emit: Callable[[list, Any], None]) -> Any:
     return EngineCore(runner, tokenizer, info.eos_token_ids, emit_batch=emit,
                       max_num_batched_tokens=cfg.max_num_batched_tokens, on_idle=trim_heap,
                       prefix_caching=cfg.prefix_caching)
+
+
+def resolve_runner(kind: str, path: Any, woq_backend: str) -> str:
+    """`auto`: the torch-free runner for a pre-quantized checkpoint on the native backend where Lanner's kernels
+    can be built (a C++ compiler, LANNER_OWN_KERNELS not 0), the torch runner otherwise; other kinds as given."""
+    if kind != "auto":
+        return kind
+    from app.quant.cbuild import compiler, switched_off
+    from app.quant.manifest import is_quantized_dir
+
+    lite = (is_quantized_dir(path) and woq_backend == "native" and compiler() is not None
+            and not switched_off("LANNER_OWN_KERNELS"))
+    return "lite" if lite else "batched"
 
 
 def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv_cache_bytes: int | None,

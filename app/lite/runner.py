@@ -35,7 +35,7 @@ class LiteKV(SlotPool):
                  dtype: str) -> None:
         super().__init__(num_slots)
         shape = (num_slots, num_kv_heads, max_len, head_dim)
-        self.dtype = dtype
+        self.dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]  # as torch names them (metrics, logs)
         self.k = [lazy_zeros(shape, KV_DTYPES[dtype]) for _ in range(num_layers)]
         self.v = [lazy_zeros(shape, KV_DTYPES[dtype]) for _ in range(num_layers)]
 

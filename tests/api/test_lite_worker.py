@@ -1,5 +1,6 @@
 """`runner: lite` through a real server and the openai client: a pre-quantized checkpoint served by a worker
-that never loads torch, beside the same checkpoint on the torch runner."""
+that never loads torch (what `runner: auto`, the default, picks for it), beside the same checkpoint on the torch
+runner."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def served(tmp_path_factory, demo_models_dir):
     quantize_checkpoint(inspect_model_dir(demo_models_dir / "demo-llama"), ckpt, "int8")
     cfg = root / "models.yaml"
     cfg.write_text("models:\n"
-                   f"  - {{id: lite, source: {ckpt}, runner: lite, max_num_seqs: 4}}\n"
-                   f"  - {{id: torch, source: {ckpt}, max_num_seqs: 4}}\n")
+                   f"  - {{id: lite, source: {ckpt}, max_num_seqs: 4}}\n"  # runner: auto picks lite
+                   f"  - {{id: torch, source: {ckpt}, runner: batched, max_num_seqs: 4}}\n")
     proc, base = start_server(["--config", str(cfg)], root / "server.log")
     yield proc, openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
     assert stop_server(proc) == 0

@@ -280,3 +280,20 @@ def test_loading_holds_the_model_plus_little(mode, tmp_path, demo_models_dir, ch
     print(f"\nlite {mode}: peak over baseline {blocks / 2**20:.1f} MiB (whole matrices: {whole / 2**20:.1f}), "
           f"packed model {held / 2**20:.1f} MiB")
     assert blocks <= held + 12 * 2**20 < whole
+
+
+def test_auto_runner_picks_lite_for_pre_quantized_checkpoints(checkpoints, demo_models_dir, monkeypatch):
+    from app.engine.process import resolve_runner
+
+    ckpt, plain = checkpoints["demo-llama", "int4"], demo_models_dir / "demo-llama"
+    monkeypatch.delenv("LANNER_OWN_KERNELS", raising=False)
+    assert resolve_runner("auto", ckpt, "native") == "lite"
+    assert resolve_runner("auto", plain, "native") == "batched"  # quantize-at-load and fp32: torch
+    assert resolve_runner("auto", ckpt, "torchao") == "batched"
+    assert [resolve_runner(k, ckpt, "native") for k in ("batched", "reference", "lite")] == ["batched", "reference",
+                                                                                              "lite"]
+    monkeypatch.setenv("LANNER_OWN_KERNELS", "0")  # ATen's kernels asked for: the torch runner
+    assert resolve_runner("auto", ckpt, "native") == "batched"
+    monkeypatch.setattr("app.quant.cbuild.compiler", lambda: None)
+    monkeypatch.delenv("LANNER_OWN_KERNELS")
+    assert resolve_runner("auto", ckpt, "native") == "batched"  # no compiler: no standalone library
