@@ -87,13 +87,33 @@ def test_lite_logits_equal_torch_runner(name, mode, checkpoints):
         assert got.shape == ref.shape and got.dtype == np.float32
         assert cosines(got, ref).min() > 0.9999, f"step {t}"
         scale = np.abs(ref).max()
-        # int4 rows sit closer to the activations' rounding edges (32-blocks quantized to int8): a float-rounding
-        # difference upstream flips more of them
-        assert np.abs(got - ref).max() < (2e-3 if mode == "int8" else 2e-2) * scale, f"step {t}"
+        # the kernels quantize activations to int8 per 32-block: a float-rounding difference upstream (ATen's
+        # GELU/LayerNorm/SDPA against lite.cpp's) can flip an element's rounding, a 1/127-of-the-block change
+        # that later layers carry; int4 rows sit closer to such edges
+        assert np.abs(got - ref).max() < (5e-3 if mode == "int8" else 2e-2) * scale, f"step {t}"
         # the same greedy token wherever the torch runner's best two are not a near tie
         top2 = np.sort(ref, axis=-1)[:, -2:]
         clear = top2[:, 1] - top2[:, 0] > 1e-3 * scale
         assert (got.argmax(-1) == ref.argmax(-1))[clear].all(), f"step {t}"
+
+
+@pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "relu"])
+def test_other_falcon_activations_equal_torch_runner(activation, checkpoints, tmp_path):
+    """lite.cpp's branch-free GELU (tanh form) and ReLU against ATen's, on a copy of a Falcon checkpoint whose
+    config names them (GELU's erf form and SiLU run in the parametrized test above)."""
+    import shutil
+
+    ckpt = tmp_path / activation
+    shutil.copytree(checkpoints["falcon-7b", "int8"], ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "activation": activation}))
+    info = inspect_model_dir(ckpt)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, info.vocab_size, 9).tolist(), rng.integers(0, info.vocab_size, 7).tolist()]
+    ref = run(load_runner(info, 32, 2), prompts, steps=0)
+    got = run(load_lite_runner(info, 32, 2), prompts, steps=0)
+    for a, b in zip(got, ref):
+        assert cosines(a, b).min() > 0.99999 and np.abs(a - b).max() < 2e-3 * np.abs(b).max()
 
 
 def test_packing_equals_torch_packing():

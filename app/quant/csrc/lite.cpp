@@ -131,25 +131,50 @@ struct Stack {
     }
   }
 
-  // a [T, down.k] = act(up [T, up.n])
+  // a [T, down.k] = act(up [T, up.n]).  Branch-free formulas over decoder_core.h's exp_nonpositive (relative
+  // error < 3e-7), so the compiler vectorizes them: with libm's scalar expf / erff / tanhf the activations took
+  // ~15% of a TinyLlama int4 prompt.
+  //   silu(x) = x sigmoid(x), sigmoid from e = exp(-|x|): 1 / (1 + e) for x >= 0, e / (1 + e) below;
+  //   tanh(y) = sign(y) (1 - e) / (1 + e) with e = exp(-2|y|);
+  //   erf(z) = sign(z) (1 - poly(t) exp(-z^2)), t = 1 / (1 + p|z|) (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7).
+  static float silu(float x) {
+    const float e = exp_nonpositive(-std::fabs(x));
+    return x * (x >= 0.f ? 1.f : e) / (1.f + e);
+  }
+  static float gelu_tanh(float x) {
+    const float y = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+    const float e = exp_nonpositive(-2.f * std::fabs(y));
+    const float t = std::copysign((1.f - e) / (1.f + e), y);
+    return 0.5f * x * (1.f + t);
+  }
+  static float gelu_erf(float x) {
+    const float z = std::fabs(x) * 0.70710678118654752f;
+    const float t = 1.f / (1.f + 0.3275911f * z);
+    const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f +
+                                                                                      t * 1.061405429f))));
+    const float erf_abs = 1.f - poly * exp_nonpositive(-z * z);
+    return 0.5f * x * (1.f + std::copysign(erf_abs, x));
+  }
+
   void activation(const float* up, int64_t T, int64_t width, float* a) const {
     lanner::parallel_for(0, T, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const float* u = up + r * width;
         if (act == kSiluGated) {
           float* o = a + r * inter;
-          for (int64_t j = 0; j < inter; ++j) o[j] = u[j] / (1.f + std::exp(-u[j])) * u[inter + j];
+#pragma omp simd
+          for (int64_t j = 0; j < inter; ++j) o[j] = silu(u[j]) * u[inter + j];
           continue;
         }
         float* o = a + r * width;
-        for (int64_t j = 0; j < width; ++j) {
-          const float x = u[j];
-          if (act == kGelu)
-            o[j] = 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
-          else if (act == kGeluTanh)
-            o[j] = 0.5f * x * (1.f + std::tanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
-          else
-            o[j] = x > 0.f ? x : 0.f;
+        if (act == kGelu) {
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j) o[j] = gelu_erf(u[j]);
+        } else if (act == kGeluTanh) {
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j) o[j] = gelu_tanh(u[j]);
+        } else {
+          for (int64_t j = 0; j < width; ++j) o[j] = u[j] > 0.f ? u[j] : 0.f;
         }
       }
     });
