@@ -157,22 +157,40 @@ def _build_core(cfg: WorkerConfig, emit: Callable[[list, Any], None]) -> Any:
                       prefix_caching=cfg.prefix_caching)
 
 
+# environment switches that ask for the torch runner's kernel paths (app/quant/woq.py, app/models/stack.py)
+TORCH_PATH_SWITCHES = ("LANNER_OWN_KERNELS", "LANNER_DECODER_STACK")
+WOQ_KERNEL_ENV = "LANNER_WOQ_KERNEL"
+
+
 def resolve_runner(kind: str, path: Any, woq_backend: str) -> str:
-    """`auto`: the torch-free runner for a pre-quantized checkpoint on the native backend where Lanner's kernels
-    can be built (a C++ compiler, LANNER_OWN_KERNELS not 0), the torch runner otherwise; other kinds as given."""
+    """`auto`: the torch-free runner for a pre-quantized checkpoint on the native backend when its library builds
+    here, the torch runner otherwise (an fp32 model or quantize-at-load, another WOQ backend, an environment
+    switch asking for the torch runner's kernel paths, or no working C++ build); other kinds as given."""
     if kind != "auto":
         return kind
-    from app.quant.cbuild import compiler, switched_off
+    from app.quant.cbuild import switched_off
     from app.quant.manifest import is_quantized_dir
 
-    lite = (is_quantized_dir(path) and woq_backend == "native" and compiler() is not None
-            and not switched_off("LANNER_OWN_KERNELS"))
-    return "lite" if lite else "batched"
+    if not is_quantized_dir(path) or woq_backend != "native":
+        return "batched"
+    if any(switched_off(env) for env in TORCH_PATH_SWITCHES) or \
+            os.environ.get(WOQ_KERNEL_ENV, "").strip().lower() not in ("", "auto"):
+        return "batched"
+    from app.lite import native
+
+    try:
+        native.lib()  # built once per machine (cached), loaded here
+    except Exception as exc:  # noqa: BLE001 - any build or load failure means the torch runner
+        log.warning("runner auto: the torch-free runner cannot run here (%s); serving %s on the torch runner",
+                    exc, path)
+        return "batched"
+    return "lite"
 
 
 def build_runner(kind: str, info: Any, max_model_len: int, max_num_seqs: int, kv_cache_bytes: int | None,
                  quantize: str = "none", woq_backend: str = "native", int4_group_size: int | None = None,
                  kv_cache_dtype: str = "auto", int4_head: str = "int8") -> Any:
+    kind = resolve_runner(kind, info.path, woq_backend)
     if kind == "reference":
         if quantize != "none":
             raise ValueError(f"quantize={quantize!r} needs runner: batched (the reference runner is fp32)")

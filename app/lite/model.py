@@ -149,39 +149,44 @@ def int4_scale_codes(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return c.astype(np.uint8), units
 
 
-def pack_int4(qweight: np.ndarray | Rows, scales: np.ndarray, zeros: np.ndarray, k: int | None = None
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """app/quant/kernels.py's `pack_int4`: the portable int4 form (qweight uint8 [N, K/2], or a reader of its
-    rows, with k) -> nibble tiles uint8 [T, K/4, 8, 4], scales uint8 [T, 4 + K/G, 16] (row units, then codes)
-    and zero points uint8 [T, K/G, 8].  Goes PACK_BYTES of weights at a time."""
-    n, groups = scales.shape
+def pack_int4(qweight: np.ndarray | Rows, scales: np.ndarray | Rows, zeros: np.ndarray | Rows, n: int | None = None,
+              k: int | None = None, groups: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """app/quant/kernels.py's `pack_int4`: the portable int4 form (qweight uint8 [N, K/2], fp32 scales [N, K/G] on
+    row code grids, zeros uint8 [N, K/G]; arrays, or readers of their rows with n, k and groups) -> nibble tiles
+    uint8 [T, K/4, 8, 4], scales uint8 [T, 4 + K/G, 16] (row units, then codes) and zero points uint8
+    [T, K/G, 8].  Goes PACK_BYTES of weights (and their rows' scales and zero points) at a time."""
     if isinstance(qweight, np.ndarray):
-        k = 2 * qweight.shape[1]
-    rows = _rows_of(qweight)
+        n, k = qweight.shape[0], 2 * qweight.shape[1]
+    if isinstance(scales, np.ndarray):
+        groups = scales.shape[1]
+    q_rows, s_rows, z_rows = map(_rows_of, (qweight, scales, zeros))
     tiles = -(-n // TILE)
     nib = np.empty((tiles, k // QUAD, TILE // 2, QUAD), np.uint8)
+    sc = np.empty((tiles, UNIT_ROWS + groups, TILE), np.uint8)
+    zp = np.empty((tiles, groups, TILE // 2), np.uint8)
     step = max(1, PACK_BYTES // (TILE * k))
     for t0 in range(0, tiles, step):
         t1 = min(t0 + step, tiles)
         r0, r1 = t0 * TILE, min(t1 * TILE, n)
-        packed = rows(r0, r1)
-        q = np.zeros(((t1 - t0) * TILE, k), np.uint8)
+        rows = (t1 - t0) * TILE
+        packed = q_rows(r0, r1)
+        q = np.zeros((rows, k), np.uint8)
         q[:r1 - r0, 0::2] = packed & 0x0F
         q[:r1 - r0, 1::2] = packed >> 4
         qt = q.reshape(t1 - t0, TILE, k // QUAD, QUAD).transpose(0, 2, 1, 3)  # [T', K/4, 16, 4]
         np.bitwise_or(qt[:, :, :TILE // 2], qt[:, :, TILE // 2:] << 4, out=nib[t0:t1])
-    codes, units = int4_scale_codes(scales)
-    s = np.zeros((tiles, UNIT_ROWS + groups, TILE), np.uint8)
-    u = np.zeros(tiles * TILE, np.float32)
-    u[:n] = units
-    s[:, :UNIT_ROWS] = u.reshape(tiles, TILE).view(np.uint8).reshape(tiles, UNIT_ROWS, TILE)
-    c = np.zeros((tiles * TILE, groups), np.uint8)
-    c[:n] = codes
-    s[:, UNIT_ROWS:] = c.reshape(tiles, TILE, groups).transpose(0, 2, 1)
-    z = np.zeros((tiles * TILE, groups), np.uint8)
-    z[:n] = zeros
-    z = z.reshape(tiles, TILE, groups).transpose(0, 2, 1)  # [T, K/G, 16]
-    return nib, s, np.ascontiguousarray(z[..., :TILE // 2] | (z[..., TILE // 2:] << 4))
+        codes, units = int4_scale_codes(s_rows(r0, r1))
+        u = np.zeros(rows, np.float32)
+        u[:r1 - r0] = units
+        sc[t0:t1, :UNIT_ROWS] = u.reshape(t1 - t0, TILE).view(np.uint8).reshape(t1 - t0, UNIT_ROWS, TILE)
+        c = np.zeros((rows, groups), np.uint8)
+        c[:r1 - r0] = codes
+        sc[t0:t1, UNIT_ROWS:] = c.reshape(t1 - t0, TILE, groups).transpose(0, 2, 1)
+        z = np.zeros((rows, groups), np.uint8)
+        z[:r1 - r0] = z_rows(r0, r1)
+        z = z.reshape(t1 - t0, TILE, groups).transpose(0, 2, 1)  # [T', K/G, 16]
+        zp[t0:t1] = z[..., :TILE // 2] | (z[..., TILE // 2:] << 4)
+    return nib, sc, zp
 
 
 @dataclass
@@ -219,39 +224,54 @@ class Linear:
         return sum(a.nbytes for a in self.arrays() if a is not None)
 
 
-def _linear(file: SafetensorsFile, name: str, entry: dict[str, Any], n: int, k: int, path: Path) -> Linear:
-    """A stored Linear, checked against the config's shape, packed into tiles block by block."""
+def _stored(file: SafetensorsFile, key: str, shape: tuple[int, ...], dtype: type, path: Path) -> str:
+    """`key`, checked to be stored with this shape and dtype (bf16 as uint16)."""
+    if key not in file:
+        raise ModelLoadError(f"Pre-quantized model in {path} is missing tensor {key!r}.")
+    got_dtype, got_shape, _ = file.entry(key)
+    if got_shape != shape or got_dtype != dtype:
+        raise ModelLoadError(f"Pre-quantized model in {path}: {key} is {np.dtype(got_dtype)} {list(got_shape)}, "
+                             f"expected {np.dtype(dtype)} {list(shape)} for this config.")
+    return key
+
+
+GROUP_SIZES = (32, 64, 128, 256)  # the int4 group sizes Lanner writes (app/quant/woq.py's pick_group_size)
+
+
+def _linear(file: SafetensorsFile, name: str, entry: dict[str, Any], n: int, k: int, path: Path,
+            bias: bool = False) -> Linear:
+    """A stored Linear, checked against the config's shape (and whether it has a bias), packed into tiles block
+    by block."""
     kind, g = entry.get("kind"), entry.get("group_size")
 
     def stored(suffix: str, shape: tuple[int, ...], dtype: type) -> str:
-        key = f"{name}.{suffix}"
-        if key not in file:
-            raise ModelLoadError(f"Pre-quantized model in {path} is missing tensor {key!r}.")
-        got_dtype, got_shape, _ = file.entry(key)
-        if got_shape != shape or got_dtype != dtype:
-            raise ModelLoadError(f"Pre-quantized model in {path}: {key} is {np.dtype(got_dtype)} {list(got_shape)}, "
-                                 f"expected {np.dtype(dtype)} {list(shape)} for this config.")
-        return key
+        return _stored(file, f"{name}.{suffix}", shape, dtype, path)
 
     def rows(key: str) -> Rows:
         return lambda r0, r1: file.read(key, (r0, r1))
 
-    if entry.get("out_features") != n or entry.get("in_features") != k:
+    if entry.get("out_features") != n or entry.get("in_features") != k or bool(entry.get("bias")) != bias:
         raise ModelLoadError(f"Pre-quantized model in {path} does not match its config: {name} is "
-                             f"{entry.get('out_features')} x {entry.get('in_features')}, expected {n} x {k}.")
-    bias = file.read(stored("bias", (n,), np.float32)) if entry.get("bias") else None
+                             f"{entry.get('out_features')} x {entry.get('in_features')}, bias {entry.get('bias')}; "
+                             f"expected {n} x {k}, bias {bias}.")
+    bias = file.read(stored("bias", (n,), np.float32)) if bias else None
     if kind == "int8":
         weight = stored("qweight", (n, k), np.int8)
         tiles, scales = pack_int8(rows(weight), bf16_to_f32(file.read(stored("scales", (n,), np.uint16))), n, k)
         return Linear(1, n, k, 0, tiles, scales, None, bias)
-    if kind == "int4" and isinstance(g, int) and g % BLOCK == 0 and k % g == 0:
-        zeros = file.read(stored("zeros", (n, k // g), np.uint8))
-        if zeros.size and int(zeros.max()) > 15:
-            raise ModelLoadError(f"Pre-quantized model in {path}: {name}.zeros holds values above 15.")
-        weight = stored("qweight", (n, k // 2), np.uint8)
-        nib, scales, zp = pack_int4(rows(weight), bf16_to_f32(file.read(stored("scales", (n, k // g), np.uint16))),
-                                    zeros, k)
-        return Linear(2, n, k, g, nib, scales, zp, bias)
+    if kind == "int4" and g in GROUP_SIZES and k % g == 0:
+        scales = stored("scales", (n, k // g), np.uint16)
+        zeros = stored("zeros", (n, k // g), np.uint8)
+
+        def zero_rows(r0: int, r1: int) -> np.ndarray:
+            z = file.read(zeros, (r0, r1))
+            if z.size and int(z.max()) > 15:
+                raise ModelLoadError(f"Pre-quantized model in {path}: {name}.zeros holds values above 15.")
+            return z
+
+        nib, sc, zp = pack_int4(rows(stored("qweight", (n, k // 2), np.uint8)),
+                                lambda r0, r1: bf16_to_f32(file.read(scales, (r0, r1))), zero_rows, n, k, k // g)
+        return Linear(2, n, k, g, nib, sc, zp, bias)
     raise ModelLoadError(f"Pre-quantized model in {path}: module {name!r} has an invalid kind/group size "
                          f"({kind!r}, {g!r}) for K={k}.")
 
@@ -280,6 +300,8 @@ class LiteModel:
             self.inter = int(config.intermediate_size)
             names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
             mlp = (2 * self.inter, self.inter)
+            attn_bias, mlp_bias = bool(getattr(config, "attention_bias", False)), bool(getattr(config, "mlp_bias", False))
+            biases = (attn_bias, attn_bias, mlp_bias, mlp_bias)
         elif info.arch == "falcon":
             act = getattr(config, "activation", "gelu")
             if act not in FALCON_ACTS:
@@ -290,6 +312,7 @@ class LiteModel:
             names = ("qkv_proj", "o_proj", "up_proj", "down_proj")
             ffn = int(getattr(config, "ffn_hidden_size", None) or 4 * self.hidden)
             mlp = (ffn, ffn)
+            biases = (bool(getattr(config, "bias", False)),) * 4
         else:
             raise UnsupportedModelError(f"architecture {info.arch!r} is not supported")
         h, d = self.hidden, self.head_dim
@@ -307,30 +330,36 @@ class LiteModel:
         if embedding == "lm_head" and self.head.kind == 1:
             self.embed_q = self.embed_s = None  # rows of the head
         elif embedding == "int8":
-            self.embed_q = file.read("embed_tokens.qweight")
-            self.embed_s = bf16_to_f32(file.read("embed_tokens.scales"))
-            if self.embed_q.shape != (self.vocab_size, h) or self.embed_q.dtype != np.int8:
-                raise ModelLoadError(f"Pre-quantized model in {path}: embed_tokens.qweight is not int8 "
-                                     f"[{self.vocab_size}, {h}].")
+            self.embed_q = file.read(_stored(file, "embed_tokens.qweight", (self.vocab_size, h), np.int8, path))
+            self.embed_s = bf16_to_f32(file.read(_stored(file, "embed_tokens.scales", (self.vocab_size,), np.uint16,
+                                                         path)))
         else:
-            raise ModelLoadError(f"Pre-quantized model in {path} has no valid `embedding` in {MANIFEST_FILE}: "
-                                 f"{embedding!r}.")
-        norm_names = ("norm", None) if self.norm == 0 else ("ln_f.weight", "ln_f.bias")
-        self.final_norm = tuple(file.plain(n) if n else None for n in norm_names)
+            raise ModelLoadError(f"Pre-quantized model in {path} has no valid `embedding` in {MANIFEST_FILE} "
+                                 f"(int8, or lm_head when the model is tied and its head int8): {embedding!r}.")
+
+        def norm(name: str | None) -> np.ndarray | None:  # a norm's weight or bias: [hidden], stored
+            if name is None:
+                return None
+            if name not in file:
+                raise ModelLoadError(f"Pre-quantized model in {path} is missing tensor {name!r}.")
+            a = file.plain(name)
+            if a.shape != (h,):
+                raise ModelLoadError(f"Pre-quantized model in {path}: {name} has shape {list(a.shape)}, expected "
+                                     f"[{h}] for this config.")
+            return np.ascontiguousarray(a)
+
+        self.final_norm = tuple(map(norm, ("norm", None) if self.norm == 0 else ("ln_f.weight", "ln_f.bias")))
         self.layers: list[tuple[list[Linear], list[np.ndarray | None]]] = []
         for i in range(self.num_layers):
-            linears = [_linear(file, f"layers.{i}.{m}", modules[f"layers.{i}.{m}"], *shapes[m], path)
-                       for m in names]
+            linears = [_linear(file, f"layers.{i}.{m}", modules[f"layers.{i}.{m}"], *shapes[m], path, bias)
+                       for m, bias in zip(names, biases)]
             if self.norm == 0:
                 norm_names = (f"layers.{i}.input_norm", None, f"layers.{i}.post_attn_norm", None)
-            else:
+            else:  # Falcon's LayerNorms have biases; the parallel layout has no second norm
                 norm_names = (f"layers.{i}.ln_attn.weight", f"layers.{i}.ln_attn.bias",
                               *((f"layers.{i}.ln_mlp.weight", f"layers.{i}.ln_mlp.bias")
                                 if self.layout != LAYOUTS[PARALLEL] else (None, None)))
-            norms = [file.plain(n) if n and n in file else None for n in norm_names]
-            if norms[0] is None or (self.layout != LAYOUTS[PARALLEL] and norms[2] is None):
-                raise ModelLoadError(f"Pre-quantized model in {path} is missing layer {i}'s norm weights.")
-            self.layers.append((linears, norms))
+            self.layers.append((linears, [norm(n) for n in norm_names]))
 
     @property
     def weight_nbytes(self) -> int:

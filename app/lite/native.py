@@ -37,16 +37,22 @@ def build(cxx: str | None = None) -> Path:
     cxx = cxx or compiler()
     if cxx is None:
         raise LiteError("no C++ compiler (set CXX or install g++)")
-    target = cache_dir() / build_key(cxx, (SOURCE, *HEADERS), LITE_FLAGS) / "lanner_lite.so"
-    return build_once(target, lambda out: ([], [cxx, *LITE_FLAGS, str(SOURCE), "-o", str(out)]),
-                      "Lanner's standalone decoder")
+    try:
+        target = cache_dir() / build_key(cxx, (SOURCE, *HEADERS), LITE_FLAGS) / "lanner_lite.so"
+        return build_once(target, lambda out: ([], [cxx, *LITE_FLAGS, str(SOURCE), "-o", str(out)]),
+                          "Lanner's standalone decoder")
+    except (RuntimeError, OSError) as exc:  # a failed compile, an unwritable cache
+        raise LiteError(f"building {SOURCE.name} failed: {str(exc)[:500]}") from exc
 
 
 @cache
 def lib() -> ctypes.CDLL:
     """The loaded library (built on first use)."""
     path = build()
-    so = ctypes.CDLL(str(path))
+    try:
+        so = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise LiteError(f"loading {path} failed: {exc}") from exc
     so.lanner_isa.restype = ctypes.c_char_p
     so.lanner_last_error.restype = ctypes.c_char_p
     so.lanner_int8_mm.argtypes = [_vp, _i64, _i64, _vp, _vp, _i64, _vp]
@@ -85,11 +91,16 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def _is(a: np.ndarray | None, dtype: type, shape: tuple[int, ...]) -> bool:
+    return a is not None and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous
+
+
 def int8_mm(x: np.ndarray, tiles: np.ndarray, scales: np.ndarray, n: int) -> np.ndarray:
     """x fp32 [M, K] times int8 tiles [T, Kp/4, 16, 4] with fp32 scales [16 T] -> [M, n]."""
     x = _rows(x)
-    if tiles.dtype != np.int8 or tiles.ndim != 4 or tiles.shape[1] * 4 != -(-x.shape[1] // 32) * 32 \
-            or scales.shape != (16 * tiles.shape[0],) or not 16 * (tiles.shape[0] - 1) < n <= 16 * tiles.shape[0]:
+    t = tiles.shape[0] if tiles.ndim == 4 else 0
+    if not (_is(tiles, np.int8, (t, -(-x.shape[1] // 32) * 8, 16, 4)) and _is(scales, np.float32, (16 * t,))
+            and 16 * (t - 1) < n <= 16 * t):
         raise ValueError("int8_mm: shape mismatch")
     y = np.empty((x.shape[0], n), np.float32)
     _check(lib().lanner_int8_mm(ptr(x), x.shape[0], x.shape[1], ptr(tiles), ptr(scales), n, ptr(y)))
@@ -100,10 +111,10 @@ def int4_mm(x: np.ndarray, nib: np.ndarray, scales: np.ndarray, zeros: np.ndarra
             n: int) -> np.ndarray:
     """x fp32 [M, K] times int4 tiles (nib [T, K/4, 8, 4], scales [T, 4 + K/G, 16], zeros [T, K/G, 8]) -> [M, n]."""
     x = _rows(x)
-    k = x.shape[1]
-    if nib.dtype != np.uint8 or nib.ndim != 4 or nib.shape[1] * 4 != k or k % group \
-            or scales.shape != (nib.shape[0], 4 + k // group, 16) or zeros.shape != (nib.shape[0], k // group, 8) \
-            or not 16 * (nib.shape[0] - 1) < n <= 16 * nib.shape[0]:
+    k, t = x.shape[1], nib.shape[0] if nib.ndim == 4 else 0
+    if not (group > 0 and group % 32 == 0 and k % group == 0 and _is(nib, np.uint8, (t, k // 4, 8, 4))
+            and _is(scales, np.uint8, (t, 4 + k // group, 16)) and _is(zeros, np.uint8, (t, k // group, 8))
+            and 16 * (t - 1) < n <= 16 * t):
         raise ValueError("int4_mm: shape mismatch")
     y = np.empty((x.shape[0], n), np.float32)
     _check(lib().lanner_int4_mm(ptr(x), x.shape[0], k, ptr(nib), ptr(scales), ptr(zeros), group, n, ptr(y)))
@@ -113,6 +124,9 @@ def int4_mm(x: np.ndarray, nib: np.ndarray, scales: np.ndarray, zeros: np.ndarra
 def norm(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, eps: float, kind: str) -> np.ndarray:
     """RMSNorm (kind "rms", no bias) or LayerNorm ("layer") of each row of x fp32 [T, H]."""
     x = _rows(x)
+    h = x.shape[1]
+    if not (_is(w, np.float32, (h,)) and (b is None or _is(b, np.float32, (h,)))):
+        raise ValueError("norm: weight and bias must be contiguous fp32 [H]")
     y = np.empty_like(x)
     if kind == "rms":
         _check(lib().lanner_rms_norm(ptr(x), x.shape[0], x.shape[1], ptr(w), eps, ptr(y)))
@@ -126,6 +140,7 @@ class Stack:
 
     def __init__(self, ints: list[int], arrays: list[np.ndarray | None], eps: float) -> None:
         self._keep = arrays
+        self.head_dim, self.hidden = ints[5], ints[8]  # lite.cpp's header: what forward's arrays must match
         ints_a = np.asarray(ints, dtype=np.int64)
         ptrs = (ctypes.c_void_p * len(arrays))(*(ptr(a) for a in arrays))
         handle = lib().lanner_stack_new(ptr(ints_a), len(ints_a), ptrs, len(arrays), eps)
@@ -142,10 +157,9 @@ class Stack:
     def forward(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, slots: np.ndarray,
                 positions: np.ndarray) -> None:
         """x fp32 [T, H] through every layer, in place (see lite.cpp)."""
-        t = x.shape[0]
-        for a, dtype in ((x, np.float32), (cos, np.float32), (sin, np.float32), (slots, np.int64),
-                         (positions, np.int64)):
-            if a.dtype != dtype or not a.flags.c_contiguous or a.shape[0] != t:
-                raise ValueError("stack forward: expected C-contiguous x, cos, sin (fp32), slots, positions "
-                                 "(int64) with one row per token")
+        t, d = x.shape[0], self.head_dim
+        if not (_is(x, np.float32, (t, self.hidden)) and _is(cos, np.float32, (t, d)) and _is(sin, np.float32, (t, d))
+                and _is(slots, np.int64, (t,)) and _is(positions, np.int64, (t,))):
+            raise ValueError("stack forward: expected C-contiguous x [T, hidden], cos and sin [T, head_dim] (fp32), "
+                             "slots and positions [T] (int64)")
         _check(lib().lanner_stack_forward(self._handle, ptr(x), t, ptr(cos), ptr(sin), ptr(slots), ptr(positions)))

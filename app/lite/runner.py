@@ -23,7 +23,7 @@ from app.models.arch import rope_inv_freq_np, rope_tables_np
 from app.models.base import StepInput
 from app.models.loader import ModelInfo, ModelLoadError
 from app.models.slots import PrefixSlots, SlotPool
-from app.quant.manifest import is_quantized_dir
+from app.quant.manifest import MANIFEST_FILE, is_quantized_dir, read_manifest
 
 log = logging.getLogger("lanner.lite")
 
@@ -78,8 +78,9 @@ class LiteReport:
 class LiteRunner(PrefixSlots):
     SAMPLER = "app.lite.sampler"  # EngineCore samples numpy logits with it
 
-    def __init__(self, model: LiteModel, max_model_len: int, max_num_seqs: int, kv_cache_bytes: int | None = None,
-                 kv_dtype: str = "bf16", rope: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def __init__(self, model: LiteModel, max_model_len: int, max_num_seqs: int, rope: tuple[np.ndarray, np.ndarray],
+                 kv_cache_bytes: int | None = None, kv_dtype: str = "bf16") -> None:
+        # rope: the cos and signed sin tables [max_model_len, head_dim] (app/models/arch.py's rope_tables_np)
         self.model = model
         self.vocab_size = model.vocab_size
         self.max_model_len = int(max_model_len)
@@ -125,20 +126,30 @@ def load_lite_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int, kv_
     kv_dtype = "bf16" if kv_cache_dtype == "auto" else kv_cache_dtype
     if kv_dtype not in KV_DTYPES:
         raise ModelLoadError(f"kv_cache_dtype must be one of auto, {', '.join(KV_DTYPES)}, got {kv_cache_dtype!r}")
+    manifest = read_manifest(info.path)
+    if quantize not in ("none", manifest["mode"]):
+        raise ModelLoadError(f"Model in {info.path} is a pre-quantized {manifest['mode']} checkpoint "
+                             f"({MANIFEST_FILE}), but quantize={quantize} is configured. Set quantize to "
+                             f"{manifest['mode']} (or leave it unset/none), or quantize the original model.")
     try:
+        native.lib()  # before reading the weights: a library that cannot be built fails the load at once
         model = LiteModel(info)
-        if quantize not in ("none", model.mode):
-            raise ModelLoadError(f"Model in {info.path} is a pre-quantized {model.mode} checkpoint, but "
-                                 f"quantize={quantize} is configured.")
-        rope = rope_tables_np(rope_inv_freq_np(info.config, model.head_dim), int(max_model_len))
         trim_heap()  # the packing's freed temporaries, still resident in the heap's holes
-        runner = LiteRunner(model, max_model_len, max_num_seqs, kv_cache_bytes, kv_dtype, rope)
+        rope = rope_tables_np(rope_inv_freq_np(info.config, model.head_dim), int(max_model_len))
+        runner = LiteRunner(model, max_model_len, max_num_seqs, rope, kv_cache_bytes, kv_dtype)
         runner.quant_report = LiteReport(model.mode, native.isa())
     except native.LiteError as exc:
         raise ModelLoadError(f"runner: lite cannot run {info.path}: {exc}") from exc
+    except KeyError as exc:
+        raise ModelLoadError(f"Model in {info.path} is missing {exc.args[0]!r} (in its config or weights)") from exc
     except ValueError as exc:  # UnsupportedModelError, a KV budget too small for one sequence
         raise ModelLoadError(f"Model in {info.path} cannot be served: {exc}") from exc
-    log.info("%s: torch-free runner, %s weights %.1f MiB, %s dot products; KV cache %s, %d slot(s) of %d tokens, "
-             "%.1f MiB", info.path.name, model.mode, model.weight_nbytes / 2**20, native.isa(), kv_dtype,
+    kinds = sorted({f"{m['kind']}" + (f" g{m['group_size']}" if m.get("group_size") else "")
+                    for m in manifest["modules"].values()})
+    log.info("%s: torch-free runner, %s weights %.1f MiB (%s; head %s; embedding %s), %s dot products; KV cache %s, "
+             "%d slot(s) of %d tokens, %.1f MiB", info.path.name, model.mode, model.weight_nbytes / 2**20,
+             ", ".join(kinds), manifest.get("head"), manifest.get("embedding"), native.isa(), kv_dtype,
              runner.kv.num_slots, runner.max_model_len, runner.kv.nbytes / 2**20)
+    for fallback in manifest.get("fallbacks") or ():
+        log.info("%s: stored as %s", info.path.name, fallback)
     return runner

@@ -242,7 +242,7 @@ def test_packing_in_blocks_equals_packing_whole(monkeypatch):
         return lambda r0, r1: reads.append((r0, r1)) or a[r0:r1]
 
     blocks8 = lite_model.pack_int8(rows(q), np.ones(70, np.float32), 70, 96)
-    blocks4 = lite_model.pack_int4(rows(packed), sc, zeros, 96)
+    blocks4 = lite_model.pack_int4(rows(packed), rows(sc), rows(zeros), 70, 96, 3)
     assert all(np.array_equal(a, b) for a, b in zip((*whole8, *whole4), (*blocks8, *blocks4)))
     assert reads[:5] == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 70)]
 
@@ -312,8 +312,52 @@ def test_auto_runner_picks_lite_for_pre_quantized_checkpoints(checkpoints, demo_
     assert resolve_runner("auto", ckpt, "torchao") == "batched"
     assert [resolve_runner(k, ckpt, "native") for k in ("batched", "reference", "lite")] == ["batched", "reference",
                                                                                               "lite"]
-    monkeypatch.setenv("LANNER_OWN_KERNELS", "0")  # ATen's kernels asked for: the torch runner
-    assert resolve_runner("auto", ckpt, "native") == "batched"
-    monkeypatch.setattr("app.quant.cbuild.compiler", lambda: None)
-    monkeypatch.delenv("LANNER_OWN_KERNELS")
-    assert resolve_runner("auto", ckpt, "native") == "batched"  # no compiler: no standalone library
+    for env, value in (("LANNER_OWN_KERNELS", "0"), ("LANNER_DECODER_STACK", "0"), ("LANNER_WOQ_KERNEL", "packed")):
+        with monkeypatch.context() as m:  # the torch runner's kernel paths asked for: the torch runner
+            m.setenv(env, value)
+            assert resolve_runner("auto", ckpt, "native") == "batched", env
+
+    def broken():
+        raise native.LiteError("building lite.cpp failed: no OpenMP")
+
+    monkeypatch.setattr(native, "lib", broken)
+    assert resolve_runner("auto", ckpt, "native") == "batched"  # the library does not build: the torch runner
+
+
+def _edited(src: Path, dst: Path, manifest=None, tensors=None) -> Path:
+    """A copy of checkpoint `src` with its manifest's modules edited by `manifest(modules)` and its tensors by
+    `tensors(dict)`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if manifest:
+        data = json.loads((dst / "lanner_quant.json").read_text())
+        manifest(data["modules"])
+        (dst / "lanner_quant.json").write_text(json.dumps(data))
+    if tensors:
+        state = load_file(str(dst / "model.safetensors"))
+        tensors(state)
+        save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("case, match", [
+    ("group size 0", "invalid kind/group size"),
+    ("norm of the wrong shape", r"layers.0.ln_attn.weight has shape \[3\]"),
+    ("LayerNorm without its bias", "missing tensor 'ln_f.bias'"),
+    ("a bias the config has not", "does not match its config"),
+])
+def test_damaged_checkpoints_are_refused(case, match, checkpoints, tmp_path):
+    """What the torch loader refuses, the lite loader refuses before any array reaches C++."""
+    src = checkpoints["falcon-7b", "int4"]
+    edits = {
+        "group size 0": {"manifest": lambda m: m["layers.0.o_proj"].update(group_size=0)},
+        "norm of the wrong shape": {"tensors": lambda t: t.update({"layers.0.ln_attn.weight": torch.ones(3)})},
+        "LayerNorm without its bias": {"tensors": lambda t: t.pop("ln_f.bias")},
+        "a bias the config has not": {"manifest": lambda m: m["layers.1.up_proj"].update(bias=True)},
+    }[case]
+    ckpt = _edited(src, tmp_path / "ckpt", **edits)
+    with pytest.raises(ModelLoadError, match=match):
+        load_lite_runner(inspect_model_dir(ckpt), 16, 1)

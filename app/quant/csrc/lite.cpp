@@ -174,7 +174,7 @@ struct Stack {
 #pragma omp simd
           for (int64_t j = 0; j < width; ++j) o[j] = gelu_tanh(u[j]);
         } else {
-          for (int64_t j = 0; j < width; ++j) o[j] = u[j] > 0.f ? u[j] : 0.f;
+          for (int64_t j = 0; j < width; ++j) o[j] = u[j] > 0.f || std::isnan(u[j]) ? u[j] : 0.f;  // NaN stays
         }
       }
     });
@@ -249,6 +249,8 @@ Stack* make_stack(const int64_t* ints, int64_t n_ints, const void* const* ptrs, 
                 (s->act != kSiluGated || layer.up.n == 2 * s->inter),
             "lanner_stack_new: Linear shapes do not match the configuration");
       for (const Linear* l : lin) check(l->kind == kInt8 || l->k % l->group == 0, "lanner_stack_new: bad int4 group");
+      // forward's activation buffers are sized by the first layer
+      check(s->layers.empty() || layer.up.n == s->layers.front().up.n, "lanner_stack_new: layers of different widths");
       layer.norm1_w = static_cast<const float*>(p[16]), layer.norm1_b = static_cast<const float*>(p[17]);
       layer.norm2_w = static_cast<const float*>(p[18]), layer.norm2_b = static_cast<const float*>(p[19]);
       layer.k = const_cast<void*>(p[20]), layer.v = const_cast<void*>(p[21]);

@@ -13,6 +13,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
 
 namespace lanner {
 
@@ -25,6 +27,10 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
     f(begin, end);
     return;
   }
+  // An exception must not leave an OpenMP region (std::terminate): the first one is kept and rethrown after the
+  // join, as ATen does.
+  std::exception_ptr error;
+  std::atomic_flag failed = ATOMIC_FLAG_INIT;
   // all of the pool's threads, as ATen (a num_threads clause trips GOMP's thread pool, pytorch#32008)
 #pragma omp parallel
   {
@@ -32,8 +38,15 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
     if (grain > 0) tasks = std::min<int64_t>(tasks, (end - begin + grain - 1) / grain);
     const int64_t chunk = (end - begin + tasks - 1) / tasks;
     const int64_t b = begin + omp_get_thread_num() * chunk;
-    if (b < end) f(b, std::min(end, b + chunk));
+    if (b < end) {
+      try {
+        f(b, std::min(end, b + chunk));
+      } catch (...) {
+        if (!failed.test_and_set()) error = std::current_exception();
+      }
+    }
   }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace lanner
