@@ -187,8 +187,21 @@ def lite_checkpoint(model_dir: Path, mode: str) -> Path:
 
 
 def ensure_lite_checkpoint(model_dir: Path, mode: str, root: Path) -> Path:
+    """The lite engines' checkpoint, (re)written when missing, older than the model's weights (a rebuilt bench
+    model) or written by another Lanner checkpoint format."""
+    import shutil
+
     out = lite_checkpoint(model_dir, mode)
-    if not (out / "lanner_quant.json").is_file():
+    manifest = out / "lanner_quant.json"
+    if manifest.is_file():
+        weights = max(f.stat().st_mtime for f in model_dir.glob("*.safetensors"))
+        fmt = json.loads(manifest.read_text()).get("format", {})
+        sys.path.insert(0, str(root))
+        from app.quant.manifest import FORMAT_HASH
+
+        if manifest.stat().st_mtime < weights or fmt.get("hash") != FORMAT_HASH:
+            shutil.rmtree(out)
+    if not manifest.is_file():
         print(f"quantizing {model_dir.name} to {out} (once) ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "app", "quantize", str(model_dir), "--bits", mode.removeprefix("int"),
                         "--out", str(out)], check=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
