@@ -52,19 +52,6 @@ class LiteKV(SlotPool):
             cache[dst, :, :n] = cache[src, :, :n]
 
 
-def slots_for_budget(budget_bytes: int | None, max_slots: int, per_slot: int, max_len: int) -> int:
-    """Slots that fit in `budget_bytes` (all of `max_slots` when None), capped by `max_slots`."""
-    if max_slots < 1:
-        raise ValueError(f"max_num_seqs must be >= 1, got {max_slots}")
-    if budget_bytes is None:
-        return max_slots
-    fit = int(budget_bytes) // per_slot
-    if fit < 1:
-        raise ValueError(f"KV cache budget of {budget_bytes} bytes is too small for one sequence of {max_len} "
-                         f"tokens ({per_slot} bytes per sequence); raise the budget or lower max_model_len.")
-    return min(fit, max_slots)
-
-
 @dataclass(frozen=True)
 class LiteReport:
     """What the worker reports about its weights (the fields of app/quant/woq.py's QuantReport it reads)."""
@@ -86,7 +73,7 @@ class LiteRunner(PrefixSlots):
         self.max_model_len = int(max_model_len)
         per_slot = LiteKV.bytes_per_slot(model.num_layers, model.num_kv_heads, model.head_dim, self.max_model_len,
                                          kv_dtype)
-        num_slots = slots_for_budget(kv_cache_bytes, max_num_seqs, per_slot, self.max_model_len)
+        num_slots = LiteKV.slots_in_budget(kv_cache_bytes, max_num_seqs, per_slot, self.max_model_len)
         self.kv = LiteKV(model.num_layers, model.num_kv_heads, model.head_dim, self.max_model_len, num_slots,
                          kv_dtype)
         self.max_num_seqs = num_slots

@@ -124,18 +124,8 @@ class KVCache(SlotPool):
     def slots_for_budget(cls, budget_bytes: int | None, max_slots: int, num_layers: int, num_kv_heads: int,
                          head_dim: int, max_len: int, dtype: torch.dtype = torch.float32) -> int:
         """Slots that fit in `budget_bytes` (all of `max_slots` when None), capped by `max_slots`."""
-        if max_slots < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_slots}")
-        if budget_bytes is None:
-            return max_slots
         per_slot = cls.bytes_per_slot(num_layers, num_kv_heads, head_dim, max_len, dtype)
-        fit = int(budget_bytes) // per_slot
-        if fit < 1:
-            raise ValueError(
-                f"KV cache budget of {budget_bytes} bytes is too small for one sequence of {max_len} tokens "
-                f"({per_slot} bytes per sequence); raise the budget or lower max_model_len."
-            )
-        return min(fit, max_slots)
+        return cls.slots_in_budget(budget_bytes, max_slots, per_slot, max_len)
 
     @property
     def nbytes(self) -> int:

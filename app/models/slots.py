@@ -20,6 +20,22 @@ class SlotPool:
         self._free: list[int] = list(range(num_slots))
         heapq.heapify(self._free)
 
+    @staticmethod
+    def slots_in_budget(budget_bytes: int | None, max_slots: int, per_slot: int, max_len: int) -> int:
+        """Slots of `per_slot` bytes that fit in `budget_bytes` (all of `max_slots` when None), capped by
+        `max_slots`."""
+        if max_slots < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_slots}")
+        if budget_bytes is None:
+            return max_slots
+        fit = int(budget_bytes) // per_slot
+        if fit < 1:
+            raise ValueError(
+                f"KV cache budget of {budget_bytes} bytes is too small for one sequence of {max_len} tokens "
+                f"({per_slot} bytes per sequence); raise the budget or lower max_model_len."
+            )
+        return min(fit, max_slots)
+
     @property
     def num_free_slots(self) -> int:
         return len(self._free)
