@@ -1,9 +1,10 @@
 """A pre-quantized int8/int4 Llama or Falcon checkpoint (`lanner quantize`) run without torch.
 
 The torch-free worker's model: numpy arrays for the weights and the KV cache, lite.cpp (app/lite/native.py)
-for the compute.  Loading reads each stored tensor of model.safetensors once into a fresh array, packs it into
-the kernels' tiles (the same bytes app/quant/kernels.py's `pack_int8` / `pack_int4` make; the tests compare
-them) and drops the stored copy, so the process holds the packed model plus one tensor in flight.  A forward:
+for the compute.  Loading reads each stored matrix of model.safetensors (and its int4 scales and zero points) in
+blocks of rows, PACK_BYTES at a time, and packs each block into the kernels' tiles, allocated once (the same
+bytes app/quant/kernels.py's `pack_int8` / `pack_int4` make; the tests compare them), so the process holds the
+packed model plus one block in flight (no mapping of the file is kept).  A forward:
 
     embedding rows (int8 rows times their scales) -> lite.cpp's layer stack (every layer, KV cache writes and
     causal attention by position) -> the final norm of the rows whose logits are wanted -> the head (int8
