@@ -39,6 +39,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp32", "bf16"], default=env("LANNER_KV_CACHE_DTYPE"),
                    help="KV cache element type for --model: auto (default) = bf16 when quantized, else fp32 "
                         "(LANNER_KV_CACHE_DTYPE)")
+    p.add_argument("--runner", choices=["auto", "batched", "lite", "reference"], default=env("LANNER_RUNNER"),
+                   help="who runs --model: auto (default: lite for a `lanner quantize` directory, else batched), "
+                        "lite (a worker without torch), batched (Lanner's torch decoders) or reference "
+                        "(transformers; LANNER_RUNNER)")
     p.add_argument("--cpus", default=env("LANNER_CPUS"), help='cores for --model, e.g. "0-1"')
     p.add_argument("--max-num-seqs", type=int, default=env("LANNER_MAX_NUM_SEQS"),
                    help="max concurrent sequences for --model")
@@ -66,7 +70,7 @@ def _cli_models(args: argparse.Namespace) -> list | None:
     local = looks_like_local_path(args.model) or Path(args.model).expanduser().is_dir()
     model_id = args.model_id or (Path(args.model.rstrip("/")).name if local else args.model)
     spec: dict = {"id": model_id, "source": args.model}
-    for key in ("quantize", "woq_backend", "int4_group_size", "int4_head", "kv_cache_dtype", "cpus",
+    for key in ("quantize", "woq_backend", "int4_group_size", "int4_head", "kv_cache_dtype", "runner", "cpus",
                 "max_num_seqs", "prefix_caching"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)

@@ -160,3 +160,17 @@ def test_kv_cache_dtype_setting(monkeypatch, tmp_path):
     assert resolve_kv_dtype("fp32", "int4") == torch.float32 and resolve_kv_dtype("bf16", "none") == torch.bfloat16
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         resolve_kv_dtype("fp16", "none")
+
+
+def test_runner_setting(monkeypatch, tmp_path):
+    """`runner` (ModelSpec, `--runner`, LANNER_RUNNER): auto by default; anything but auto/batched/lite/reference
+    is refused."""
+    monkeypatch.delenv("LANNER_RUNNER", raising=False)
+    assert ModelSpec(id="m", source="/x").runner == "auto"
+    with pytest.raises(ValidationError, match="runner"):
+        ModelSpec(id="m", source="/x", runner="fast")
+    [spec] = _cli_models(_serve_args(["--model", str(tmp_path), "--runner", "lite"]))
+    assert spec.runner == "lite"
+    monkeypatch.setenv("LANNER_RUNNER", "batched")
+    [spec] = _cli_models(_serve_args(["--model", str(tmp_path)]))
+    assert spec.runner == "batched"
