@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                "--port", str(args.port), "--max-num-seqs", str(args.max_num_seqs), *args.lanner_arg]
         compare = baseline_json if baseline_json.exists() else None
         lanner_json = run_against("lanner-load", "lanner", cmd, "/ready", args.port, args.levels, args, compare)
+    if not baseline_json.exists():  # --skip-baseline with no earlier baseline run: Lanner's own report only
+        log(f"no {baseline_json}: no comparison written")
+        return 0
     lanner, baseline = (json.loads(p.read_text(encoding="utf-8")) for p in (lanner_json, baseline_json))
     md = args.results_dir / "load-comparison.md"
     md.write_text(comparison_markdown(lanner, baseline), encoding="utf-8")
