@@ -186,26 +186,28 @@ struct Stack {
             "lanner_stack_forward: slot or position out of range");
     const int64_t H = hidden;
     const Layer& first = layers.front();
-    std::vector<float> h(T * H), h2(T * H), qkv(T * first.qkv.n), attn(T * nh * d), o(T * H), up(T * first.up.n),
-        a(T * first.down.k), down(T * H);
+    // every buffer is written before it is read: left uninitialized (zeroing them cost a memset a step)
+    const auto h = scratch<float>(T * H), h2 = scratch<float>(T * H), qkv = scratch<float>(T * first.qkv.n),
+               attn = scratch<float>(T * nh * d), o = scratch<float>(T * H), up = scratch<float>(T * first.up.n),
+               a = scratch<float>(T * first.down.k), down = scratch<float>(T * H);
     for (const Layer& L : layers) {
-      norm_(x, T, L.norm1_w, L.norm1_b, h.data());
-      L.qkv(h.data(), T, qkv.data());
-      attention(L, qkv.data(), T, cos, sin, sl, pos, attn.data());
-      L.o(attn.data(), T, o.data());
+      norm_(x, T, L.norm1_w, L.norm1_b, h.get());
+      L.qkv(h.get(), T, qkv.get());
+      attention(L, qkv.get(), T, cos, sin, sl, pos, attn.get());
+      L.o(attn.get(), T, o.get());
       if (layout == kSequential) {
         for (int64_t i = 0; i < T * H; ++i) x[i] += o[i];
-        norm_(x, T, L.norm2_w, L.norm2_b, h2.data());
-        L.up(h2.data(), T, up.data());
-        activation(up.data(), T, L.up.n, a.data());
-        L.down(a.data(), T, down.data());
+        norm_(x, T, L.norm2_w, L.norm2_b, h2.get());
+        L.up(h2.get(), T, up.get());
+        activation(up.get(), T, L.up.n, a.get());
+        L.down(a.get(), T, down.get());
         for (int64_t i = 0; i < T * H; ++i) x[i] += down[i];
       } else {
-        const float* h_mlp = h.data();
-        if (layout == kParallelTwoNorms) norm_(x, T, L.norm2_w, L.norm2_b, h2.data()), h_mlp = h2.data();
-        L.up(h_mlp, T, up.data());
-        activation(up.data(), T, L.up.n, a.data());
-        L.down(a.data(), T, down.data());
+        const float* h_mlp = h.get();
+        if (layout == kParallelTwoNorms) norm_(x, T, L.norm2_w, L.norm2_b, h2.get()), h_mlp = h2.get();
+        L.up(h_mlp, T, up.get());
+        activation(up.get(), T, L.up.n, a.get());
+        L.down(a.get(), T, down.get());
         for (int64_t i = 0; i < T * H; ++i) x[i] += down[i] + o[i];
       }
     }

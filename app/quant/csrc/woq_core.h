@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -49,19 +50,25 @@ constexpr int64_t kUnitBytes = kTile * 4;  // int4 scales: a tile's 16 fp32 row 
 
 // ------------------------------------------------------------------------------- activations
 
+// n elements left uninitialized (a std::vector would zero them): scratch that is written before it is read
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::make_unique_for_overwrite<T[]>(static_cast<size_t>(n));
+}
+
 struct QuantizedRows {
-  std::vector<int8_t> q;   // [M, Kp]
-  std::vector<float> sx;   // [M, Kp / 32]
-  std::vector<float> sum;  // [M, Kp / 32]: sum of the block's xq (exact: |sum| <= 32 * 127)
+  std::unique_ptr<int8_t[]> q;   // [M, Kp]
+  std::unique_ptr<float[]> sx;   // [M, Kp / 32]
+  std::unique_ptr<float[]> sum;  // [M, Kp / 32]: sum of the block's xq (exact: |sum| <= 32 * 127)
 };
 
-// x fp32 [M, K] (contiguous) quantized per row in blocks of 32, zero-padded to Kp
+// x fp32 [M, K] (contiguous) quantized per row in blocks of 32, zero-padded to Kp (every element written)
 QuantizedRows quantize_rows(const float* xp, int64_t M, int64_t K, int64_t Kp) {
   const int64_t blocks = Kp / kBlock;
-  QuantizedRows r{std::vector<int8_t>(M * Kp), std::vector<float>(M * blocks), std::vector<float>(M * blocks)};
-  int8_t* qp = r.q.data();
-  float* sp = r.sx.data();
-  float* cp = r.sum.data();
+  QuantizedRows r{scratch<int8_t>(M * Kp), scratch<float>(M * blocks), scratch<float>(M * blocks)};
+  int8_t* qp = r.q.get();
+  float* sp = r.sx.get();
+  float* cp = r.sum.get();
   lanner::parallel_for(0, M * blocks, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m = i / blocks, k0 = (i % blocks) * kBlock, n = std::max<int64_t>(0, std::min(kBlock, K - k0));
@@ -301,9 +308,9 @@ void over_tiles(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t T, int
   if (M == 0) return;
   const int64_t blocks = Kp / kBlock;
   const QuantizedRows xr = quantize_rows(x, M, K, Kp);
-  const int8_t* xq = xr.q.data();
-  const float* sx = xr.sx.data();
-  const float* xs = xr.sum.data();
+  const int8_t* xq = xr.q.get();
+  const float* sx = xr.sx.get();
+  const float* xs = xr.sum.get();
   lanner::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     all_rows(M, t0, t1, [&](auto mr, int64_t m, int64_t t, bool ahead) {
       tile(mr, xq + m * Kp, sx + m * blocks, xs + m * blocks, t, yp + m * n + t * kTile,
