@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +38,8 @@ from app.models.arch import (
 )
 from app.models.loader import ModelInfo, ModelLoadError
 from app.quant.manifest import MANIFEST_FILE, WEIGHTS_FILE, read_manifest
+from app.quant.tiles import TILE, Rows, pack_int4, pack_int8
 
-TILE, QUAD, BLOCK, UNIT_ROWS = 16, 4, 32, 4  # app/quant/kernels.py's tile geometry
 LAYOUTS = {SEQUENTIAL: 0, PARALLEL: 1, PARALLEL_TWO_NORMS: 2}
 FALCON_ACTS = {"gelu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2, "relu": 3}
 LLAMA_ACTS = ("silu", "swish")
@@ -103,91 +101,7 @@ class SafetensorsFile:
         return bf16_to_f32(a) if entry["dtype"] == "BF16" else a.astype(np.float32)
 
 
-# --------------------------------------------------------------------------- the kernels' tiles
-
-
-PACK_BYTES = 2 << 20  # weight bytes packed at once: the load's temporaries stay this small
-Rows = Callable[[int, int], np.ndarray]  # rows [r0, r1) of a stored matrix
-
-
-def _rows_of(q: np.ndarray | Rows) -> Rows:
-    return (lambda r0, r1: q[r0:r1]) if isinstance(q, np.ndarray) else q
-
-
-def pack_int8(q: np.ndarray | Rows, scales: np.ndarray, n: int | None = None, k: int | None = None
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """app/quant/kernels.py's `pack_int8`: q int8 [N, K] (or a reader of its rows, with n and k), scales [N]
-    -> tiles int8 [T, Kp/4, 16, 4] and fp32 scales [16 T]; rows and k past the matrix are zero, -128 becomes
-    -127.  Goes PACK_BYTES of weights at a time."""
-    if isinstance(q, np.ndarray):
-        n, k = q.shape
-    rows = _rows_of(q)
-    tiles, kp = -(-n // TILE), -(-k // BLOCK) * BLOCK
-    out = np.empty((tiles, kp // QUAD, TILE, QUAD), np.int8)
-    step = max(1, PACK_BYTES // (TILE * kp))
-    for t0 in range(0, tiles, step):
-        t1 = min(t0 + step, tiles)
-        r0, r1 = t0 * TILE, min(t1 * TILE, n)
-        block = np.zeros(((t1 - t0) * TILE, kp), np.int8)
-        block[:r1 - r0, :k] = rows(r0, r1)
-        np.maximum(block, -127, out=block)
-        out[t0:t1] = block.reshape(t1 - t0, TILE, kp // QUAD, QUAD).transpose(0, 2, 1, 3)
-    s = np.zeros(tiles * TILE, np.float32)
-    s[:n] = scales
-    return out, s
-
-
-def int4_scale_codes(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """app/quant/kernels.py's `int4_scale_codes`: fp32 scales [N, G'] -> (codes uint8 [N, G'], units fp32 [N])."""
-    widest = scales.max(axis=1)
-    _, exponent = np.frexp(widest)
-    exponent = np.where(np.isinf(widest), 127, exponent) - 8
-    units = np.ldexp(np.float32(1), np.clip(exponent, -126, 119)).astype(np.float32)
-    c = scales / units[:, None]
-    if not ((c == np.round(c)) & (c >= 0) & (c <= 255)).all():
-        raise ModelLoadError("int4 scales are not 8-bit codes times a power of two per row (quantize_int4's "
-                             "grid); quantize the weights again with this version of Lanner")
-    return c.astype(np.uint8), units
-
-
-def pack_int4(qweight: np.ndarray | Rows, scales: np.ndarray | Rows, zeros: np.ndarray | Rows, n: int | None = None,
-              k: int | None = None, groups: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """app/quant/kernels.py's `pack_int4`: the portable int4 form (qweight uint8 [N, K/2], fp32 scales [N, K/G] on
-    row code grids, zeros uint8 [N, K/G]; arrays, or readers of their rows with n, k and groups) -> nibble tiles
-    uint8 [T, K/4, 8, 4], scales uint8 [T, 4 + K/G, 16] (row units, then codes) and zero points uint8
-    [T, K/G, 8].  Goes PACK_BYTES of weights (and their rows' scales and zero points) at a time."""
-    if isinstance(qweight, np.ndarray):
-        n, k = qweight.shape[0], 2 * qweight.shape[1]
-    if isinstance(scales, np.ndarray):
-        groups = scales.shape[1]
-    q_rows, s_rows, z_rows = map(_rows_of, (qweight, scales, zeros))
-    tiles = -(-n // TILE)
-    nib = np.empty((tiles, k // QUAD, TILE // 2, QUAD), np.uint8)
-    sc = np.empty((tiles, UNIT_ROWS + groups, TILE), np.uint8)
-    zp = np.empty((tiles, groups, TILE // 2), np.uint8)
-    step = max(1, PACK_BYTES // (TILE * k))
-    for t0 in range(0, tiles, step):
-        t1 = min(t0 + step, tiles)
-        r0, r1 = t0 * TILE, min(t1 * TILE, n)
-        rows = (t1 - t0) * TILE
-        packed = q_rows(r0, r1)
-        q = np.zeros((rows, k), np.uint8)
-        q[:r1 - r0, 0::2] = packed & 0x0F
-        q[:r1 - r0, 1::2] = packed >> 4
-        qt = q.reshape(t1 - t0, TILE, k // QUAD, QUAD).transpose(0, 2, 1, 3)  # [T', K/4, 16, 4]
-        np.bitwise_or(qt[:, :, :TILE // 2], qt[:, :, TILE // 2:] << 4, out=nib[t0:t1])
-        codes, units = int4_scale_codes(s_rows(r0, r1))
-        u = np.zeros(rows, np.float32)
-        u[:r1 - r0] = units
-        sc[t0:t1, :UNIT_ROWS] = u.reshape(t1 - t0, TILE).view(np.uint8).reshape(t1 - t0, UNIT_ROWS, TILE)
-        c = np.zeros((rows, groups), np.uint8)
-        c[:r1 - r0] = codes
-        sc[t0:t1, UNIT_ROWS:] = c.reshape(t1 - t0, TILE, groups).transpose(0, 2, 1)
-        z = np.zeros((rows, groups), np.uint8)
-        z[:r1 - r0] = z_rows(r0, r1)
-        z = z.reshape(t1 - t0, TILE, groups).transpose(0, 2, 1)  # [T', K/G, 16]
-        zp[t0:t1] = z[..., :TILE // 2] | (z[..., TILE // 2:] << 4)
-    return nib, sc, zp
+# --------------------------------------------------------------------------- the kernels' tiles (app/quant/tiles.py)
 
 
 @dataclass
@@ -394,12 +308,3 @@ class LiteModel:
                 arrays += lin.arrays()
             arrays += [*norms, kc, vc]
         return native.Stack(ints, arrays, self.eps)
-
-
-def lazy_zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
-    """A zero array resident only where written (its own anonymous mapping), as app/models/kv_cache.py's."""
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    if nbytes == 0:
-        return np.zeros(shape, dtype)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.heap import trim_heap
+from app.heap import lazy_zeros, trim_heap
 from app.lite import native
-from app.lite.model import KV_DTYPES, LiteModel, lazy_zeros
+from app.lite.model import KV_DTYPES, LiteModel
 from app.models.arch import rope_inv_freq_np, rope_tables_np
 from app.models.base import StepInput
 from app.models.loader import ModelInfo, ModelLoadError

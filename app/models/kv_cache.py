@@ -37,12 +37,13 @@ the softmax @ V product); stale values of a previous occupant are finite and alw
 from __future__ import annotations
 
 import math
-import mmap
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from app import heap
 from app.models import ops
 from app.models.slots import SlotPool
 
@@ -82,16 +83,9 @@ class BatchMeta:
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero tensor whose memory becomes resident only where it is written: its own anonymous mapping,
-    which the kernel fills with zeros page by page on first touch. `torch.zeros` writes every page at once,
-    so a cache sized for `max_num_seqs` full-length sequences was resident from start-up (1.47 GiB for
-    TinyLlama's 32 slots of 2048 tokens) however few of them ran; now it grows with the slots used (the
-    lowest free slot is taken first) up to the busiest moment so far."""
+    """app/heap.py's `lazy_zeros` as a torch tensor: zeros resident only where written."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes == 0:
-        return torch.zeros(shape, dtype=dtype)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+    return torch.from_numpy(heap.lazy_zeros((nbytes,), np.uint8)).view(dtype).view(shape)
 
 
 class KVCache(SlotPool):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from app.quant import tiles as layouts
 from app.quant.cbuild import (  # noqa: F401 - CACHE_ENV, cache_dir, switched_off: used through this module
     CACHE_ENV,
     FLAGS,
@@ -43,6 +44,7 @@ from app.quant.cbuild import (  # noqa: F401 - CACHE_ENV, cache_dir, switched_of
     compiler,
     switched_off,
 )
+from app.quant.tiles import BLOCK, QUAD, TILE, UNIT_ROWS, padded_k  # noqa: F401 - re-exported
 
 log = logging.getLogger("lanner.quant")
 
@@ -53,7 +55,6 @@ SOURCES = (CSRC / "woq_kernels.cpp", CSRC / "decoder_ops.cpp", CSRC / "decoder_s
 HEADERS = tuple(CSRC / h for h in ("lanner_ops.h", "parallel.h", "woq_core.h", "decoder_core.h"))  # included
 # by the sources (part of the build key)
 ENABLE_ENV = "LANNER_OWN_KERNELS"
-TILE = 16  # output rows per weight tile (kTile in the C++ source)
 
 
 @dataclass(frozen=True)
@@ -119,22 +120,6 @@ def available() -> bool:
 # --------------------------------------------------------------------------- weight layouts
 
 
-BLOCK = 32  # activation quantization block along K (kBlock); K is padded to a multiple of it
-QUAD = 4  # k per weight group of the dot-product instructions
-PACK_BYTES = 4 << 20  # weight bytes (int8: rows x K) repacked at once: bounds the packing temporaries
-
-
-def _pack_step(k: int) -> int:
-    """Tiles repacked at once for rows of k weights: PACK_BYTES of int8 rows, at least one tile.  (A fixed
-    256 tiles was 4096 rows: 74 MB of int8 at falcon-7b's K = 18176, plus temporaries of the same size,
-    which made the load's peak ~100-190 MiB above its resident size on each such layer.)"""
-    return max(1, PACK_BYTES // (TILE * max(1, k)))
-
-
-def padded_k(k: int) -> int:
-    return -(-k // BLOCK) * BLOCK
-
-
 def empty_tiles(mode: str, n: int, k: int, group_size: int | None = None) -> tuple[torch.Tensor, ...]:
     """Uninitialised tensors of pack_int8's (tiles, scales) or pack_int4's (nibbles, scales, zeros) layout
     for an [n, k] weight."""
@@ -148,34 +133,16 @@ def empty_tiles(mode: str, n: int, k: int, group_size: int | None = None) -> tup
 
 
 def pack_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q int8 [N, K], scales [N] -> tiles int8 [T, Kp/4, 16, 4] (tiles[t, k/4, j, k%4] = q[16t + j, k],
-    T = ceil(N/16), Kp = K rounded up to 32) and scales fp32 [16 T]; rows and k past the matrix are zero,
-    and -128 becomes -127 (the AVX2 kernel's sign trick cannot negate -128; see woq_kernels.cpp)."""
-    n, k = q.shape
-    tiles, kp = -(-n // TILE), padded_k(k)
-    out = empty_tiles("int8", n, k)[0]
-    step = _pack_step(kp)
-    for t0 in range(0, tiles, step):
-        t1 = min(t0 + step, tiles)
-        rows = q[t0 * TILE:t1 * TILE]
-        if rows.shape[0] < (t1 - t0) * TILE or k < kp:  # padding needed: go through a zeroed chunk
-            chunk = torch.zeros((t1 - t0) * TILE, kp, dtype=torch.int8)
-            chunk[:rows.shape[0], :k] = rows
-            rows = chunk
-        out[t0:t1].copy_(rows.view(t1 - t0, TILE, kp // QUAD, QUAD).permute(0, 2, 1, 3))
-        out[t0:t1].clamp_(min=-127)
-    s = torch.zeros(tiles * TILE)
-    s[:n] = scales.float()
-    return out, s
+    """app/quant/tiles.py's `pack_int8` of torch tensors: q int8 [N, K], scales [N] -> tiles int8
+    [T, Kp/4, 16, 4] and fp32 scales [16 T]."""
+    packed = layouts.pack_int8(q.numpy(), scales.float().numpy())
+    return tuple(map(torch.from_numpy, packed))  # type: ignore[return-value]
 
 
 def unpack_int8(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """pack_int8's tiles -> q int8 [n, k]."""
     t, quads = tiles.shape[:2]
     return tiles.permute(0, 2, 1, 3).reshape(t * TILE, quads * QUAD)[:n, :k]
-
-
-UNIT_ROWS = 4  # int4 tiles: the 16 fp32 row units take the first 4 rows of 16 bytes of a tile's scales
 
 
 def code_units(widest: torch.Tensor) -> torch.Tensor:
@@ -187,61 +154,16 @@ def code_units(widest: torch.Tensor) -> torch.Tensor:
 
 
 def int4_scale_codes(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales [N, G'] on quantize_int4's row code grids -> (codes uint8 [N, G'], units fp32 [N]) with
-    scales = codes * units[:, None], units powers of two.  Raises ValueError for scales that are not on such
-    a grid (made by another quantizer, or by Lanner before checkpoint format 4).  Goes PACK_BYTES of fp32
-    scales at a time: whole, falcon-7b's 4544 x 568 scales of its largest Linear made ~35 MiB of float
-    temporaries at the load's peak."""
-    n, groups = scales.shape
-    codes = torch.empty(n, groups, dtype=torch.uint8)
-    units = torch.empty(n)
-    step = max(1, PACK_BYTES // (4 * max(1, groups)))
-    for r0 in range(0, n, step):
-        s = scales[r0:r0 + step].float()
-        u = code_units(s.amax(dim=1))
-        c = s / u[:, None]  # (not in place: .float() of fp32 scales is the caller's tensor)
-        if not (c.eq(c.round()) & c.ge(0) & c.le(255)).all():
-            raise ValueError("int4 scales are not 8-bit codes times a power of two per row (quantize_int4's "
-                             "grid); quantize the weights again with this version of Lanner")
-        codes[r0:r0 + step] = c
-        units[r0:r0 + step] = u
-    return codes, units
+    """app/quant/tiles.py's `int4_scale_codes` of a torch tensor: scales [N, G'] -> (codes uint8, units fp32)."""
+    return tuple(map(torch.from_numpy, layouts.int4_scale_codes(scales.float().numpy())))  # type: ignore[return-value]
 
 
 def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The portable int4 form (qweight uint8 [N, K/2], byte j = q[2j] | q[2j+1] << 4; scales [N, K/G] on
-    row code grids, see int4_scale_codes; zeros [N, K/G] integers 0..15) -> nibble tiles uint8
-    [T, K/4, 8, 4] (nib[t, k/4, j, k%4] = q[16t+j, k] | q[16t+j+8, k] << 4), scales uint8
-    [T, 4 + K/G, 16] (per tile the 16 rows' fp32 units in the first 4 rows of bytes, then each group's 16
-    codes: scale[16t+j, g] = codes[t, 4+g, j] * unit[16t+j]) and zero points packed like the weights,
-    uint8 [T, K/G, 8] (zp[t, g, j] = z[16t+j, g] | z[16t+j+8, g] << 4); rows past N are zero.  K is a
-    multiple of G, itself of 32."""
-    n, half = qweight.shape
-    k, groups = 2 * half, scales.shape[1]
-    tiles = -(-n // TILE)
-    nib = empty_tiles("int4", n, k, k // groups)[0]
-    step = _pack_step(k)
-    for t0 in range(0, tiles, step):
-        t1 = min(t0 + step, tiles)
-        rows = qweight[t0 * TILE:t1 * TILE]
-        q = torch.zeros((t1 - t0) * TILE, k, dtype=torch.uint8)
-        q[:rows.shape[0], 0::2] = rows & 0x0F
-        q[:rows.shape[0], 1::2] = rows >> 4
-        qt = q.view(t1 - t0, TILE, k // QUAD, QUAD).permute(0, 2, 1, 3)  # [T', K/4, 16, 4]
-        torch.bitwise_or(qt[:, :, :TILE // 2], qt[:, :, TILE // 2:] << 4, out=nib[t0:t1])
-    codes, units = int4_scale_codes(scales)
-    s = torch.zeros(tiles, UNIT_ROWS + groups, TILE, dtype=torch.uint8)
-    u = torch.zeros(tiles * TILE)
-    u[:n] = units
-    s[:, :UNIT_ROWS] = u.view(tiles, TILE).view(torch.uint8).view(tiles, UNIT_ROWS, TILE)
-    c = torch.zeros(tiles * TILE, groups, dtype=torch.uint8)
-    c[:n] = codes
-    s[:, UNIT_ROWS:] = c.view(tiles, TILE, groups).transpose(1, 2)
-    z = torch.zeros(tiles * TILE, groups, dtype=torch.uint8)
-    z[:n] = zeros.to(torch.uint8)
-    z = z.view(tiles, TILE, groups).transpose(1, 2)  # [T, K/G, 16]
-    return nib, s, (z[..., :TILE // 2] | (z[..., TILE // 2:] << 4)).contiguous()
+    """app/quant/tiles.py's `pack_int4` of torch tensors: the portable int4 form -> nibble tiles, scales (row
+    units, then codes) and zero points in Lanner's tile layout."""
+    packed = layouts.pack_int4(qweight.numpy(), scales.float().numpy(), zeros.to(torch.uint8).numpy())
+    return tuple(map(torch.from_numpy, packed))  # type: ignore[return-value]
 
 
 def unpack_int4(nib: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, n: int

@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from app.lite import model as lite_model
 from app.lite import native
 from app.lite.runner import LiteRunner, load_lite_runner
 from app.models.base import StepInput
 from app.models.loader import ModelLoadError, inspect_model_dir
 from app.models.runner import load_runner
-from app.quant import kernels
+from app.quant import kernels, tiles
 from app.quant.checkpoint import quantize_checkpoint
 from tests.model.test_parity import save_parity_models
 
@@ -116,36 +115,18 @@ def test_other_falcon_activations_equal_torch_runner(activation, checkpoints, tm
         assert cosines(a, b).min() > 0.99999 and np.abs(a - b).max() < 2e-3 * np.abs(b).max()
 
 
-def test_packing_equals_torch_packing():
-    rng = np.random.default_rng(1)
-    q = rng.integers(-128, 128, (37, 70), dtype=np.int8)
-    scales = rng.random(37, dtype=np.float32)
-    tiles, s = lite_model.pack_int8(q, scales)
-    ref_tiles, ref_s = kernels.pack_int8(torch.from_numpy(q), torch.from_numpy(scales))
-    assert np.array_equal(tiles, ref_tiles.numpy()) and np.array_equal(s, ref_s.numpy())
-    n, k, g = 37, 128, 32
-    packed = rng.integers(0, 256, (n, k // 2), dtype=np.uint8)
-    units = np.ldexp(np.float32(1), rng.integers(-20, -5, n)).astype(np.float32)
-    sc = (rng.integers(1, 256, (n, k // g)) * units[:, None]).astype(np.float32)
-    zeros = rng.integers(0, 16, (n, k // g), dtype=np.uint8)
-    got = lite_model.pack_int4(packed, sc, zeros)
-    ref = kernels.pack_int4(torch.from_numpy(packed), torch.from_numpy(sc), torch.from_numpy(zeros))
-    for a, b in zip(got, ref):
-        assert a.dtype == b.numpy().dtype and np.array_equal(a, b.numpy())
-
-
 @pytest.mark.parametrize("m", [1, 3, 16, 37])
 def test_standalone_kernels_equal_torch_ops(m):
     """The same woq_core.h code in both builds: bit-identical results."""
     rng = np.random.default_rng(m)
     n, k = 45, 96
     x = rng.standard_normal((m, k), dtype=np.float32)
-    tiles, s = lite_model.pack_int8(rng.integers(-127, 128, (n, k), dtype=np.int8), rng.random(n, dtype=np.float32))
-    assert np.array_equal(native.int8_mm(x, tiles, s, n),
-                          kernels.int8_mm(torch.from_numpy(x), torch.from_numpy(tiles), torch.from_numpy(s), n).numpy())
+    t8, s = tiles.pack_int8(rng.integers(-127, 128, (n, k), dtype=np.int8), rng.random(n, dtype=np.float32))
+    assert np.array_equal(native.int8_mm(x, t8, s, n),
+                          kernels.int8_mm(torch.from_numpy(x), torch.from_numpy(t8), torch.from_numpy(s), n).numpy())
     units = np.full(n, 2.0 ** -10, np.float32)
     sc = (rng.integers(1, 256, (n, k // 32)) * units[:, None]).astype(np.float32)
-    nib, s4, z4 = lite_model.pack_int4(rng.integers(0, 256, (n, k // 2), dtype=np.uint8), sc,
+    nib, s4, z4 = tiles.pack_int4(rng.integers(0, 256, (n, k // 2), dtype=np.uint8), sc,
                                        rng.integers(0, 16, (n, k // 32), dtype=np.uint8))
     got = native.int4_mm(x, nib, s4, z4, 32, n)
     ref = kernels.int4_mm(*(torch.from_numpy(a) for a in (x, nib, s4, z4)), 32, n).numpy()
@@ -233,24 +214,24 @@ def test_packing_in_blocks_equals_packing_whole(monkeypatch):
     packed = rng.integers(0, 256, (70, 48), dtype=np.uint8)
     sc = (rng.integers(1, 256, (70, 3)) * np.float32(2.0 ** -9)).astype(np.float32)
     zeros = rng.integers(0, 16, (70, 3), dtype=np.uint8)
-    whole8 = lite_model.pack_int8(q, np.ones(70, np.float32))
-    whole4 = lite_model.pack_int4(packed, sc, zeros)
-    monkeypatch.setattr(lite_model, "PACK_BYTES", 16 * 96)  # one tile per block
+    whole8 = tiles.pack_int8(q, np.ones(70, np.float32))
+    whole4 = tiles.pack_int4(packed, sc, zeros)
+    monkeypatch.setattr(tiles, "PACK_BYTES", 16 * 96)  # one tile per block
     reads = []
 
     def rows(a):
         return lambda r0, r1: reads.append((r0, r1)) or a[r0:r1]
 
-    blocks8 = lite_model.pack_int8(rows(q), np.ones(70, np.float32), 70, 96)
-    blocks4 = lite_model.pack_int4(rows(packed), rows(sc), rows(zeros), 70, 96, 3)
+    blocks8 = tiles.pack_int8(rows(q), np.ones(70, np.float32), 70, 96)
+    blocks4 = tiles.pack_int4(rows(packed), rows(sc), rows(zeros), 70, 96, 3)
     assert all(np.array_equal(a, b) for a, b in zip((*whole8, *whole4), (*blocks8, *blocks4)))
     assert reads[:5] == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 70)]
 
 
 CHILD_LOAD = """
 import json, sys
-from app.lite import model
 from app.lite.runner import load_lite_runner
+from app.quant import tiles
 from app.models.loader import describe_model_dirs
 
 
@@ -262,7 +243,7 @@ def peak():
 
 if __name__ == "__main__":
     tiny, big = describe_model_dirs(sys.argv[1:3])
-    model.PACK_BYTES = int(sys.argv[3])
+    tiles.PACK_BYTES = int(sys.argv[3])
     load_lite_runner(tiny, 64, 1)  # imports, the library, OpenMP's threads: the baseline
     baseline = peak()
     runner = load_lite_runner(big, 64, 1)
@@ -295,7 +276,7 @@ def test_loading_holds_the_model_plus_little(mode, tmp_path, demo_models_dir, ch
         stats = json.loads(done.stdout.strip().splitlines()[-1])
         return stats["peak"] - stats["baseline"], stats["held"]
 
-    blocks, held = over(lite_model.PACK_BYTES)
+    blocks, held = over(tiles.PACK_BYTES)
     whole, _ = over(1 << 40)
     print(f"\nlite {mode}: peak over baseline {blocks / 2**20:.1f} MiB (whole matrices: {whole / 2**20:.1f}), "
           f"packed model {held / 2**20:.1f} MiB")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.quant import kernels, woq
+from app.quant import kernels, tiles, woq
 from app.quant.woq import (
     INT4_CLIP_RATIOS,
     KERNEL_ENV,
@@ -96,7 +96,7 @@ def test_packing_in_chunks_gives_the_same_tiles(monkeypatch):
     q, s = random_int8(90, 40, seed=8)
     qw = random_int4(90, 64, 32, seed=9)
     whole8, whole4 = kernels.pack_int8(q, s), kernels.pack_int4(qw.qweight, qw.scales, qw.zeros)
-    monkeypatch.setattr(kernels, "PACK_BYTES", 2 * kernels.TILE * 64)  # 6 tiles: chunks of 2, 2, 2 (K = 64)
+    monkeypatch.setattr(tiles, "PACK_BYTES", 2 * kernels.TILE * 64)  # 6 tiles: chunks of 2, 2, 2 (K = 64)
     for a, b in zip((*whole8, *whole4), (*kernels.pack_int8(q, s), *kernels.pack_int4(qw.qweight, qw.scales,
                                                                                       qw.zeros))):
         assert torch.equal(a, b)
@@ -229,7 +229,7 @@ def test_int4_scale_codes_in_row_chunks(monkeypatch):
     codes = torch.randint(1, 256, (50, 6), generator=g).to(torch.uint8)
     codes[:, 0] = 255  # each row's widest group: a code of 8 significant bits, as quantize_int4 makes
     scales = (codes.float() * units[:, None]).to(torch.bfloat16)
-    monkeypatch.setattr(kernels, "PACK_BYTES", 4 * 6 * 8)  # 8 rows a chunk: 7 chunks
+    monkeypatch.setattr(tiles, "PACK_BYTES", 4 * 6 * 8)  # 8 rows a chunk: 7 chunks
     got_codes, got_units = kernels.int4_scale_codes(scales)
     assert torch.equal(got_codes, codes) and torch.equal(got_units, units)
     bad = scales.clone()
