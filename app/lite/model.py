@@ -29,8 +29,8 @@ import numpy as np
 from app.lite import native
 from app.models.arch import (
     PARALLEL,
-    PARALLEL_TWO_NORMS,
-    SEQUENTIAL,
+    STACK_FALCON_ACTS,
+    STACK_LAYOUTS,
     UnsupportedModelError,
     falcon_layout,
     falcon_num_kv_heads,
@@ -38,10 +38,8 @@ from app.models.arch import (
 )
 from app.models.loader import ModelInfo, ModelLoadError
 from app.quant.manifest import MANIFEST_FILE, WEIGHTS_FILE, read_manifest
-from app.quant.tiles import TILE, Rows, pack_int4, pack_int8
+from app.quant.tiles import INT4_GROUP_SIZES, TILE, Rows, pack_int4, pack_int8
 
-LAYOUTS = {SEQUENTIAL: 0, PARALLEL: 1, PARALLEL_TWO_NORMS: 2}
-FALCON_ACTS = {"gelu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2, "relu": 3}
 LLAMA_ACTS = ("silu", "swish")
 KV_DTYPES = {"fp32": np.float32, "bf16": np.uint16}  # bf16 elements held as their 16 bits
 _NP_DTYPES = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "I8": np.int8, "U8": np.uint8}
@@ -150,9 +148,6 @@ def _stored(file: SafetensorsFile, key: str, shape: tuple[int, ...], dtype: type
     return key
 
 
-GROUP_SIZES = (32, 64, 128, 256)  # the int4 group sizes Lanner writes (app/quant/woq.py's pick_group_size)
-
-
 def _linear(file: SafetensorsFile, name: str, entry: dict[str, Any], n: int, k: int, path: Path,
             bias: bool = False) -> Linear:
     """A stored Linear, checked against the config's shape (and whether it has a bias), packed into tiles block
@@ -174,7 +169,7 @@ def _linear(file: SafetensorsFile, name: str, entry: dict[str, Any], n: int, k: 
         weight = stored("qweight", (n, k), np.int8)
         tiles, scales = pack_int8(rows(weight), bf16_to_f32(file.read(stored("scales", (n,), np.uint16))), n, k)
         return Linear(1, n, k, 0, tiles, scales, None, bias)
-    if kind == "int4" and g in GROUP_SIZES and k % g == 0:
+    if kind == "int4" and g in INT4_GROUP_SIZES and k % g == 0:
         scales = stored("scales", (n, k // g), np.uint16)
         zeros = stored("zeros", (n, k // g), np.uint8)
 
@@ -219,11 +214,11 @@ class LiteModel:
             biases = (attn_bias, attn_bias, mlp_bias, mlp_bias)
         elif info.arch == "falcon":
             act = getattr(config, "activation", "gelu")
-            if act not in FALCON_ACTS:
-                raise UnsupportedModelError(f"activation {act!r} is not supported (supported: {', '.join(FALCON_ACTS)})")
+            if act not in STACK_FALCON_ACTS:
+                raise UnsupportedModelError(f"activation {act!r} is not supported (supported: {', '.join(STACK_FALCON_ACTS)})")
             self.head_dim, self.num_kv_heads = self.hidden // self.num_heads, falcon_num_kv_heads(config)
-            self.norm, self.layout = 1, LAYOUTS[falcon_layout(config)]
-            self.act, self.eps, self.inter = FALCON_ACTS[act], float(config.layer_norm_epsilon), 0
+            self.norm, self.layout = 1, STACK_LAYOUTS[falcon_layout(config)]
+            self.act, self.eps, self.inter = STACK_FALCON_ACTS[act], float(config.layer_norm_epsilon), 0
             names = ("qkv_proj", "o_proj", "up_proj", "down_proj")
             ffn = int(getattr(config, "ffn_hidden_size", None) or 4 * self.hidden)
             mlp = (ffn, ffn)
@@ -273,7 +268,7 @@ class LiteModel:
             else:  # Falcon's LayerNorms have biases; the parallel layout has no second norm
                 norm_names = (f"layers.{i}.ln_attn.weight", f"layers.{i}.ln_attn.bias",
                               *((f"layers.{i}.ln_mlp.weight", f"layers.{i}.ln_mlp.bias")
-                                if self.layout != LAYOUTS[PARALLEL] else (None, None)))
+                                if self.layout != STACK_LAYOUTS[PARALLEL] else (None, None)))
             self.layers.append((linears, [norm(n) for n in norm_names]))
 
     @property

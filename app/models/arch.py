@@ -15,6 +15,10 @@ class UnsupportedModelError(ValueError):
 
 
 PARALLEL, PARALLEL_TWO_NORMS, SEQUENTIAL = "parallel", "parallel_two_norms", "sequential"
+# How the C++ layer stacks (decoder_stack.cpp for the torch runner, lite.cpp for the torch-free one) encode a
+# Falcon layout and activation
+STACK_LAYOUTS = {SEQUENTIAL: 0, PARALLEL: 1, PARALLEL_TWO_NORMS: 2}
+STACK_FALCON_ACTS = {"gelu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2, "relu": 3}
 
 
 def rope_parameters(config) -> dict:

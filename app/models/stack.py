@@ -24,13 +24,12 @@ import torch
 from torch import nn
 
 from app.models import ops
+from app.models.arch import STACK_FALCON_ACTS, STACK_LAYOUTS
 from app.models.kv_cache import BatchMeta, KVCache
 from app.quant import kernels
 from app.quant.woq import TiledInt4Linear, TiledInt8Linear
 
 ENABLE_ENV = "LANNER_DECODER_STACK"
-LAYOUTS = {"sequential": 0, "parallel": 1, "parallel_two_norms": 2}  # falcon.py's layout names
-FALCON_ACTS = {"gelu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2, "relu": 3}
 _NONE = torch.empty(0)
 
 
@@ -70,10 +69,10 @@ def build(model: nn.Module, kv: KVCache):
         parts = [((l.qkv_proj, l.o_proj, l.gate_up_proj, l.down_proj),
                   (l.input_norm, None, l.post_attn_norm, None)) for l in layers]
     elif model.arch == "falcon":
-        act = FALCON_ACTS.get(model.config.activation)
+        act = STACK_FALCON_ACTS.get(model.config.activation)
         if act is None:
             return None
-        header = [1, LAYOUTS[first.layout], act, first.num_heads, first.num_kv_heads, first.head_dim, 0]
+        header = [1, STACK_LAYOUTS[first.layout], act, first.num_heads, first.num_kv_heads, first.head_dim, 0]
         parts = [((l.qkv_proj, l.o_proj, l.up_proj, l.down_proj),
                   (l.ln_attn.weight, l.ln_attn.bias,
                    *((l.ln_mlp.weight, l.ln_mlp.bias) if l.ln_mlp is not None else (None, None))))

@@ -13,6 +13,7 @@ TILE = 16  # output rows per weight tile (kTile in the C++ source)
 BLOCK = 32  # activation quantization block along K (kBlock); K is padded to a multiple of it
 QUAD = 4  # k per weight group of the dot-product instructions
 UNIT_ROWS = 4  # int4 tiles: the 16 fp32 row units take the first 4 rows of 16 bytes of a tile's scales
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # int4 group sizes (multiples of BLOCK; also what ATen's int4 kernel takes)
 # weight bytes packed at once: the load's temporaries stay this small.  (A fixed 256 tiles was 4096 rows: 74 MB
 # of int8 at falcon-7b's K = 18176, plus temporaries of the same size, which made the load's peak ~100-190 MiB
 # above its resident size on each such layer.)

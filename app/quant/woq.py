@@ -106,6 +106,7 @@ from torch import nn
 
 from app.quant import kernels
 from app.quant.isa import CpuIsa, detect_isa
+from app.quant.tiles import INT4_GROUP_SIZES
 
 if TYPE_CHECKING:
     from app.quant.backends import WoqBackend
@@ -133,7 +134,7 @@ NEVER = sys.maxsize  # a crossover no batch reaches: packed kernel for every M
 OWN_KERNEL_MODES = frozenset({"int8", "int4"})
 
 DEFAULT_GROUP_SIZE = 32  # int4 group size unless one is requested (see the module comment)
-KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+KERNEL_GROUP_SIZES = INT4_GROUP_SIZES  # what _weight_int4pack_mm_for_cpu and Lanner's kernels accept
 INT4_ROW_ALIGN = 64  # N padded to this (>= the kernel's 16, = its largest row block)
 DEQUANT_CHUNK_BYTES = 4 << 20  # fp32 weight rows dequantized at once (4 MiB beat 1-16 MiB: fresh
 # 16 MiB buffers are page-faulted in on every call, 26.7 vs 7.4 ms for int4 2048->5632 at M=1)
