@@ -189,9 +189,10 @@ def _linear(file: SafetensorsFile, name: str, entry: dict[str, Any], n: int, k: 
 class LiteModel:
     """The decoder of a pre-quantized checkpoint: numpy weights in the kernels' tiles, lite.cpp's compute."""
 
-    def __init__(self, info: ModelInfo) -> None:
+    def __init__(self, info: ModelInfo, manifest: dict[str, Any] | None = None) -> None:
+        # manifest: the directory's, already checked by read_manifest (read here when not given)
         path, config = info.path, info.config
-        manifest = read_manifest(path)
+        manifest = manifest or read_manifest(path)
         if manifest.get("arch") != info.arch:
             raise ModelLoadError(f"Pre-quantized model in {path} was made for arch {manifest.get('arch')!r}, "
                                  f"but its config.json describes {info.arch!r}.")

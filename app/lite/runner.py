@@ -120,7 +120,7 @@ def load_lite_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int, kv_
                              f"{manifest['mode']} (or leave it unset/none), or quantize the original model.")
     try:
         native.lib()  # before reading the weights: a library that cannot be built fails the load at once
-        model = LiteModel(info)
+        model = LiteModel(info, manifest)
         trim_heap()  # the packing's freed temporaries, still resident in the heap's holes
         rope = rope_tables_np(rope_inv_freq_np(info.config, model.head_dim), int(max_model_len))
         runner = LiteRunner(model, max_model_len, max_num_seqs, rope, kv_cache_bytes, kv_dtype)
