@@ -37,6 +37,16 @@ def _merge(a: Delta, b: Delta | str) -> Delta | str:
                  num_cached_tokens=b.num_cached_tokens)
 
 
+def _post(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """Run `fn(*args)` on the event loop from an engine's thread; nothing when the loop is closed already (the
+    server stopped while a worker was still loading or stepping: nobody waits for its outputs)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # "Event loop is closed"
+        if not loop.is_closed():
+            raise
+
+
 class EngineBackend(Protocol):
     on_outputs: object
     on_dead: object
@@ -57,8 +67,8 @@ class EngineClient:
         self.tracing = tracing  # app.tracing.Tracing when OTLP tracing is configured, else None
         self.model = model
         self.last_stats: StepStats | None = None
-        engine.on_outputs = lambda batch, stats: loop.call_soon_threadsafe(self._dispatch, batch, stats)
-        engine.on_dead = lambda reason: loop.call_soon_threadsafe(self._fail_all, reason)
+        engine.on_outputs = lambda batch, stats: _post(loop, self._dispatch, batch, stats)
+        engine.on_dead = lambda reason: _post(loop, self._fail_all, reason)
 
     def _dispatch(self, batch: list[tuple[str, Delta | str]], stats: StepStats) -> None:
         self.last_stats = stats
