@@ -49,7 +49,8 @@ COPY docker/healthcheck.py /usr/local/bin/lanner-healthcheck
 # uid 1000 = lanner; numeric so Kubernetes' runAsNonRoot can verify it.
 USER 1000:1000
 WORKDIR /home/lanner
-# Demo models and hub downloads (settings cache_dir = ~/.cache/lanner; LANNER_CACHE_DIR moves it).
+# Demo models, hub downloads and checkpoints quantized at load (settings cache_dir = ~/.cache/lanner;
+# LANNER_CACHE_DIR moves it).
 VOLUME ["/home/lanner/.cache/lanner"]
 EXPOSE 8000
 # Liveness: the HTTP server answers (it starts after hub downloads; weights then load in the background,

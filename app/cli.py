@@ -40,7 +40,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="KV cache element type for --model: auto (default) = bf16 when quantized, else fp32 "
                         "(LANNER_KV_CACHE_DTYPE)")
     p.add_argument("--runner", choices=["auto", "batched", "lite", "reference"], default=env("LANNER_RUNNER"),
-                   help="who runs --model: auto (default: lite for a `lanner quantize` directory, else batched), "
+                   help="who runs --model: auto (default: lite for a `lanner quantize` directory or --quantize, "
+                        "else batched), "
                         "lite (a worker without torch), batched (Lanner's torch decoders) or reference "
                         "(transformers; LANNER_RUNNER)")
     p.add_argument("--cpus", default=env("LANNER_CPUS"), help='cores for --model, e.g. "0-1"')
@@ -55,7 +56,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="require this API key (repeatable; also LANNER_API_KEY, comma-separated)")
     p.add_argument("--api-key-file", type=Path, default=None,
                    help="file with API keys, one per line (also LANNER_API_KEY_FILE)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="where demo models and downloads are cached")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where demo models, downloads and quantized checkpoints are cached")
+    p.add_argument("--no-quantized-cache", dest="quantized_cache", action="store_const", const=False, default=None,
+                   help="quantize at every start in a torch worker instead of once into the cache's quantized/ "
+                        "for the torch-free runner (LANNER_QUANTIZED_CACHE=false)")
     p.add_argument("--log-level", default=None)
 
 
@@ -89,7 +94,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(
             args.config, host=args.host, port=args.port, api_keys=args.api_key, api_key_file=args.api_key_file, models=_cli_models(args),
-            cache_dir=args.cache_dir, log_level=args.log_level,
+            cache_dir=args.cache_dir, log_level=args.log_level, quantized_cache=args.quantized_cache,
         )
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         _progress(f"error: invalid settings: {exc}")

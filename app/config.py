@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     )
     model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    # quantize-at-load on the torch-free runner: quantize once into <cache_dir>/quantized and serve that
+    # checkpoint (app/quant/cache.py); false: the torch runner quantizes in the worker at every start
+    quantized_cache: bool = True
     log_level: str = "info"
     metrics_public: bool = False  # with API keys set, /metrics needs a key unless this is true
     api_key_file: Path | None = None  # more API keys, one per line (# comments allowed)
@@ -169,6 +172,10 @@ class Settings(BaseSettings):
     @property
     def demo_dir(self) -> Path:
         return self.cache_dir / "demo-models"
+
+    @property
+    def quantized_dir(self) -> Path | None:
+        return self.cache_dir / "quantized" if self.quantized_cache else None
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

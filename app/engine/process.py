@@ -49,6 +49,9 @@ class WorkerConfig:
     int4_head: str = "int8"  # int8 | int4: the output head of a model quantized to int4 at load
     kv_cache_dtype: str = "auto"  # auto | fp32 | bf16 (app/models/kv_cache.py)
     prefix_caching: bool = True  # reuse a free slot's cached prompt prefix (EngineCore)
+    # where quantize-at-load writes its checkpoint for the torch-free runner (app/quant/cache.py); None: off,
+    # the torch runner quantizes in the worker
+    quantized_cache_dir: str | None = None
     # From the API process, which has read the model with transformers already: the ModelInfo with a
     # ConfigView (`ModelInfo.for_worker`) and the tokenizer's Rust backend (`backend_tokenizer_json`).
     # With both the worker never imports transformers; without them it reads model_path itself.
@@ -92,8 +95,7 @@ def worker_main(cfg: WorkerConfig, commands: Connection, outputs: Connection) ->
     threads = cfg.num_threads or min(len(cpus), cgroup_cpu_limit() or len(cpus))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
-        cfg = replace(cfg, runner=resolve_runner(cfg.runner, cfg.info.path if cfg.info else cfg.model_path,
-                                                 cfg.woq_backend))
+        cfg = _resolve_weights(cfg)
         if cfg.runner != "lite":  # the lite runner's OpenMP threads follow OMP_NUM_THREADS; torch is never imported
             import torch
 
@@ -119,6 +121,35 @@ def worker_main(cfg: WorkerConfig, commands: Connection, outputs: Connection) ->
                             "kv_cache_dtype": _kv_dtype_name(kv)}))
     threading.Thread(target=_pump_commands, args=(commands, core), daemon=True, name="lanner-commands").start()
     core.run_forever()
+
+
+def _resolve_weights(cfg: WorkerConfig) -> WorkerConfig:
+    """`cfg` with its runner resolved (`auto`) and, for quantize-at-load on the torch-free runner, its weights
+    replaced by the cached checkpoint (made now if missing; app/quant/cache.py)."""
+    from app.quant.manifest import is_quantized_dir
+
+    path = cfg.info.path if cfg.info else cfg.model_path
+    asked = cfg.runner
+    runner = resolve_runner(asked, path, cfg.woq_backend, cfg.quantize, cfg.quantized_cache_dir)
+    cfg = replace(cfg, runner=runner)
+    if runner != "lite" or cfg.quantize == "none" or is_quantized_dir(path) or cfg.quantized_cache_dir is None:
+        return cfg  # (lite on an unquantized model without a cache fails in load_lite_runner, saying why)
+    from pathlib import Path
+
+    from app.models.loader import ModelLoadError
+    from app.quant.cache import QuantizeCacheError, quantized_copy
+
+    try:
+        cached = quantized_copy(Path(path), cfg.quantize, Path(cfg.quantized_cache_dir),
+                                group_size=cfg.int4_group_size, int4_head=cfg.int4_head)
+    except QuantizeCacheError as exc:
+        if asked != "auto":
+            raise ModelLoadError(f"runner: lite cannot serve {path} quantized at load: {exc}") from exc
+        log.warning("%s; quantizing at load on the torch runner instead", exc)
+        return replace(cfg, runner="batched")
+    # the checkpoint holds the quantize options now; config and tokenizer are the source's (copied beside it)
+    info = replace(cfg.info, path=cached) if cfg.info else None
+    return replace(cfg, model_path=str(cached), info=info, int4_group_size=None, int4_head="int8")
 
 
 def _kv_dtype_name(kv: Any) -> str:
@@ -162,16 +193,19 @@ TORCH_PATH_SWITCHES = ("LANNER_OWN_KERNELS", "LANNER_DECODER_STACK")
 WOQ_KERNEL_ENV = "LANNER_WOQ_KERNEL"
 
 
-def resolve_runner(kind: str, path: Any, woq_backend: str) -> str:
-    """`auto`: the torch-free runner for a pre-quantized checkpoint on the native backend when its library builds
-    here, the torch runner otherwise (an fp32 model or quantize-at-load, another WOQ backend, an environment
-    switch asking for the torch runner's kernel paths, or no working C++ build); other kinds as given."""
+def resolve_runner(kind: str, path: Any, woq_backend: str, quantize: str = "none",
+                   quantized_cache_dir: str | None = None) -> str:
+    """`auto`: the torch-free runner on the native backend when its library builds here, for a pre-quantized
+    checkpoint or for quantize-at-load with a checkpoint cache (`quantized_cache_dir`); the torch runner
+    otherwise (an fp32 model, another WOQ backend, an environment switch asking for the torch runner's kernel
+    paths, or no working C++ build); other kinds as given."""
     if kind != "auto":
         return kind
     from app.quant.cbuild import switched_off
     from app.quant.manifest import is_quantized_dir
 
-    if not is_quantized_dir(path) or woq_backend != "native":
+    quantized = is_quantized_dir(path) or (quantize != "none" and quantized_cache_dir is not None)
+    if not quantized or woq_backend != "native":
         return "batched"
     if any(switched_off(env) for env in TORCH_PATH_SWITCHES) or \
             os.environ.get(WOQ_KERNEL_ENV, "").strip().lower() not in ("", "auto"):

@@ -142,6 +142,7 @@ class ModelRegistry:
             int4_head=spec.int4_head,
             kv_cache_dtype=spec.kv_cache_dtype,
             prefix_caching=spec.prefix_caching,
+            quantized_cache_dir=str(self.settings.quantized_dir) if self.settings.quantized_dir else None,
             info=handle.info.for_worker(),
             tokenizer_json=backend_tokenizer_json(handle.tokenizer),
         ))

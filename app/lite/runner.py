@@ -109,7 +109,8 @@ def load_lite_runner(info: ModelInfo, max_model_len: int, max_num_seqs: int, kv_
     """A LiteRunner for a pre-quantized directory (ModelLoadError for anything else)."""
     if not is_quantized_dir(info.path):
         raise ModelLoadError(f"runner: lite serves pre-quantized checkpoints only, and {info.path} is not one: "
-                             "make one with `lanner quantize`, or use runner: batched")
+                             "make one with `lanner quantize`, set quantize: int8|int4 (quantized once into the "
+                             "cache), or use runner: batched")
     kv_dtype = "bf16" if kv_cache_dtype == "auto" else kv_cache_dtype
     if kv_dtype not in KV_DTYPES:
         raise ModelLoadError(f"kv_cache_dtype must be one of auto, {', '.join(KV_DTYPES)}, got {kv_cache_dtype!r}")

@@ -1,10 +1,12 @@
 """`runner: lite` through a real server and the openai client: a pre-quantized checkpoint served by a worker
 that never loads torch (what `runner: auto`, the default, picks for it), beside the same checkpoint on the torch
-runner."""
+runner, and the unquantized model with `quantize: int8`, quantized once into the server's cache and served from
+there by a lite worker too."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
@@ -23,8 +25,9 @@ def served(tmp_path_factory, demo_models_dir):
     cfg = root / "models.yaml"
     cfg.write_text("models:\n"
                    f"  - {{id: lite, source: {ckpt}, max_num_seqs: 4}}\n"  # runner: auto picks lite
-                   f"  - {{id: torch, source: {ckpt}, runner: batched, max_num_seqs: 4}}\n")
-    proc, base = start_server(["--config", str(cfg)], root / "server.log")
+                   f"  - {{id: torch, source: {ckpt}, runner: batched, max_num_seqs: 4}}\n"
+                   f"  - {{id: cached, source: {demo_models_dir / 'demo-llama'}, quantize: int8, max_num_seqs: 4}}\n")
+    proc, base = start_server(["--config", str(cfg), "--cache-dir", str(root / "cache")], root / "server.log")
     yield proc, openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
     assert stop_server(proc) == 0
 
@@ -40,8 +43,20 @@ def test_lite_greedy_text_equals_the_torch_runner(served):
     _, client = served
     prompt = "The llama climbed the hill and"
     texts = {m: client.completions.create(model=m, prompt=prompt, max_tokens=24, temperature=0).choices[0].text
-             for m in ("lite", "torch")}
-    assert texts["lite"] == texts["torch"] and len(texts["lite"]) > 0
+             for m in ("lite", "torch", "cached")}
+    assert texts["lite"] == texts["torch"] == texts["cached"] and len(texts["lite"]) > 0
+
+
+def test_quantize_at_load_is_served_from_the_cache_without_torch(served, demo_models_dir):
+    proc, _ = served
+    libs = mapped_libraries(worker_of(proc.pid, "cached"))
+    assert "libtorch_cpu.so" not in libs and any(name.startswith("lanner_lite") for name in libs)
+    cache = Path(proc.args[proc.args.index("--cache-dir") + 1])
+    [made] = (cache / "quantized").glob("demo-llama-int8-*")
+    manifest = json.loads((made / "lanner_quant.json").read_text())
+    assert manifest["mode"] == "int8" and manifest["source"]["path"] == str((demo_models_dir / "demo-llama").resolve())
+    log = (cache.parent / "server.log").read_text()
+    assert f"quantizing {(demo_models_dir / 'demo-llama').resolve()} to int8 once, into the cache ({made})" in log
 
 
 def test_lite_serves_sampling_logprobs_and_json(served):

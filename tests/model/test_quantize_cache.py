@@ -1,0 +1,143 @@
+"""Quantize-at-load through the checkpoint cache (app/quant/cache.py): `quantize: int8|int4` on an unquantized
+model is quantized once by a `lanner quantize` child into <cache_dir>/quantized and served from there by the
+torch-free runner; later starts and other replicas reuse it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from app.engine.process import WorkerConfig, _resolve_weights
+from app.models.loader import ModelLoadError, inspect_model_dir
+from app.quant import cache, kernels
+from app.quant.checkpoint import quantize_checkpoint
+from app.quant.manifest import read_manifest
+
+pytestmark = pytest.mark.skipif(kernels.compiler() is None, reason="no C++ compiler on this machine")
+
+
+@pytest.fixture
+def source(tmp_path, demo_models_dir) -> Path:
+    """A private copy of the demo Llama (fp32), so touching its files changes nobody else's key."""
+    return Path(shutil.copytree(demo_models_dir / "demo-llama", tmp_path / "demo-llama"))
+
+
+def count_quantize_runs(monkeypatch) -> list[Path]:
+    runs: list[Path] = []
+    real = cache._run_quantize
+
+    def counted(src, out, *args):
+        runs.append(out)
+        real(src, out, *args)
+
+    monkeypatch.setattr(cache, "_run_quantize", counted)
+    return runs
+
+
+def test_cache_key_follows_what_the_checkpoint_depends_on(source):
+    key = cache.cache_key(source, "int4", None, "int8")
+    assert cache.cache_key(source, "int4", None, "int8") == key
+    others = {cache.cache_key(source, "int8", None, "int8"), cache.cache_key(source, "int4", 64, "int8"),
+              cache.cache_key(source, "int4", None, "int4")}
+    assert key not in others and len(others) == 3
+    assert cache.cache_key(source, "int8", 64, "int4") == cache.cache_key(source, "int8", None, "int8")  # int4 only
+    weights = source / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the weights changed (same size)
+    assert cache.cache_key(source, "int4", None, "int8") != key
+
+
+def test_quantized_once_then_reused(source, tmp_path, monkeypatch):
+    runs = count_quantize_runs(monkeypatch)
+    root = tmp_path / "cache"
+    first = cache.quantized_copy(source, "int4", root)
+    assert runs == [first] and first.parent == root and first.name.startswith("demo-llama-int4-")
+    manifest = read_manifest(first)
+    assert manifest["mode"] == "int4" and manifest["source"]["path"] == str(source.resolve())
+    assert (first / "tokenizer.json").is_file() and (first / "config.json").is_file()
+    # the same bytes `lanner quantize` writes when run by hand
+    by_hand = tmp_path / "by-hand"
+    quantize_checkpoint(inspect_model_dir(source), by_hand, "int4")
+    assert (first / "model.safetensors").read_bytes() == (by_hand / "model.safetensors").read_bytes()
+
+    assert cache.quantized_copy(source, "int4", root) == first and len(runs) == 1  # reused
+    other = cache.quantized_copy(source, "int4", root, group_size=64)  # other options: another checkpoint
+    assert other != first and len(runs) == 2 and read_manifest(other)["group_sizes"] == [64]
+
+
+def test_replicas_starting_together_quantize_once(source, tmp_path, monkeypatch):
+    runs = count_quantize_runs(monkeypatch)
+    root = tmp_path / "cache"
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(cache.quantized_copy(source, "int8", root)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and len(set(results)) == 1 and len(runs) == 1
+
+
+def test_a_killed_writers_leftovers_are_replaced(source, tmp_path, monkeypatch):
+    runs = count_quantize_runs(monkeypatch)
+    root = tmp_path / "cache"
+    out = cache.cached_checkpoint_dir(root, source, "int8", None, "int8")
+    stale = root / f".{out.name}.abc123"  # quantize_checkpoint's temporary directory, its writer killed
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    out.mkdir()  # and a directory without a manifest where the checkpoint belongs
+    (out / "model.safetensors").write_bytes(b"junk")
+    assert cache.quantized_copy(source, "int8", root) == out and runs == [out]
+    assert not stale.exists() and read_manifest(out)["mode"] == "int8"
+
+
+def test_failures_are_reported(tmp_path, source):
+    empty = tmp_path / "no-weights"
+    shutil.copytree(source, empty)
+    (empty / "model.safetensors").unlink()
+    with pytest.raises(cache.QuantizeCacheError, match="exited with status 2"):
+        cache.quantized_copy(empty, "int8", tmp_path / "cache")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(cache.QuantizeCacheError, match="cannot write the quantized-checkpoint cache"):
+        cache.quantized_copy(source, "int8", blocker / "cache")
+
+
+def worker_config(source: Path, **kw) -> WorkerConfig:
+    base = WorkerConfig(model_id="m", model_path=str(source), max_model_len=64, max_num_seqs=2,
+                        max_num_batched_tokens=64, cpus=None, num_threads=None, runner="auto", kv_cache_bytes=None,
+                        quantize="int4", int4_group_size=64, info=inspect_model_dir(source).for_worker())
+    return replace(base, **kw)
+
+
+def test_worker_resolution(source, tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("LANNER_OWN_KERNELS", raising=False)
+    root = str(tmp_path / "cache")
+    cfg = _resolve_weights(worker_config(source, quantized_cache_dir=root))
+    assert cfg.runner == "lite" and Path(cfg.model_path).parent == Path(root) and cfg.info.path == Path(cfg.model_path)
+    assert read_manifest(cfg.info.path)["group_sizes"] == [64]  # the options went into the checkpoint
+    assert (cfg.int4_group_size, cfg.int4_head, cfg.quantize) == (None, "int8", "int4")
+    # no cache, an fp32 model, another backend or a torch kernel path asked for: the torch runner quantizes
+    assert _resolve_weights(worker_config(source)).runner == "batched"
+    assert _resolve_weights(worker_config(source, quantize="none", quantized_cache_dir=root)).runner == "batched"
+    assert _resolve_weights(worker_config(source, woq_backend="torchao", quantized_cache_dir=root)).runner == "batched"
+    monkeypatch.setenv("LANNER_OWN_KERNELS", "0")
+    assert _resolve_weights(worker_config(source, quantized_cache_dir=root)).runner == "batched"
+    monkeypatch.delenv("LANNER_OWN_KERNELS")
+
+    def fail(*args, **kw):
+        raise cache.QuantizeCacheError("cannot write the quantized-checkpoint cache /x: read-only file system")
+
+    monkeypatch.setattr(cache, "quantized_copy", fail)
+    with caplog.at_level(logging.WARNING, logger="lanner.engine"):  # auto falls back to quantizing at load
+        cfg = _resolve_weights(worker_config(source, quantized_cache_dir=root))
+    assert cfg.runner == "batched" and cfg.model_path == str(source) and cfg.int4_group_size == 64
+    assert "read-only file system; quantizing at load on the torch runner instead" in caplog.text
+    with pytest.raises(ModelLoadError, match="runner: lite cannot serve .* quantized at load: cannot write"):
+        _resolve_weights(worker_config(source, runner="lite", quantized_cache_dir=root))
