@@ -1,0 +1,153 @@
+"""How close can any quantizer of a given size get to fp32 logits on a random-weight bench model?
+
+Every Linear of the fp32 model (Lanner's batched runner, the weights as loaded) is replaced by a fake-quantized
+fp32 copy: the activations stay exact fp32, so the result is the floor of the weight format alone, below what
+any kernel (whose activations are rounded too) can give.  Formats: int8 per output channel (the issue's int8),
+int8 per 32 weights (llama.cpp Q8_0's blocks), int4 in asymmetric groups of 32 (round to nearest), int4-sized
+and int8-sized white noise (each matrix plus Gaussian noise of the same Frobenius norm as that format's error),
+and noise scaled to a few more error levels, which traces 1 - cosine against the weights' relative error.
+
+The inputs are test_woq_accuracy's: 8 prompts, then 6 teacher-forced decode steps each (56 logit rows).
+
+    python bench/quant_floor.py [--model tinyllama-1.1b] [--out bench/results/quant-floor]
+
+Writes <model>.json, <model>.md and <model>.png (1 - cosine against relative error, log-log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.models.loader import inspect_model_dir, load_tokenizer  # noqa: E402
+from app.models.runner import load_runner  # noqa: E402
+from bench.loadgen import machine_info  # noqa: E402
+from bench.make_models import DEFAULT_OUT, ensure_model  # noqa: E402
+from tests.model.test_woq_accuracy import MAX_LEN, compare, logit_rows, prompt_ids  # noqa: E402
+
+TINY = 1e-12
+
+
+def int8_channel(w: torch.Tensor) -> torch.Tensor:
+    s = (w.abs().amax(1, keepdim=True) / 127).clamp_min(TINY)
+    return (w / s).round().clamp(-127, 127) * s
+
+
+def int8_blocks(w: torch.Tensor, g: int = 32) -> torch.Tensor:
+    n, k = w.shape
+    x = w.reshape(n, k // g, g)
+    s = (x.abs().amax(-1, keepdim=True) / 127).clamp_min(TINY)
+    return ((x / s).round().clamp(-127, 127) * s).reshape(n, k)
+
+
+def int4_groups(w: torch.Tensor, g: int = 32) -> torch.Tensor:
+    n, k = w.shape
+    x = w.reshape(n, k // g, g)
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    s = ((hi - lo) / 15).clamp_min(TINY)
+    z = (-lo / s).round()
+    return (((x / s).round() + z).clamp(0, 15) - z).mul(s).reshape(n, k)
+
+
+def white_noise(rel: float | None = None, like=None):
+    """w + Gaussian noise: of relative size `rel`, or of the size of `like`'s error on this matrix."""
+    gen = torch.Generator().manual_seed(0)
+
+    def apply(w: torch.Tensor) -> torch.Tensor:
+        size = (like(w) - w).pow(2).mean().sqrt() if like else w.pow(2).mean().sqrt() * rel
+        return w + torch.randn(w.shape, generator=gen) * size
+    return apply
+
+
+FORMATS = {
+    "int8 per output channel": int8_channel,
+    "int8 per 32 weights": int8_blocks,
+    "int4 groups of 32 (RTN)": int4_groups,
+    "noise of int8-per-channel's size": white_noise(like=int8_channel),
+    "noise of int4-g32's size": white_noise(like=int4_groups),
+    **{f"noise {p}%": white_noise(rel=p / 100) for p in (2, 4)},
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tinyllama-1.1b")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant-floor")
+    args = ap.parse_args()
+    info = inspect_model_dir(ensure_model(args.model, DEFAULT_OUT)[0])
+    prompts = prompt_ids(load_tokenizer(info.path), info.config.vocab_size)
+    runner = load_runner(info, MAX_LEN, 1)
+    ref, greedy = logit_rows(runner, prompts, None)
+    linears = {n: m for n, m in runner.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    orig = {n: m.weight.data.clone() for n, m in linears.items()}
+    rows = []
+    for label, fn in FORMATS.items():
+        t0 = time.perf_counter()
+        num = den = 0.0
+        for n, m in linears.items():
+            q = fn(orig[n])
+            num += (q - orig[n]).pow(2).sum().item()
+            den += orig[n].pow(2).sum().item()
+            m.weight.data.copy_(q)
+        stats = compare(ref, logit_rows(runner, prompts, greedy)[0])
+        rows.append({"format": label, "rel_error": math.sqrt(num / den), **stats})
+        print(f"{label:34s} error {rows[-1]['rel_error'] * 100:5.2f}%  "
+              + "  ".join(f"{k} {v:.4f}" for k, v in stats.items()) + f"  ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    for n, m in linears.items():
+        m.weight.data.copy_(orig[n])
+    write(args, rows)
+    return 0
+
+
+def write(args: argparse.Namespace, rows: list[dict]) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    (args.out / f"{args.model}.json").write_text(json.dumps({"model": args.model, "machine": machine,
+                                                             "rows": rows}, indent=2) + "\n")
+    # 1 - cosine ~ c * error^2: fitted on the noise rows, the error one would need for a cosine of 0.99 / 0.999
+    noise = [r for r in rows if r["format"].startswith("noise")]
+    c = sum((1 - r["mean_cos"]) / r["rel_error"] ** 2 for r in noise) / len(noise)
+    need = {t: math.sqrt((1 - t) / c) for t in (0.99, 0.999)}
+    lines = [f"# Weight-format floors on {args.model} (fp32 activations, weights fake-quantized)", "",
+             f"Machine: {machine['cpu_model']}, torch {machine['torch']}, commit {machine['git_commit']}.", "",
+             "Inputs: test_woq_accuracy's 8 prompts, then 6 teacher-forced decode steps each; cosine of logit rows "
+             "against the fp32 model.", "",
+             "| weights | relative error | mean cos | min cos | top-1 | top-1 in fp32's top-2 |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['format']} | {r['rel_error'] * 100:.2f}% | {r['mean_cos']:.4f} | {r['min_cos']:.4f} | "
+              f"{r['top1']:.2f} | {r['top1_in_ref_top2']:.2f} |" for r in rows]
+    lines += ["", f"1 - cosine follows c x error^2 with c = {c:.1f} (mean over the noise rows). A mean cosine of 0.99 "
+              f"needs {need[0.99] * 100:.2f}% relative error per matrix, 0.999 needs {need[0.999] * 100:.2f}%. "
+              "At the rate-distortion bound of Gaussian weights (error 2^-R at R bits per weight) that is "
+              f"R >= {math.log2(1 / need[0.99]):.1f} and {math.log2(1 / need[0.999]):.1f} bits per weight."]
+    (args.out / f"{args.model}.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in rows:
+        ax.scatter(r["rel_error"] * 100, 1 - r["mean_cos"], label=r["format"])
+    xs = [0.3, 10]
+    ax.plot(xs, [c * (x / 100) ** 2 for x in xs], "k--", lw=0.8, label=f"{c:.0f} x error^2")
+    for t in (0.99, 0.999):
+        ax.axhline(1 - t, color="grey", lw=0.6, ls=":")
+    ax.set(xscale="log", yscale="log", xlabel="relative weight error per matrix (%)",
+           ylabel="1 - mean logit cosine vs fp32", title=f"{args.model}: weight error -> logit error")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out / f"{args.model}.png", dpi=120)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
