@@ -24,6 +24,7 @@ import signal
 import threading
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Callable
 
 from app.engine.types import Abort, NewRequest, SamplingParams, Stop
@@ -52,6 +53,8 @@ class WorkerConfig:
     # where quantize-at-load writes its checkpoint for the torch-free runner (app/quant/cache.py); None: off,
     # the torch runner quantizes in the worker
     quantized_cache_dir: str | None = None
+    # set by the worker itself: the cached checkpoint its runner reads instead of model_path's weights
+    weights_path: str | None = None
     # From the API process, which has read the model with transformers already: the ModelInfo with a
     # ConfigView (`ModelInfo.for_worker`) and the tokenizer's Rust backend (`backend_tokenizer_json`).
     # With both the worker never imports transformers; without them it reads model_path itself.
@@ -126,17 +129,19 @@ def worker_main(cfg: WorkerConfig, commands: Connection, outputs: Connection) ->
 def _resolve_weights(cfg: WorkerConfig) -> WorkerConfig:
     """`cfg` with its runner resolved (`auto`) and, for quantize-at-load on the torch-free runner, its weights
     replaced by the cached checkpoint (made now if missing; app/quant/cache.py)."""
+    from app.models.loader import ModelLoadError
     from app.quant.manifest import is_quantized_dir
 
     path = cfg.info.path if cfg.info else cfg.model_path
     asked = cfg.runner
     runner = resolve_runner(asked, path, cfg.woq_backend, cfg.quantize, cfg.quantized_cache_dir)
     cfg = replace(cfg, runner=runner)
-    if runner != "lite" or cfg.quantize == "none" or is_quantized_dir(path) or cfg.quantized_cache_dir is None:
-        return cfg  # (lite on an unquantized model without a cache fails in load_lite_runner, saying why)
-    from pathlib import Path
-
-    from app.models.loader import ModelLoadError
+    if runner != "lite" or cfg.quantize == "none" or is_quantized_dir(path):
+        return cfg
+    if cfg.quantized_cache_dir is None:
+        raise ModelLoadError(f"runner: lite serves pre-quantized checkpoints, and quantize: {cfg.quantize} of "
+                             f"{path} would be quantized into the cache, which is off (quantized_cache: false): "
+                             "turn it on, run `lanner quantize`, or use runner: batched")
     from app.quant.cache import QuantizeCacheError, quantized_copy
 
     try:
@@ -147,9 +152,8 @@ def _resolve_weights(cfg: WorkerConfig) -> WorkerConfig:
             raise ModelLoadError(f"runner: lite cannot serve {path} quantized at load: {exc}") from exc
         log.warning("%s; quantizing at load on the torch runner instead", exc)
         return replace(cfg, runner="batched")
-    # the checkpoint holds the quantize options now; config and tokenizer are the source's (copied beside it)
-    info = replace(cfg.info, path=cached) if cfg.info else None
-    return replace(cfg, model_path=str(cached), info=info, int4_group_size=None, int4_head="int8")
+    # the checkpoint holds the quantize options now; config and tokenizer stay the source's
+    return replace(cfg, weights_path=str(cached), int4_group_size=None, int4_head="int8")
 
 
 def _kv_dtype_name(kv: Any) -> str:
@@ -180,6 +184,8 @@ def _build_core(cfg: WorkerConfig, emit: Callable[[list, Any], None]) -> Any:
 
     info = cfg.info or inspect_model_dir(cfg.model_path)
     tokenizer = worker_tokenizer(info.path, cfg.tokenizer_json) if cfg.info else load_tokenizer(info.path)
+    if cfg.weights_path:  # a checkpoint of this model quantized into the cache (same config)
+        info = replace(info, path=Path(cfg.weights_path))
     runner = build_runner(cfg.runner, info, cfg.max_model_len, cfg.max_num_seqs, cfg.kv_cache_bytes,
                           cfg.quantize, cfg.woq_backend, cfg.int4_group_size, cfg.kv_cache_dtype,
                           cfg.int4_head)
@@ -281,10 +287,14 @@ class ProcessEngine:
         cmd_r.close()
         out_w.close()
         self._commands, self._outputs = cmd_w, out_r
+        if self._stopping:  # shutdown() came before the process existed
+            self._proc.terminate()
         try:
             kind, payload = out_r.recv()
         except EOFError:
             self._proc.join(5)
+            if self._stopping:
+                raise RuntimeError(f"worker for {self.cfg.model_id} stopped while loading") from None
             raise RuntimeError(f"worker for {self.cfg.model_id} exited with {self._proc.exitcode} while loading")
         if kind != "ready":
             self._proc.join(5)

@@ -27,6 +27,7 @@ class ModelHandle:
     created: int = field(default_factory=lambda: int(time.time()))
     client: Any = None  # app.engine.client.EngineClient once loaded
     engine: Any = None  # app.engine.process.ProcessEngine
+    loading: Any = None  # the ProcessEngine while its worker loads (stop() ends it)
     error: str | None = None
     metrics: Any = None  # app.metrics.ModelMetrics once the registry has metrics
     admission: Any = None  # app.api.limits.Admission: the model's bounded waiting queue
@@ -146,14 +147,22 @@ class ModelRegistry:
             info=handle.info.for_worker(),
             tokenizer_json=backend_tokenizer_json(handle.tokenizer),
         ))
-        engine.start()
+        handle.loading = engine
+        try:
+            engine.start()
+        finally:
+            handle.loading = None
         handle.admission.slots = engine.info.get("max_num_seqs", handle.admission.slots)  # after the KV budget
         handle.engine, handle.client = engine, EngineClient(engine, loop, handle.metrics, self.tracing, spec.id)
 
     async def stop(self) -> None:
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
-        await asyncio.gather(*[asyncio.to_thread(h.engine.shutdown, 30.0)
+        # a worker still loading (or quantizing into the cache) is stopped at once: its load would only be
+        # thrown away, and the process would wait for the thread that waits for it
+        await asyncio.gather(*[asyncio.to_thread(h.loading.shutdown, 0.0)
+                               for h in self.handles.values() if h.loading is not None],
+                             *[asyncio.to_thread(h.engine.shutdown, 30.0)
                                for h in self.handles.values() if h.engine is not None])
 
     def get(self, model_id: str) -> ModelHandle | None:

@@ -284,6 +284,8 @@ class SafetensorsWriter:
                 spool.seek(0)
                 shutil.copyfileobj(spool, out, 1 << 22)
                 spool.close()
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the directory is renamed into place (`_durable_replace`)
 
     def abort(self) -> None:
         for spool in self._spools.values():
@@ -594,6 +596,26 @@ def _quantized_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor
     return out
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _durable_replace(tmp: Path, out: Path) -> None:
+    """Rename the finished directory `tmp` to `out` so that a crash (power loss included) leaves either no
+    `out` or a complete one: its files and the directory itself reach the disk before the rename, the rename
+    before we return.  (The weights file was synced as it was closed.)"""
+    for f in tmp.iterdir():
+        if f.is_file() and f.name != WEIGHTS_FILE:
+            _fsync_path(f)
+    _fsync_path(tmp)
+    os.replace(tmp, out)
+    _fsync_path(out.parent)
+
+
 def quantize_checkpoint(info: ModelInfo, out: Path, mode: Literal["int8", "int4"], *,
                         group_size: int | None = None, int4_head: Literal["int8", "int4"] = "int8",
                         source: str | None = None, progress: bool = False) -> dict[str, Any]:
@@ -677,7 +699,7 @@ def quantize_checkpoint(info: ModelInfo, out: Path, mode: Literal["int8", "int4"
         os.chmod(tmp, 0o755)
         if out.exists():
             out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
+        _durable_replace(tmp, out)
     except BaseException as exc:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,6 +6,7 @@ there by a lite worker too."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import openai
@@ -102,3 +103,53 @@ async def test_lite_outputs_do_not_depend_on_the_batch(served):
     together = await asyncio.gather(*(one(p) for p in prompts))
     alone = [await one(p) for p in prompts]
     assert together == alone and all(together)
+
+
+def test_stopping_while_quantizing_into_the_cache_ends_the_worker(tmp_path, demo_models_dir):
+    """SIGTERM while a worker waits to quantize (here: for the lock, held by this test as another replica
+    would) stops the server at once, the worker with it, and leaves no checkpoint behind; the next start
+    quantizes and serves."""
+    import fcntl
+    import os
+    import signal
+    import subprocess
+
+    from app.quant.cache import cached_checkpoint_dir
+
+    source = demo_models_dir / "demo-llama"
+    out = cached_checkpoint_dir(tmp_path / "cache" / "quantized", source, "int8", None, "int8")
+    out.parent.mkdir(parents=True)
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "app", "serve", "--port", "0", "--model", str(source), "--quantize", "int8",
+           "--cache-dir", str(tmp_path / "cache")]
+    with open(out.parent / f".{out.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(log, "w") as sink:
+            proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_line(log, "waiting for another process quantizing into", proc)
+            worker = worker_of(proc.pid, "demo-llama")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert not Path(f"/proc/{worker}").exists() and not out.exists()
+        assert "Traceback" not in log.read_text()
+    again, base = start_server(["--model", str(source), "--quantize", "int8", "--cache-dir", str(tmp_path / "cache")],
+                               tmp_path / "again.log")
+    try:
+        assert "libtorch_cpu.so" not in mapped_libraries(worker_of(again.pid, "demo-llama")) and out.is_dir()
+    finally:
+        assert stop_server(again) == 0
+
+
+def wait_for_line(log: Path, text: str, proc, timeout: float = 60.0) -> None:
+    """Until `text` is in the log (polling the file; a process that dies first fails the test)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)  # polling a log file for a line, not synchronising on time
