@@ -59,8 +59,10 @@ class QuantizeCacheError(RuntimeError):
 
 
 def _file_digest(path: Path) -> list:
-    """name, size, header and sampled data pages of a safetensors file (hashed)."""
+    """name, size, header and sampled data pages of a safetensors file (hashed); a shard index whole."""
     size = path.stat().st_size
+    if path.suffix != ".safetensors":
+        return [path.name, size, hashlib.sha256(path.read_bytes()).hexdigest()]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -156,7 +158,10 @@ def quantized_copy(source: Path, mode: str, cache_root: Path, *, group_size: int
         if usable(out, mode):  # the process we waited for made it
             log.info("serving the %s checkpoint of %s cached in %s", mode, source, out)
             return out
-        _clear_leftovers(out)
+        try:
+            _clear_leftovers(out)
+        except OSError as exc:
+            raise QuantizeCacheError(f"cannot clear the unusable entry {out}: {exc}") from exc
         _run_quantize(Path(source), out, mode, group_size, int4_head)
     if not usable(out, mode):
         raise QuantizeCacheError(f"quantizing left no usable checkpoint in {out}")
