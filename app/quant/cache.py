@@ -210,11 +210,13 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _run_quantize(source: Path, out: Path, mode: str, group_size: int | None, int4_head: str) -> None:
-    # `python -c` with this Lanner's package directory first on sys.path: not `-m app`, which would run an
-    # `app` package of the current directory
-    code = (f"import sys; sys.path[0] = {str(_APP_DIR.parent)!r}; "
-            "from app.quant.cache import child_main; sys.exit(child_main(sys.argv[1:]))")
-    cmd = [sys.executable, "-c", code, str(source), str(out), mode, str(group_size or ""), int4_head]
+    # `lanner quantize` through `python -c` with this Lanner's package directory first on sys.path: not
+    # `-m app`, which would run an `app` package of the current directory
+    code = f"import sys; sys.path[0] = {str(_APP_DIR.parent)!r}; from app.cli import main; main(sys.argv[1:])"
+    args = ["quantize", str(source), "--bits", "8" if mode == "int8" else "4", "--out", str(out)]
+    if mode == "int4":
+        args += ["--int4-head", int4_head] + (["--group-size", str(group_size)] if group_size else [])
+    cmd = [sys.executable, "-c", code, *args]
     log.info("quantizing %s to %s once, into the cache (%s); later starts reuse it", source, mode, out)
     t0 = time.perf_counter()
     parent = os.getpid()
@@ -229,20 +231,3 @@ def _run_quantize(source: Path, out: Path, mode: str, group_size: int | None, in
         raise QuantizeCacheError(f"quantizing {source} failed (exit status {done.returncode}; its error is in "
                                  "the log above)")
     log.info("quantized %s in %.1f s", source, time.perf_counter() - t0)
-
-
-def child_main(argv: list[str]) -> int:
-    """The quantizing child: `source out mode group_size int4_head` -> a checkpoint in `out`."""
-    source, out, mode, group, head = argv
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from app.models.loader import inspect_model_dir
-    from app.quant.checkpoint import quantize_checkpoint, return_freed_memory_promptly
-
-    return_freed_memory_promptly()  # peak memory: one layer at a time, not the allocator's leftovers
-    try:
-        quantize_checkpoint(inspect_model_dir(Path(source)), Path(out), mode, group_size=int(group) if group else None,
-                            int4_head=head, source=source, progress=True)
-    except (ModelLoadError, ValueError, OSError) as exc:  # a diagnosed problem, or a full disk
-        log.error("quantizing %s failed: %s", source, exc)
-        return 2
-    return 0
