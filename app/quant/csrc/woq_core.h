@@ -114,6 +114,19 @@ inline int32_t load_quad(const int8_t* p) {
   return v;
 }
 
+// out[m][0..nvalid) = fa[m] * scale[0..16) for the tile's MR rows (a partial last tile through a buffer)
+template <int MR>
+inline void store_tile(const __m256 (&fa)[MR][2], const float* scale, float* out, int64_t ldo, int64_t nvalid) {
+  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+  for (int m = 0; m < MR; ++m) {
+    alignas(32) float tmp[kTile];
+    float* dst = nvalid == kTile ? out + m * ldo : tmp;
+    _mm256_storeu_ps(dst, _mm256_mul_ps(fa[m][0], s0));
+    _mm256_storeu_ps(dst + 8, _mm256_mul_ps(fa[m][1], s1));
+    if (dst == tmp) std::copy(tmp, tmp + nvalid, out + m * ldo);
+  }
+}
+
 template <int MR>
 inline void int8_tile(const int8_t* xq, const float* sx, const float* xsum, int64_t Kp, const int8_t* wt,
                       const float* scale, float* out, int64_t ldo, int64_t nvalid, const int8_t* next) {
@@ -161,14 +174,7 @@ inline void int8_tile(const int8_t* xq, const float* sx, const float* xsum, int6
       fa[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[m][1]), s, fa[m][1]);
     }
   }
-  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
-  for (int m = 0; m < MR; ++m) {
-    alignas(32) float tmp[kTile];
-    float* dst = nvalid == kTile ? out + m * ldo : tmp;
-    _mm256_storeu_ps(dst, _mm256_mul_ps(fa[m][0], s0));
-    _mm256_storeu_ps(dst + 8, _mm256_mul_ps(fa[m][1], s1));
-    if (dst == tmp) std::copy(tmp, tmp + nvalid, out + m * ldo);
-  }
+  store_tile<MR>(fa, scale, out, ldo, nvalid);
 }
 
 template <int MR>
@@ -217,15 +223,7 @@ inline void int4_tile(const int8_t* xq, const float* sx, const float* xsum, int6
       }
     }
   }
-  const __m256 u0 = _mm256_loadu_ps(reinterpret_cast<const float*>(scales));
-  const __m256 u1 = _mm256_loadu_ps(reinterpret_cast<const float*>(scales) + 8);
-  for (int m = 0; m < MR; ++m) {
-    alignas(32) float tmp[kTile];
-    float* dst = nvalid == kTile ? out + m * ldo : tmp;
-    _mm256_storeu_ps(dst, _mm256_mul_ps(fa[m][0], u0));
-    _mm256_storeu_ps(dst + 8, _mm256_mul_ps(fa[m][1], u1));
-    if (dst == tmp) std::copy(tmp, tmp + nvalid, out + m * ldo);
-  }
+  store_tile<MR>(fa, reinterpret_cast<const float*>(scales), out, ldo, nvalid);  // the rows' units
 }
 #else
 // Scalar code with the same float operations in the same order (fmaf = one rounding, like the FMAs).
