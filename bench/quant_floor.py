@@ -1,4 +1,4 @@
-"""How close can any quantizer of a given size get to fp32 logits on a random-weight bench model?
+"""How close can any quantizer of a given size get to fp32 logits, on random and on trained weights?
 
 Every Linear of the fp32 model (Lanner's batched runner, the weights as loaded) is replaced by a fake-quantized
 fp32 copy: the activations stay exact fp32, so the result is the floor of the weight format alone, below what
@@ -9,7 +9,12 @@ and noise scaled to a few more error levels, which traces 1 - cosine against the
 
 The inputs are test_woq_accuracy's: 8 prompts, then 6 teacher-forced decode steps each (56 logit rows).
 
-    python bench/quant_floor.py [--model tinyllama-1.1b] [--out bench/results/quant-floor]
+Models: the random-weight bench models (bench/make_models.py, e.g. tinyllama-1.1b) and the models trained
+here on the bundled corpus (bench/train_models.py: trained-llama, trained-falcon, trained-llama-deep), each
+with its untrained twin `<name>-init` (the same seeded init at step 0), so training's effect is measured
+against a baseline of the same shape in the same run:
+
+    python bench/quant_floor.py [--model tinyllama-1.1b ...] [--out bench/results/quant-floor]
 
 Writes <model>.json, <model>.md and <model>.png (1 - cosine against relative error, log-log).
 """
@@ -31,6 +36,7 @@ from app.models.loader import inspect_model_dir, load_tokenizer  # noqa: E402
 from app.models.runner import load_runner  # noqa: E402
 from bench.loadgen import machine_info  # noqa: E402
 from bench.make_models import DEFAULT_OUT, ensure_model  # noqa: E402
+from bench.train_models import RECIPES, ensure_trained  # noqa: E402
 from tests.model.test_woq_accuracy import MAX_LEN, compare, logit_rows, prompt_ids  # noqa: E402
 
 TINY = 1e-12
@@ -79,10 +85,19 @@ FORMATS = {
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tinyllama-1.1b")
+    ap.add_argument("--model", nargs="+", default=["tinyllama-1.1b"],
+                    help="bench models (make_models.py) or trained ones and their -init twins (train_models.py)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant-floor")
     args = ap.parse_args()
-    info = inspect_model_dir(ensure_model(args.model, DEFAULT_OUT)[0])
+    for model in args.model:
+        path = ensure_trained(model, progress=print) if model in RECIPES else ensure_model(model, DEFAULT_OUT)[0]
+        write(args.out, model, measure(path))
+    return 0
+
+
+def measure(path: Path) -> list[dict]:
+    """One row per FORMATS entry: relative weight error and the logit statistics against fp32."""
+    info = inspect_model_dir(path)
     prompts = prompt_ids(load_tokenizer(info.path), info.config.vocab_size)
     runner = load_runner(info, MAX_LEN, 1)
     ref, greedy = logit_rows(runner, prompts, None)
@@ -102,33 +117,30 @@ def main() -> int:
         print(f"{label:34s} error {rows[-1]['rel_error'] * 100:5.2f}%  "
               + "  ".join(f"{k} {v:.4f}" for k, v in stats.items()) + f"  ({time.perf_counter() - t0:.0f} s)",
               flush=True)
-    for n, m in linears.items():
-        m.weight.data.copy_(orig[n])
-    write(args, rows)
-    return 0
+    return rows
 
 
-def write(args: argparse.Namespace, rows: list[dict]) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
+def write(out: Path, model: str, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
-    (args.out / f"{args.model}.json").write_text(json.dumps({"model": args.model, "machine": machine,
-                                                             "rows": rows}, indent=2) + "\n")
+    (out / f"{model}.json").write_text(json.dumps({"model": model, "machine": machine, "rows": rows}, indent=2)
+                                       + "\n")
     # 1 - cosine ~ c * error^2: fitted on the noise rows, the error one would need for a cosine of 0.99 / 0.999
     noise = [r for r in rows if r["format"].startswith("noise")]
     c = sum((1 - r["mean_cos"]) / r["rel_error"] ** 2 for r in noise) / len(noise)
     need = {t: math.sqrt((1 - t) / c) for t in (0.99, 0.999)}
-    lines = [f"# Weight-format floors on {args.model} (fp32 activations, weights fake-quantized)", "",
+    lines = [f"# Weight-format floors on {model} (fp32 activations, weights fake-quantized)", "",
              f"Machine: {machine['cpu_model']}, torch {machine['torch']}, commit {machine['git_commit']}.", "",
              "Inputs: test_woq_accuracy's 8 prompts, then 6 teacher-forced decode steps each; cosine of logit rows "
              "against the fp32 model.", "",
              "| weights | relative error | mean cos | min cos | top-1 | top-1 in fp32's top-2 |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['format']} | {r['rel_error'] * 100:.2f}% | {r['mean_cos']:.4f} | {r['min_cos']:.4f} | "
+    lines += [f"| {r['format']} | {r['rel_error'] * 100:.2f}% | {r['mean_cos']:.5f} | {r['min_cos']:.5f} | "
               f"{r['top1']:.2f} | {r['top1_in_ref_top2']:.2f} |" for r in rows]
-    lines += ["", f"1 - cosine follows c x error^2 with c = {c:.1f} (mean over the noise rows). A mean cosine of 0.99 "
+    lines += ["", f"1 - cosine follows c x error^2 with c = {c:.3g} (mean over the noise rows). A mean cosine of 0.99 "
               f"needs {need[0.99] * 100:.2f}% relative error per matrix, 0.999 needs {need[0.999] * 100:.2f}%. "
               "At the rate-distortion bound of Gaussian weights (error 2^-R at R bits per weight) that is "
-              f"R >= {math.log2(1 / need[0.99]):.1f} and {math.log2(1 / need[0.999]):.1f} bits per weight."]
-    (args.out / f"{args.model}.md").write_text("\n".join(lines) + "\n")
+              f"R >= {max(0.0, math.log2(1 / need[0.99])):.1f} and {max(0.0, math.log2(1 / need[0.999])):.1f} bits per weight."]
+    (out / f"{model}.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,14 +150,14 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
     for r in rows:
         ax.scatter(r["rel_error"] * 100, 1 - r["mean_cos"], label=r["format"])
     xs = [0.3, 10]
-    ax.plot(xs, [c * (x / 100) ** 2 for x in xs], "k--", lw=0.8, label=f"{c:.0f} x error^2")
+    ax.plot(xs, [c * (x / 100) ** 2 for x in xs], "k--", lw=0.8, label=f"{c:.3g} x error^2")
     for t in (0.99, 0.999):
         ax.axhline(1 - t, color="grey", lw=0.6, ls=":")
     ax.set(xscale="log", yscale="log", xlabel="relative weight error per matrix (%)",
-           ylabel="1 - mean logit cosine vs fp32", title=f"{args.model}: weight error -> logit error")
+           ylabel="1 - mean logit cosine vs fp32", title=f"{model}: weight error -> logit error")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(args.out / f"{args.model}.png", dpi=120)
+    fig.savefig(out / f"{model}.png", dpi=120)
     print("\n".join(lines))
 
 

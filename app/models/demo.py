@@ -294,20 +294,27 @@ def generation_config(tok: PreTrainedTokenizerFast, spec: TokenizerSpec) -> Gene
 
 
 def _write_model_dir(model_id: str, target: Path, text: str) -> None:
-    """Build one model into a temp dir beside `target`, then atomically move it into place."""
+    """Build one demo model and write it to `target`."""
     spec = LLAMA_TOKENS if model_id == "demo-llama" else FALCON_TOKENS
     tok = build_tokenizer(spec, text)
     config = llama_config(tok) if model_id == "demo-llama" else falcon_config(tok)
     model = build_model(config, SEEDS[model_id])
+    marker = {"model_id": model_id, "build_version": DEMO_BUILD_VERSION}
+    write_model_dir(target, model, tok, spec, MARKER_FILE, marker)
+
+
+def write_model_dir(target: Path, model: PreTrainedModel, tok: PreTrainedTokenizerFast, spec: TokenizerSpec,
+                    marker_file: str, marker: Mapping[str, object]) -> None:
+    """Write `model` and its tokenizer as an ordinary Hugging Face directory plus a `marker_file` JSON, into a
+    temp dir beside `target` that is then moved into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model_id}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _save_weights(model, tmp)
         generation_config(tok, spec).save_pretrained(tmp)
         tok.save_pretrained(tmp)
         _write_special_tokens_map(spec, tmp)
-        marker = {"model_id": model_id, "build_version": DEMO_BUILD_VERSION}
-        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        (tmp / marker_file).write_text(json.dumps(dict(marker), indent=2) + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)
         if target.exists():
             shutil.rmtree(target)

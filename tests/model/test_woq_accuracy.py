@@ -1,5 +1,11 @@
 """Weight-only-quantized models against their fp32 selves, through the real `load_runner` path.
 
+The issue's targets (mean logit cosine >= 0.999 for int8, >= 0.99 for int4) are asserted on trained weights:
+`test_trained_models_meet_the_targets` quantizes a Llama and a Falcon trained here on the bundled corpus
+(bench/train_models.py), at load and as a `lanner quantize` checkpoint served by the lite runner.  The rest of
+this module runs the random-weight models, whose bounds sit lower for the reasons below: random weights are
+the worst case for weight-only quantization, not a sample of it.
+
 Each model (the two demo models and the tiny parity models of every layout) is loaded twice, fp32 and
 quantized, and both runners are fed the same tokens: a fixed set of 8 prompts (one prefill each), then 6
 teacher-forced decode steps on the fp32 model's greedy tokens. Over all those logit rows we require:
@@ -52,6 +58,7 @@ dequant+sgemm path when the prompt has >= CROSSOVER_M tokens and through the pac
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -59,12 +66,17 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.process import WorkerConfig, build_runner
+from app.lite.runner import load_lite_runner
 from app.models.base import StepInput
 from app.models.demo import DEMO_MODEL_IDS
 from app.models.loader import inspect_model_dir, load_tokenizer
 from app.models.runner import load_runner
 from app.quant import kernels
+from app.quant.checkpoint import quantize_checkpoint
 from app.quant.woq import KERNEL_ENV, Int4Linear, Int8Linear, TiledInt4Linear, TiledInt8Linear
+from bench.train_models import MARKER_FILE as TRAINED_MARKER
+from bench.train_models import TESTED as TRAINED_MODELS
+from bench.train_models import ensure_trained
 from tests.model.test_parity import save_parity_models
 
 MAX_LEN = 256
@@ -104,13 +116,13 @@ def logit_rows(runner, prompts: list[list[int]], forced: list[list[int]] | None)
     else greedy); returns (rows [P * (1 + steps), V], the tokens fed)."""
     rows, fed = [], []
     for s, ids in enumerate(prompts):
-        logits = runner.step([StepInput(s, ids, 0)])[0]
+        logits = torch.as_tensor(runner.step([StepInput(s, ids, 0)])[0])  # the lite runner returns numpy
         rows.append(logits)
         tokens = []
         for t in range(DECODE_STEPS):
             nxt = forced[s][t] if forced is not None else int(logits.argmax())
             tokens.append(nxt)
-            logits = runner.step([StepInput(s, [nxt], len(ids) + t)])[0]
+            logits = torch.as_tensor(runner.step([StepInput(s, [nxt], len(ids) + t)])[0])
             rows.append(logits)
         runner.free(s)
         fed.append(tokens)
@@ -217,6 +229,46 @@ def test_server_path_greedy_decode(mode, model_dirs, monkeypatch):
             logits = runner.step([StepInput(s, [nxt[s]], lengths[s] + t) for s in range(4)])
             assert logits.shape == (4, info.config.vocab_size) and torch.isfinite(logits).all()
     assert WorkerConfig.__dataclass_fields__["quantize"].default == "none"
+
+
+# Trained weights (bench/train_models.py: trained-llama and trained-falcon, the demo tokenizers and the real
+# layouts at hidden 256 with 4 layers, trained here for about a minute on the bundled corpus): the issue's own
+# targets, on both ways a user gets a quantized model, quantize at load on the batched runner and a `lanner
+# quantize` checkpoint on the torch-free lite runner (bf16 KV cache, its default).  Measured: int8 mean cosine
+# 0.99999 (min 0.99997), top-1 0.96 / 0.98, top-1 within fp32's top-2 1.0; int4 0.99991 / 0.99977 (min 0.9994 /
+# 0.9988), top-1 0.95, top-2 0.98-1.0.
+TRAINED_BOUNDS = {"int8": {"mean_cos": 0.999, "min_cos": 0.998, "top1": 0.9, "top1_in_ref_top2": 0.98},
+                  "int4": {"mean_cos": 0.99, "min_cos": 0.98, "top1": 0.85, "top1_in_ref_top2": 0.95}}
+TRAINED_MAX_LOSS = 4.5  # mean loss on fixed corpus batches; measured 4.0 / 2.4, untrained 6.93 = ln(1024)
+
+
+@pytest.fixture(scope="module")
+def trained_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("trained-models")
+    return {name: ensure_trained(name, root) for name in TRAINED_MODELS}
+
+
+@pytest.mark.parametrize("name", TRAINED_MODELS)
+def test_trained_models_meet_the_targets(name, trained_dirs, tmp_path, monkeypatch):
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    source = trained_dirs[name]
+    assert json.loads((source / TRAINED_MARKER).read_text())["loss"] < TRAINED_MAX_LOSS
+    info = inspect_model_dir(source)
+    prompts = prompt_ids(load_tokenizer(info.path), info.config.vocab_size)
+    ref, greedy = logit_rows(load_runner(info, MAX_LEN, 1), prompts, None)
+    failures, lines = [], []
+    for mode, bounds in TRAINED_BOUNDS.items():
+        quantize_checkpoint(info, tmp_path / mode, mode)
+        runners = {"quantize at load": load_runner(info, MAX_LEN, 1, quantize=mode),
+                   "lite checkpoint": load_lite_runner(inspect_model_dir(tmp_path / mode).for_worker(),
+                                                       MAX_LEN, 1)}
+        for path, runner in runners.items():
+            stats = compare(ref, logit_rows(runner, prompts, greedy)[0])
+            lines.append(f"{name} {mode} {path:16s} " + " ".join(f"{k}={v:.5f}" for k, v in stats.items()))
+            failures += [f"{mode} {path}: {k}={stats[k]:.5f} < {bound}"
+                         for k, bound in bounds.items() if stats[k] < bound]
+    print("\n" + "\n".join(lines))
+    assert not failures, failures
 
 
 def test_reference_runner_refuses_quantize(model_dirs):
