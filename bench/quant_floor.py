@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -101,6 +102,7 @@ def measure(path: Path) -> list[dict]:
     prompts = prompt_ids(load_tokenizer(info.path), info.config.vocab_size)
     runner = load_runner(info, MAX_LEN, 1)
     ref, greedy = logit_rows(runner, prompts, None)
+    context_share = ((ref - ref.mean(0)).pow(2).sum() / ref.pow(2).sum()).item()  # what depends on the prompt
     linears = {n: m for n, m in runner.model.named_modules() if isinstance(m, torch.nn.Linear)}
     orig = {n: m.weight.data.clone() for n, m in linears.items()}
     rows = []
@@ -112,10 +114,12 @@ def measure(path: Path) -> list[dict]:
             num += (q - orig[n]).pow(2).sum().item()
             den += orig[n].pow(2).sum().item()
             m.weight.data.copy_(q)
-        stats = compare(ref, logit_rows(runner, prompts, greedy)[0])
-        rows.append({"format": label, "rel_error": math.sqrt(num / den), **stats})
+        ours = logit_rows(runner, prompts, greedy)[0]
+        context_cos = F.cosine_similarity(ref - ref.mean(0), ours - ours.mean(0)).mean().item()
+        rows.append({"format": label, "rel_error": math.sqrt(num / den), **compare(ref, ours),
+                     "context_cos": context_cos, "context_share": context_share})
         print(f"{label:34s} error {rows[-1]['rel_error'] * 100:5.2f}%  "
-              + "  ".join(f"{k} {v:.4f}" for k, v in stats.items()) + f"  ({time.perf_counter() - t0:.0f} s)",
+              + "  ".join(f"{k} {v:.4f}" for k, v in rows[-1].items() if k not in ("format", "rel_error")) + f"  ({time.perf_counter() - t0:.0f} s)",
               flush=True)
     return rows
 
@@ -132,10 +136,12 @@ def write(out: Path, model: str, rows: list[dict]) -> None:
     lines = [f"# Weight-format floors on {model} (fp32 activations, weights fake-quantized)", "",
              f"Machine: {machine['cpu_model']}, torch {machine['torch']}, commit {machine['git_commit']}.", "",
              "Inputs: test_woq_accuracy's 8 prompts, then 6 teacher-forced decode steps each; cosine of logit rows "
-             "against the fp32 model.", "",
-             "| weights | relative error | mean cos | min cos | top-1 | top-1 in fp32's top-2 |", "|---|---|---|---|---|---|"]
+             "against the fp32 model. Context cos: the cosine of the prompt-dependent part alone (each row minus "
+             f"the mean row), which is {rows[0]['context_share']:.1%} of fp32's logit energy here.", "",
+             "| weights | relative error | mean cos | min cos | context cos | top-1 | top-1 in fp32's top-2 |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['format']} | {r['rel_error'] * 100:.2f}% | {r['mean_cos']:.5f} | {r['min_cos']:.5f} | "
-              f"{r['top1']:.2f} | {r['top1_in_ref_top2']:.2f} |" for r in rows]
+              f"{r['context_cos']:.5f} | {r['top1']:.2f} | {r['top1_in_ref_top2']:.2f} |" for r in rows]
     lines += ["", f"1 - cosine follows c x error^2 with c = {c:.3g} (mean over the noise rows). A mean cosine of 0.99 "
               f"needs {need[0.99] * 100:.2f}% relative error per matrix, 0.999 needs {need[0.999] * 100:.2f}%. "
               "At the rate-distortion bound of Gaussian weights (error 2^-R at R bits per weight) that is "

@@ -237,9 +237,17 @@ def test_server_path_greedy_decode(mode, model_dirs, monkeypatch):
 # quantize` checkpoint on the torch-free lite runner (bf16 KV cache, its default).  Measured: int8 mean cosine
 # 0.99999 (min 0.99997), top-1 0.96 / 0.98, top-1 within fp32's top-2 1.0; int4 0.99991 / 0.99977 (min 0.9994 /
 # 0.9988), top-1 0.95, top-2 0.98-1.0.
-TRAINED_BOUNDS = {"int8": {"mean_cos": 0.999, "min_cos": 0.998, "top1": 0.9, "top1_in_ref_top2": 0.98},
-                  "int4": {"mean_cos": 0.99, "min_cos": 0.98, "top1": 0.85, "top1_in_ref_top2": 0.95}}
+# `context_cos` is the cosine of the prompt-dependent part alone (each row minus the mean row of its runner):
+# the cosine of whole rows could also be high because every row shares a large learned token-frequency
+# vector, which survives quantization easily; these models' prompt-dependent part is 51% / 57% of their
+# logits' energy (TRAINED_MIN_CONTEXT guards that), and it keeps cosine 0.99998 (int8) / 0.9998 / 0.9995
+# (int4).
+TRAINED_BOUNDS = {"int8": {"mean_cos": 0.999, "context_cos": 0.999, "min_cos": 0.998, "top1": 0.9,
+                           "top1_in_ref_top2": 0.98},
+                  "int4": {"mean_cos": 0.99, "context_cos": 0.99, "min_cos": 0.98, "top1": 0.85,
+                           "top1_in_ref_top2": 0.95}}
 TRAINED_MAX_LOSS = 4.5  # mean loss on fixed corpus batches; measured 4.0 / 2.4, untrained 6.93 = ln(1024)
+TRAINED_MIN_CONTEXT = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -256,14 +264,17 @@ def test_trained_models_meet_the_targets(name, trained_dirs, tmp_path, monkeypat
     info = inspect_model_dir(source)
     prompts = prompt_ids(load_tokenizer(info.path), info.config.vocab_size)
     ref, greedy = logit_rows(load_runner(info, MAX_LEN, 1), prompts, None)
+    context = ref - ref.mean(0)  # what depends on the prompt: a model that learned only token frequencies has ~0
+    assert context.pow(2).sum() >= TRAINED_MIN_CONTEXT * ref.pow(2).sum()
     failures, lines = [], []
     for mode, bounds in TRAINED_BOUNDS.items():
         quantize_checkpoint(info, tmp_path / mode, mode)
-        runners = {"quantize at load": load_runner(info, MAX_LEN, 1, quantize=mode),
-                   "lite checkpoint": load_lite_runner(inspect_model_dir(tmp_path / mode).for_worker(),
-                                                       MAX_LEN, 1)}
-        for path, runner in runners.items():
-            stats = compare(ref, logit_rows(runner, prompts, greedy)[0])
+        for path in ("quantize at load", "lite checkpoint"):
+            runner = (load_runner(info, MAX_LEN, 1, quantize=mode) if path == "quantize at load" else
+                      load_lite_runner(inspect_model_dir(tmp_path / mode).for_worker(), MAX_LEN, 1))
+            ours = logit_rows(runner, prompts, greedy)[0]
+            context_cos = F.cosine_similarity(context, ours - ours.mean(0)).mean().item()
+            stats = dict(compare(ref, ours), context_cos=context_cos)
             lines.append(f"{name} {mode} {path:16s} " + " ".join(f"{k}={v:.5f}" for k, v in stats.items()))
             failures += [f"{mode} {path}: {k}={stats[k]:.5f} < {bound}"
                          for k, bound in bounds.items() if stats[k] < bound]
@@ -289,9 +300,10 @@ TINYLLAMA_BOUNDS = {"int8": {"mean_cos": 0.997, "min_cos": 0.995, "top1": 0.85, 
 
 @pytest.mark.slow
 def test_tinyllama_shape(monkeypatch):
-    """The issue's 1.1B-shaped model, int8 and int4 against fp32 (builds the 4.4 GB model on first use in
-    ~/.cache/lanner/bench-models; a few minutes on 2 cores).  See the module comment for why random
-    weights of this depth stay below the 0.999 / 0.99 targets."""
+    """The issue's 1.1B-shaped model with random weights, int8 and int4 against fp32 (builds the 4.4 GB model
+    on first use in ~/.cache/lanner/bench-models; a few minutes on 2 cores).  See the module comment for why
+    random weights of this depth stay below the 0.999 / 0.99 targets, which trained weights meet
+    (`test_trained_models_meet_the_targets`; bench/README.md has a 22-layer trained model too)."""
     from bench.make_models import DEFAULT_OUT, ensure_model
 
     monkeypatch.delenv(KERNEL_ENV, raising=False)
@@ -308,3 +320,4 @@ def test_tinyllama_shape(monkeypatch):
                      for k, bound in bounds.items() if stats[k] < bound]
     print("\n" + "\n".join(lines))
     assert not failures, failures
+
