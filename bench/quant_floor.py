@@ -74,13 +74,15 @@ def white_noise(rel: float | None = None, like=None):
     return apply
 
 
+# label -> a function making the format's weight transform; the noise transforms are made afresh for each
+# model, so their draws do not depend on which models were measured before in the same process
 FORMATS = {
-    "int8 per output channel": int8_channel,
-    "int8 per 32 weights": int8_blocks,
-    "int4 groups of 32 (RTN)": int4_groups,
-    "noise of int8-per-channel's size": white_noise(like=int8_channel),
-    "noise of int4-g32's size": white_noise(like=int4_groups),
-    **{f"noise {p}%": white_noise(rel=p / 100) for p in (2, 4)},
+    "int8 per output channel": lambda: int8_channel,
+    "int8 per 32 weights": lambda: int8_blocks,
+    "int4 groups of 32 (RTN)": lambda: int4_groups,
+    "noise of int8-per-channel's size": lambda: white_noise(like=int8_channel),
+    "noise of int4-g32's size": lambda: white_noise(like=int4_groups),
+    **{f"noise {p}%": (lambda p=p: white_noise(rel=p / 100)) for p in (2, 4)},
 }
 
 
@@ -106,7 +108,8 @@ def measure(path: Path) -> list[dict]:
     linears = {n: m for n, m in runner.model.named_modules() if isinstance(m, torch.nn.Linear)}
     orig = {n: m.weight.data.clone() for n, m in linears.items()}
     rows = []
-    for label, fn in FORMATS.items():
+    for label, make in FORMATS.items():
+        fn = make()
         t0 = time.perf_counter()
         num = den = 0.0
         for n, m in linears.items():
