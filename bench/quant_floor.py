@@ -121,8 +121,8 @@ def measure(path: Path) -> list[dict]:
         context_cos = F.cosine_similarity(ref - ref.mean(0), ours - ours.mean(0)).mean().item()
         rows.append({"format": label, "rel_error": math.sqrt(num / den), **compare(ref, ours),
                      "context_cos": context_cos, "context_share": context_share})
-        print(f"{label:34s} error {rows[-1]['rel_error'] * 100:5.2f}%  "
-              + "  ".join(f"{k} {v:.4f}" for k, v in rows[-1].items() if k not in ("format", "rel_error")) + f"  ({time.perf_counter() - t0:.0f} s)",
+        stats = "  ".join(f"{k} {v:.4f}" for k, v in rows[-1].items() if k not in ("format", "rel_error"))
+        print(f"{label:34s} error {rows[-1]['rel_error'] * 100:5.2f}%  {stats}  ({time.perf_counter() - t0:.0f} s)",
               flush=True)
     return rows
 
@@ -148,7 +148,8 @@ def write(out: Path, model: str, rows: list[dict]) -> None:
     lines += ["", f"1 - cosine follows c x error^2 with c = {c:.3g} (mean over the noise rows). A mean cosine of 0.99 "
               f"needs {need[0.99] * 100:.2f}% relative error per matrix, 0.999 needs {need[0.999] * 100:.2f}%. "
               "At the rate-distortion bound of Gaussian weights (error 2^-R at R bits per weight) that is "
-              f"R >= {max(0.0, math.log2(1 / need[0.99])):.1f} and {max(0.0, math.log2(1 / need[0.999])):.1f} bits per weight."]
+              f"R >= {max(0.0, math.log2(1 / need[0.99])):.1f} and {max(0.0, math.log2(1 / need[0.999])):.1f} "
+              "bits per weight."]
     (out / f"{model}.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 

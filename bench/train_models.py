@@ -126,7 +126,7 @@ def train(recipe: Recipe, progress: Progress | None = None):
     started = time.monotonic()
     for step in range(recipe.steps):
         for group in opt.param_groups:  # linear warm-up, then cosine decay to zero
-            warm = min(1.0, (step + 1) / recipe.warmup)
+            warm = min(1.0, (step + 1) / max(1, recipe.warmup))
             group["lr"] = recipe.lr * warm * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
         loss = lm_loss(model, batch(ids, recipe, gen))
         opt.zero_grad(set_to_none=True)
