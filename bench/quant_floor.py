@@ -12,7 +12,8 @@ The inputs are test_woq_accuracy's: 8 prompts, then 6 teacher-forced decode step
 Models: the random-weight bench models (bench/make_models.py, e.g. tinyllama-1.1b) and the models trained
 here on the bundled corpus (bench/train_models.py: trained-llama, trained-falcon, trained-llama-deep), each
 with its untrained twin `<name>-init` (the same seeded init at step 0), so training's effect is measured
-against a baseline of the same shape in the same run:
+against a baseline of the same shape in the same run; or any model directory (a real checkpoint, where one
+can be had):
 
     python bench/quant_floor.py [--model tinyllama-1.1b ...] [--out bench/results/quant-floor]
 
@@ -89,11 +90,17 @@ FORMATS = {
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", nargs="+", default=["tinyllama-1.1b"],
-                    help="bench models (make_models.py) or trained ones and their -init twins (train_models.py)")
+                    help="bench models (make_models.py), trained ones and their -init twins (train_models.py), "
+                         "or model directories")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant-floor")
     args = ap.parse_args()
     for model in args.model:
-        path = ensure_trained(model, progress=print) if model in RECIPES else ensure_model(model, DEFAULT_OUT)[0]
+        if Path(model).is_dir():  # any model directory, e.g. a real checkpoint
+            path, model = Path(model), Path(model).name
+        elif model in RECIPES:
+            path = ensure_trained(model, progress=print)
+        else:
+            path = ensure_model(model, DEFAULT_OUT)[0]
         write(args.out, model, measure(path))
     return 0
 

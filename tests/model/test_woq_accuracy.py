@@ -59,6 +59,7 @@ dequant+sgemm path when the prompt has >= CROSSOVER_M tokens and through the pac
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,25 @@ def test_trained_models_meet_the_targets(name, trained_dirs, tmp_path, monkeypat
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     source = trained_dirs[name]
     assert json.loads((source / TRAINED_MARKER).read_text())["loss"] < TRAINED_MAX_LOSS
+    check_targets(name, source, tmp_path)
+
+
+# Real checkpoints where they can be had (no network here): LANNER_ACCURACY_MODELS=/path/to/TinyLlama-1.1B[:...]
+# pytest -m slow -k local_checkpoints -s holds each model directory to the same targets, on both paths.
+LOCAL_MODELS = [p for p in os.environ.get("LANNER_ACCURACY_MODELS", "").split(os.pathsep) if p]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LOCAL_MODELS, reason="set LANNER_ACCURACY_MODELS to model directories to measure")
+@pytest.mark.parametrize("source", LOCAL_MODELS)
+def test_local_checkpoints_meet_the_targets(source, tmp_path, monkeypatch):
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    check_targets(Path(source).name, Path(source), tmp_path)
+
+
+def check_targets(name: str, source: Path, tmp_path: Path) -> None:
+    """TRAINED_BOUNDS for the model in `source`, quantized at load on the batched runner and from a `lanner
+    quantize` checkpoint (written under `tmp_path`) on the lite runner."""
     info = inspect_model_dir(source)
     prompts = prompt_ids(load_tokenizer(info.path), info.config.vocab_size)
     ref, greedy = logit_rows(load_runner(info, MAX_LEN, 1), prompts, None)
@@ -273,6 +293,7 @@ def test_trained_models_meet_the_targets(name, trained_dirs, tmp_path, monkeypat
             runner = (load_runner(info, MAX_LEN, 1, quantize=mode) if path == "quantize at load" else
                       load_lite_runner(inspect_model_dir(tmp_path / mode).for_worker(), MAX_LEN, 1))
             ours = logit_rows(runner, prompts, greedy)[0]
+            del runner  # one quantized model in memory at a time
             context_cos = F.cosine_similarity(context, ours - ours.mean(0)).mean().item()
             stats = dict(compare(ref, ours), context_cos=context_cos)
             lines.append(f"{name} {mode} {path:16s} " + " ".join(f"{k}={v:.5f}" for k, v in stats.items()))
