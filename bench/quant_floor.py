@@ -11,7 +11,7 @@ The inputs are test_woq_accuracy's: 8 prompts, then 6 teacher-forced decode step
 
 Models: the random-weight bench models (bench/make_models.py, e.g. tinyllama-1.1b) and the models trained
 here on the bundled corpus (bench/train_models.py: trained-llama, trained-falcon, trained-llama-deep), each
-with its untrained twin `<name>-init` (the same seeded init at step 0), so training's effect is measured
+with its untrained twin `untrained-<name>` (the same seeded init at step 0), so training's effect is measured
 against a baseline of the same shape in the same run; or any model directory (a real checkpoint, where one
 can be had):
 
@@ -30,16 +30,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.models.loader import inspect_model_dir, load_tokenizer  # noqa: E402
 from app.models.runner import load_runner  # noqa: E402
 from bench.loadgen import machine_info  # noqa: E402
-from bench.make_models import DEFAULT_OUT, ensure_model  # noqa: E402
+from bench.make_models import DEFAULT_OUT, MODEL_NAMES, ensure_model  # noqa: E402
 from bench.train_models import RECIPES, ensure_trained  # noqa: E402
-from tests.model.test_woq_accuracy import MAX_LEN, compare, logit_rows, prompt_ids  # noqa: E402
+from tests.model.test_woq_accuracy import MAX_LEN, compare, context_share, logit_rows, prompt_ids  # noqa: E402
 
 TINY = 1e-12
 
@@ -65,9 +64,9 @@ def int4_groups(w: torch.Tensor, g: int = 32) -> torch.Tensor:
     return (((x / s).round() + z).clamp(0, 15) - z).mul(s).reshape(n, k)
 
 
-def white_noise(rel: float | None = None, like=None):
+def white_noise(seed: int, rel: float | None = None, like=None):
     """w + Gaussian noise: of relative size `rel`, or of the size of `like`'s error on this matrix."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
 
     def apply(w: torch.Tensor) -> torch.Tensor:
         size = (like(w) - w).pow(2).mean().sqrt() if like else w.pow(2).mean().sqrt() * rel
@@ -81,26 +80,29 @@ FORMATS = {
     "int8 per output channel": lambda: int8_channel,
     "int8 per 32 weights": lambda: int8_blocks,
     "int4 groups of 32 (RTN)": lambda: int4_groups,
-    "noise of int8-per-channel's size": lambda: white_noise(like=int8_channel),
-    "noise of int4-g32's size": lambda: white_noise(like=int4_groups),
-    **{f"noise {p}%": (lambda p=p: white_noise(rel=p / 100)) for p in (2, 4)},
+    "noise of int8-per-channel's size": lambda: white_noise(1, like=int8_channel),
+    "noise of int4-g32's size": lambda: white_noise(2, like=int4_groups),
+    **{f"noise {p}%": (lambda p=p: white_noise(p, rel=p / 100)) for p in (2, 4)},  # independent draws
 }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", nargs="+", default=["tinyllama-1.1b"],
-                    help="bench models (make_models.py), trained ones and their -init twins (train_models.py), "
+                    help="bench models (make_models.py), trained ones and their untrained- twins (train_models.py), "
                          "or model directories")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant-floor")
     args = ap.parse_args()
     for model in args.model:
-        if Path(model).is_dir():  # any model directory, e.g. a real checkpoint
-            path, model = Path(model), Path(model).name
-        elif model in RECIPES:
+        if model in RECIPES:
             path = ensure_trained(model, progress=print)
-        else:
+        elif model in MODEL_NAMES:
             path = ensure_model(model, DEFAULT_OUT)[0]
+        elif Path(model).is_dir():  # any model directory, e.g. a real checkpoint; results never overwrite ours
+            path, model = Path(model), f"dir-{Path(model).name}"
+        else:
+            ap.error(f"{model}: not a bench model ({', '.join(MODEL_NAMES)}), a trained one "
+                     f"({', '.join(RECIPES)}) or a model directory")
         write(args.out, model, measure(path))
     return 0
 
@@ -111,7 +113,7 @@ def measure(path: Path) -> list[dict]:
     prompts = prompt_ids(load_tokenizer(info.path), info.config.vocab_size)
     runner = load_runner(info, MAX_LEN, 1)
     ref, greedy = logit_rows(runner, prompts, None)
-    context_share = ((ref - ref.mean(0)).pow(2).sum() / ref.pow(2).sum()).item()  # what depends on the prompt
+    share = context_share(ref)
     linears = {n: m for n, m in runner.model.named_modules() if isinstance(m, torch.nn.Linear)}
     orig = {n: m.weight.data.clone() for n, m in linears.items()}
     rows = []
@@ -124,10 +126,8 @@ def measure(path: Path) -> list[dict]:
             num += (q - orig[n]).pow(2).sum().item()
             den += orig[n].pow(2).sum().item()
             m.weight.data.copy_(q)
-        ours = logit_rows(runner, prompts, greedy)[0]
-        context_cos = F.cosine_similarity(ref - ref.mean(0), ours - ours.mean(0)).mean().item()
-        rows.append({"format": label, "rel_error": math.sqrt(num / den), **compare(ref, ours),
-                     "context_cos": context_cos, "context_share": context_share})
+        stats = compare(ref, logit_rows(runner, prompts, greedy)[0])
+        rows.append({"format": label, "rel_error": math.sqrt(num / den), **stats, "context_share": share})
         stats = "  ".join(f"{k} {v:.4f}" for k, v in rows[-1].items() if k not in ("format", "rel_error"))
         print(f"{label:34s} error {rows[-1]['rel_error'] * 100:5.2f}%  {stats}  ({time.perf_counter() - t0:.0f} s)",
               flush=True)
@@ -146,12 +146,15 @@ def write(out: Path, model: str, rows: list[dict]) -> None:
     lines = [f"# Weight-format floors on {model} (fp32 activations, weights fake-quantized)", "",
              f"Machine: {machine['cpu_model']}, torch {machine['torch']}, commit {machine['git_commit']}.", "",
              "Inputs: test_woq_accuracy's 8 prompts, then 6 teacher-forced decode steps each; cosine of logit rows "
-             "against the fp32 model. Context cos: the cosine of the prompt-dependent part alone (each row minus "
-             f"the mean row), which is {rows[0]['context_share']:.1%} of fp32's logit energy here.", "",
-             "| weights | relative error | mean cos | min cos | context cos | top-1 | top-1 in fp32's top-2 |",
-             "|---|---|---|---|---|---|---|"]
+             "against the fp32 model. Context cos: the cosine of the prompt-dependent part alone (rows centred over "
+             f"the vocabulary, minus fp32's mean row), which is {rows[0]['context_share']:.1%} of fp32's centred "
+             "logit energy here. KL: mean KL divergence of the next-token distribution from fp32's (nats). Every "
+             "Linear is fake-quantized, the output head included (Lanner's int4 keeps the head int8 by default).",
+             "", "| weights | relative error | mean cos | min cos | context cos | KL | top-1 | top-1 in fp32's top-2 |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['format']} | {r['rel_error'] * 100:.2f}% | {r['mean_cos']:.5f} | {r['min_cos']:.5f} | "
-              f"{r['context_cos']:.5f} | {r['top1']:.2f} | {r['top1_in_ref_top2']:.2f} |" for r in rows]
+              f"{r['context_cos']:.5f} | {r['kl']:.2e} | {r['top1']:.2f} | {r['top1_in_ref_top2']:.2f} |"
+              for r in rows]
     lines += ["", f"1 - cosine follows c x error^2 with c = {c:.3g} (mean over the noise rows). A mean cosine of 0.99 "
               f"needs {need[0.99] * 100:.2f}% relative error per matrix, 0.999 needs {need[0.999] * 100:.2f}%. "
               "At the rate-distortion bound of Gaussian weights (error 2^-R at R bits per weight) that is "

@@ -293,7 +293,7 @@ def generation_config(tok: PreTrainedTokenizerFast, spec: TokenizerSpec) -> Gene
 # --------------------------------------------------------------------------- writing
 
 
-def _write_model_dir(model_id: str, target: Path, text: str) -> None:
+def _build_demo_model(model_id: str, target: Path, text: str) -> None:
     """Build one demo model and write it to `target`."""
     spec = LLAMA_TOKENS if model_id == "demo-llama" else FALCON_TOKENS
     tok = build_tokenizer(spec, text)
@@ -332,7 +332,7 @@ def build_demo_models(out_dir: Path, progress: Progress | None = None) -> dict[s
     for model_id in DEMO_MODEL_IDS:
         _report(progress, f"building demo model {model_id} in {out_dir}")
         target = out_dir / model_id
-        _write_model_dir(model_id, target, text)
+        _build_demo_model(model_id, target, text)
         paths[model_id] = target
     _report(progress, "demo models ready")
     return paths
@@ -381,5 +381,5 @@ def _build_stale(cache_dir: Path, progress: Progress | None) -> None:
             text = corpus_text()
             for model_id in stale:
                 _report(progress, f"building demo model {model_id} in {cache_dir} (first run only)")
-                _write_model_dir(model_id, cache_dir / model_id, text)
+                _build_demo_model(model_id, cache_dir / model_id, text)
             _report(progress, "demo models ready")

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from bench import train_models
 from bench.train_models import MARKER_FILE, RECIPES, ensure_trained
@@ -22,7 +23,7 @@ def tiny_recipes(monkeypatch):
         "tiny-falcon": replace(RECIPES["trained-falcon"], name="tiny-falcon", steps=30, warmup=3, batch=4, seq_len=32,
                                shape=dict(TINY)),
     }
-    recipes["tiny-llama-init"] = replace(recipes["tiny-llama"], name="tiny-llama-init", steps=0)
+    recipes["untrained-tiny-llama"] = replace(recipes["tiny-llama"], name="untrained-tiny-llama", steps=0)
     monkeypatch.setattr(train_models, "RECIPES", recipes)
     return recipes
 
@@ -34,11 +35,11 @@ def test_training_is_deterministic_and_lowers_the_loss(tiny_recipes, tmp_path):
         marker = json.loads((a / MARKER_FILE).read_text())
         assert marker["recipe"]["name"] == name and marker["recipe"]["steps"] == 30
     trained = json.loads((tmp_path / "a" / "tiny-llama" / MARKER_FILE).read_text())["loss"]
-    untrained = json.loads((ensure_trained("tiny-llama-init", tmp_path) / MARKER_FILE).read_text())["loss"]
+    untrained = json.loads((ensure_trained("untrained-tiny-llama", tmp_path) / MARKER_FILE).read_text())["loss"]
     assert untrained > 6.5 and trained < untrained - 0.5, (trained, untrained)  # ln(1024) = 6.93 at init
 
 
-def test_a_directory_is_reused_only_for_the_same_recipe(tiny_recipes, tmp_path, monkeypatch):
+def test_a_directory_is_reused_only_for_the_same_recipe_and_threads(tiny_recipes, tmp_path, monkeypatch):
     path = ensure_trained("tiny-llama", tmp_path)
     calls = []
     real_train = train_models.train
@@ -49,3 +50,10 @@ def test_a_directory_is_reused_only_for_the_same_recipe(tiny_recipes, tmp_path, 
     ensure_trained("tiny-llama", tmp_path)
     assert [r.steps for r in calls] == [31]
     assert json.loads((path / MARKER_FILE).read_text())["recipe"]["steps"] == 31
+    threads = torch.get_num_threads()
+    try:  # another thread count sums in another order: other weights, so not reused
+        torch.set_num_threads(1 if threads > 1 else 2)
+        ensure_trained("tiny-llama", tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r.steps for r in calls] == [31, 31]
