@@ -157,10 +157,14 @@ def context_share(ref: torch.Tensor) -> float:
     return ((centred - centred.mean(0)).pow(2).sum() / centred.pow(2).sum()).item()
 
 
+def missed(label: str, stats: dict[str, float], bounds: dict[str, float]) -> list[str]:
+    """One line per statistic in `stats` below its lower bound in `bounds`."""
+    return [f"{label}: {k}={stats[k]:.6f} < {bound}" for k, bound in bounds.items() if stats[k] < bound]
+
+
 def bound_failures(name: str, mode: str, stats: dict[str, float]) -> list[str]:
     """The accuracy bounds (`BOUNDS`, plus `DEMO_TOP1` on the demo models) that `stats` miss."""
-    bounds = dict(BOUNDS[mode], **(DEMO_TOP1[mode] if name in DEMO_MODEL_IDS else {}))
-    return [f"{name}: {k}={stats[k]:.4f} < {bound}" for k, bound in bounds.items() if stats[k] < bound]
+    return missed(name, stats, dict(BOUNDS[mode], **(DEMO_TOP1[mode] if name in DEMO_MODEL_IDS else {})))
 
 
 def check_pooled(label: str, mode: str, lines: list[str], agree: list[torch.Tensor], failures: list[str]) -> None:
@@ -289,9 +293,8 @@ def test_trained_models_meet_the_targets(name, trained_dirs, tmp_path, monkeypat
     source = trained_dirs[name]
     assert json.loads((source / TRAINED_MARKER).read_text())["loss"] < TRAINED_MAX_LOSS
     stats = check_targets(name, source, tmp_path)
-    regressions = [f"{mode} {path}: {k}={stats[mode, path][k]:.6f} < {bound}"
-                   for (mode, path) in stats for k, bound in TRAINED_REGRESSION[mode].items()
-                   if stats[mode, path][k] < bound]
+    regressions = [line for (mode, path), got in stats.items()
+                   for line in missed(f"{mode} {path}", got, TRAINED_REGRESSION[mode])]
     assert not regressions, regressions
 
 
@@ -327,8 +330,7 @@ def check_targets(name: str, source: Path, tmp_path: Path) -> dict[tuple[str, st
             stats = out[mode, path] = compare(ref, logit_rows(runner, prompts, greedy)[0])
             del runner  # one quantized model in memory at a time
             lines.append(f"{name} {mode} {path:16s} " + " ".join(f"{k}={v:.5f}" for k, v in stats.items()))
-            failures += [f"{mode} {path}: {k}={stats[k]:.5f} < {bound}"
-                         for k, bound in bounds.items() if stats[k] < bound]
+            failures += missed(f"{mode} {path}", stats, bounds)
     print("\n" + "\n".join(lines))
     assert not failures, failures
     return out
@@ -368,8 +370,7 @@ def test_tinyllama_shape(monkeypatch):
         stats = compare(ref, logit_rows(runner, prompts, greedy)[0])
         del runner
         lines.append(f"tinyllama-1.1b {mode} " + " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
-        failures += [f"{mode}: {k}={stats[k]:.4f} < {bound}"
-                     for k, bound in bounds.items() if stats[k] < bound]
+        failures += missed(mode, stats, bounds)
     print("\n" + "\n".join(lines))
     assert not failures, failures
 
